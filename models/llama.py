@@ -1,0 +1,231 @@
+"""Llama 3.x, Qwen2/2.5 and Qwen3 (dense) as pure functions over a plain params pytree.
+
+The three families differ only by flags on :class:`ModelConfig`: Qwen2 adds q/k/v biases,
+Qwen3 adds a per-head RMSNorm on q and k before RoPE, Llama 3 scales RoPE frequencies.
+
+Params (kernels are ``[in, out]``; every layer weight is stacked on a leading ``L`` axis so the
+decoder runs as one ``lax.scan``)::
+
+    embed [V, H]; norm [H]; lm_head [H, V] (absent when embeddings are tied)
+    layers: input_norm [L, H], post_norm [L, H],
+            q_proj [L, H, nH*D], k_proj / v_proj [L, H, nKV*D], o_proj [L, nH*D, H],
+            q_bias / k_bias / v_bias (Qwen2), o_bias (Llama attention_bias),
+            q_norm / k_norm [L, D] (Qwen3),
+            gate_proj / up_proj [L, H, I], down_proj [L, I, H]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from . import lora as lora_lib
+from .config import ModelConfig
+
+Params = dict
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values, ``[L, B, S, nKV, D]``. Slot ``s`` holds position ``s``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
+        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as transformers does it: normalise in f32, cast back, then scale."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return weight * h.astype(x.dtype)
+
+
+def rope(config: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[B, T, D]`` in the half-split convention, computed in f32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(config.inv_freq())
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x`` is ``[B, T, heads, D]``; rotate_half pairs dimension i with i + D/2."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _linear(x, layer: dict, lora_layer: dict | None, name: str, scale: float, bias: str | None = None):
+    y = x @ layer[name]
+    if bias is not None and bias in layer:
+        y = y + layer[bias]
+    if lora_layer is not None and name in lora_layer:
+        y = y + lora_lib.apply(x, lora_layer[name], scale)
+    return y
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention with an f32 softmax.
+
+    q ``[B, T, nH, D]``, k/v ``[B, S, nKV, D]``, mask ``[B, T, S]`` (True = attend).
+    """
+    b, t, num_heads, d = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(b, t, num_kv, num_heads // num_kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, num_heads * d)
+
+
+def _decoder_layer(config: ModelConfig, scale: float, carry, xs):
+    x, cos, sin, mask, positions = carry
+    layer, lora_layer, cache_k, cache_v = xs
+    b, t, _ = x.shape
+
+    h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+    q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(b, t, config.num_heads, config.head_dim)
+    k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(b, t, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    if cache_k is not None:  # write this step's keys at their positions, attend over the cache
+        rows = jnp.arange(b)[:, None]
+        cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype))
+        cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype))
+        k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+    attn = attention(q, k, v, mask)
+    x = x + _linear(attn, layer, lora_layer, "o_proj", scale, "o_bias")
+
+    h = rms_norm(x, layer["post_norm"], config.rms_norm_eps)
+    gate = _linear(h, layer, lora_layer, "gate_proj", scale)
+    up = _linear(h, layer, lora_layer, "up_proj", scale)
+    x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
+    return (x, cos, sin, mask, positions), (cache_k, cache_v)
+
+
+def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array:
+    if cache is not None:  # slot s holds position s; never look past the query's own position
+        slots = jnp.arange(cache.size)
+        return slots[None, None, :] <= positions[:, :, None]
+    t = positions.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    if segment_ids is None:
+        return causal
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & same_segment
+
+
+def hidden_states(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    lora: lora_lib.Lora | None = None,
+    remat: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states ``[B, T, H]`` and the updated cache (None without a cache)."""
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = params["embed"][tokens]
+    cos, sin = rope(config, positions, x.dtype)
+    mask = _attention_mask(positions, segment_ids, cache)
+
+    scale = lora.scale if lora is not None else 1.0
+    lora_layers = lora.weights.get("layers") if lora is not None else None
+    body = functools.partial(_decoder_layer, config, scale)
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    xs = (params["layers"], lora_layers, cache.k if cache else None, cache.v if cache else None)
+    (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions), xs)
+    x = rms_norm(x, params["norm"], config.rms_norm_eps)
+    return x, (KVCache(k=new_k, v=new_v) if cache is not None else None)
+
+
+def unembed(params: Params, hidden: jax.Array, lora: lora_lib.Lora | None = None) -> jax.Array:
+    """Logits in f32. Uses ``params["lm_head"]`` when present, else the tied embedding."""
+    w = params["lm_head"] if "lm_head" in params else params["embed"].T
+    logits = jnp.matmul(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if lora is not None and lora_lib.UNEMBED_TARGET in lora.weights:
+        ab = lora.weights[lora_lib.UNEMBED_TARGET]
+        logits = logits + lora_lib.apply(hidden, ab, lora.scale).astype(jnp.float32)
+    return logits
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    lora: lora_lib.Lora | None = None,
+    remat: bool = False,
+):
+    """Logits ``[B, T, V]`` (f32) for int32 tokens ``[B, T]``.
+
+    With ``cache``, keys and values are written at ``positions`` and ``(logits, new_cache)`` is
+    returned. ``segment_ids`` keep packed sequences from attending to each other.
+    """
+    hidden, new_cache = hidden_states(
+        config, params, tokens, positions=positions, segment_ids=segment_ids, cache=cache, lora=lora, remat=remat
+    )
+    logits = unembed(params, hidden, lora)
+    return logits if cache is None else (logits, new_cache)
+
+
+def token_logprobs(
+    params: Params,
+    hidden: jax.Array,
+    targets: jax.Array,
+    lora: lora_lib.Lora | None = None,
+    *,
+    chunk_size: int = 128,
+) -> jax.Array:
+    """Log-probabilities of ``targets`` (``[B, T]`` or ``[B, T, K]``) without keeping ``[B, T, V]``.
+
+    The sequence is processed in rematerialised chunks, so the backward pass holds the logits of
+    one chunk at a time.
+    """
+    b, t, h = hidden.shape
+    chunk = min(chunk_size, t)
+    pad = (-t) % chunk
+    multi = targets.ndim == 3
+    tgt = targets if multi else targets[..., None]
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        tgt = jnp.pad(tgt, ((0, 0), (0, pad), (0, 0)))
+    n = (t + pad) // chunk
+    hidden_chunks = hidden.reshape(b, n, chunk, h).swapaxes(0, 1)
+    target_chunks = tgt.reshape(b, n, chunk, tgt.shape[-1]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_chunk, t_chunk):
+        logits = unembed(params, h_chunk, lora)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        return jnp.take_along_axis(logits, t_chunk, axis=-1) - lse
+
+    out = jax.lax.map(lambda ht: one_chunk(*ht), (hidden_chunks, target_chunks))
+    out = out.swapaxes(0, 1).reshape(b, n * chunk, tgt.shape[-1])[:, :t]
+    return out if multi else out[..., 0]

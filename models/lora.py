@@ -1,0 +1,139 @@
+"""LoRA adapters as a separate pytree that mirrors the target weights.
+
+``Lora.weights`` has the same nesting as the base params: ``weights["layers"]["q_proj"]`` holds
+``{"a": [L, in, r], "b": [L, r, out]}`` next to the base kernel ``params["layers"]["q_proj"]``
+of shape ``[L, in, out]``; ``weights["lm_head"]`` adapts the unembedding. The update to a kernel
+``W`` is ``a @ b * scale`` with ``scale = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), exactly
+PEFT's convention with PEFT's ``A = a.T`` and ``B = b.T``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .config import ModelConfig
+
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_TARGET = "lm_head"
+ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS + (UNEMBED_TARGET,)
+
+
+@struct.dataclass
+class Lora:
+    """LoRA weights (the only pytree leaves) plus static hyperparameters."""
+
+    weights: dict
+    alpha: float = struct.field(pytree_node=False, default=32.0)
+    use_rslora: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def rank(self) -> int:
+        first = next(iter(self.targets_tree().values()))
+        return int(first["a"].shape[-1])
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        return self.alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(name for name in ALL_TARGETS if name in self.targets_tree())
+
+    def targets_tree(self) -> dict:
+        """Flat ``{target_name: {"a", "b"}}`` view (layer weights stay stacked)."""
+        flat = dict(self.weights.get("layers", {}))
+        if UNEMBED_TARGET in self.weights:
+            flat[UNEMBED_TARGET] = self.weights[UNEMBED_TARGET]
+        return flat
+
+
+def target_shape(config: ModelConfig, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of a LoRA target."""
+    h, i = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (h, config.q_size),
+        "k_proj": (h, config.kv_size),
+        "v_proj": (h, config.kv_size),
+        "o_proj": (config.q_size, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+        "lm_head": (h, config.vocab_size),
+    }[target]
+
+
+def targets_for(train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = True) -> tuple:
+    """Tinker's ``train_attn``/``train_mlp``/``train_unembed`` flags as a target list."""
+    targets = (ATTN_TARGETS if train_attn else ()) + (MLP_TARGETS if train_mlp else ())
+    return targets + ((UNEMBED_TARGET,) if train_unembed else ())
+
+
+def init(
+    config: ModelConfig,
+    rank: int,
+    key: jax.Array,
+    *,
+    alpha: float = 32.0,
+    targets: Iterable[str] = ALL_TARGETS,
+    use_rslora: bool = False,
+    dtype: jnp.dtype = jnp.float32,
+) -> Lora:
+    """A random, PEFT-style init: ``a ~ U(±1/sqrt(in))`` (kaiming-uniform, a=sqrt(5)), ``b = 0``."""
+    targets = tuple(targets)
+    unknown = sorted(set(targets) - set(ALL_TARGETS))
+    if unknown:
+        raise ValueError(f"targets: unknown LoRA targets {unknown}; choose from {ALL_TARGETS}")
+    if not targets:
+        raise ValueError("targets: at least one LoRA target is required")
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank: must be a positive int, got {rank!r}")
+    keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))
+
+    def make(target: str, layers: int | None) -> dict:
+        fan_in, fan_out = target_shape(config, target)
+        lead = () if layers is None else (layers,)
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(keys[target], (*lead, fan_in, rank), dtype, -bound, bound)
+        return {"a": a, "b": jnp.zeros((*lead, rank, fan_out), dtype)}
+
+    weights: dict = {}
+    layer_targets = [t for t in targets if t != UNEMBED_TARGET]
+    if layer_targets:
+        weights["layers"] = {t: make(t, config.num_layers) for t in layer_targets}
+    if UNEMBED_TARGET in targets:
+        weights[UNEMBED_TARGET] = make(UNEMBED_TARGET, None)
+    return Lora(weights=weights, alpha=float(alpha), use_rslora=use_rslora)
+
+
+def delta(ab: dict, scale: float) -> jax.Array:
+    """The dense update ``a @ b * scale`` in f32 (stacked over layers when ``a`` is 3-D)."""
+    a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
+    return jnp.matmul(a, b) * scale
+
+
+def merge(config: ModelConfig, params: dict, lora: Lora) -> dict:
+    """Base params with the adapter folded in. A tied model gets an explicit ``lm_head``."""
+    del config  # shapes come from the trees themselves
+    merged = {**params, "layers": dict(params["layers"])}
+    for name, ab in lora.weights.get("layers", {}).items():
+        w = merged["layers"][name]
+        merged["layers"][name] = (w.astype(jnp.float32) + delta(ab, lora.scale)).astype(w.dtype)
+    if UNEMBED_TARGET in lora.weights:
+        w = params["lm_head"] if "lm_head" in params else params["embed"].T
+        merged["lm_head"] = (w.astype(jnp.float32) + delta(lora.weights["lm_head"], lora.scale)).astype(w.dtype)
+    return merged
+
+
+def apply(x: jax.Array, ab: dict | None, scale: float) -> jax.Array:
+    """The LoRA branch ``(x @ a) @ b * scale``, computed low-rank first (never forms ``a @ b``)."""
+    if ab is None:
+        return jnp.zeros((), x.dtype)
+    a, b = ab["a"].astype(x.dtype), ab["b"].astype(x.dtype)
+    return ((x @ a) @ b) * jnp.asarray(scale, x.dtype)
