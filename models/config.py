@@ -106,8 +106,7 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"config.json: rope type {rope_type!r} is not supported; "
-                f"supported: {SUPPORTED_ROPE_TYPES}"
+                f"config.json: rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
             )
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads

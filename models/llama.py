@@ -97,9 +97,15 @@ def _decoder_layer(config: ModelConfig, scale: float, carry, xs):
     b, t, _ = x.shape
 
     h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-    q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(b, t, config.num_heads, config.head_dim)
-    k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(b, t, config.num_kv_heads, config.head_dim)
+    q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(
+        b, t, config.num_heads, config.head_dim
+    )
+    k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(
+        b, t, config.num_kv_heads, config.head_dim
+    )
+    v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(
+        b, t, config.num_kv_heads, config.head_dim
+    )
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
@@ -189,7 +195,14 @@ def forward(
     returned. ``segment_ids`` keep packed sequences from attending to each other.
     """
     hidden, new_cache = hidden_states(
-        config, params, tokens, positions=positions, segment_ids=segment_ids, cache=cache, lora=lora, remat=remat
+        config,
+        params,
+        tokens,
+        positions=positions,
+        segment_ids=segment_ids,
+        cache=cache,
+        lora=lora,
+        remat=remat,
     )
     logits = unembed(params, hidden, lora)
     return logits if cache is None else (logits, new_cache)

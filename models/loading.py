@@ -80,6 +80,11 @@ class SafetensorsReader:
         return raw.view(_SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
 
+def hf_names(hf_name: str, num_layers: int) -> list[str]:
+    """Expands a ``{i}`` layer template into one name per layer."""
+    return [hf_name.format(i=i) for i in range(num_layers)] if "{i}" in hf_name else [hf_name]
+
+
 def param_layout(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool, tuple[int, ...]]]:
     """Our param path → (HF name, with ``{i}`` for the layer; transposed?; our shape per layer)."""
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
@@ -144,11 +149,10 @@ def load_params(
     reader = SafetensorsReader(model_dir)
     layout = param_layout(config)
     expected: set[str] = set()
-    for hf_name, _, shape in layout.values():
-        names = [hf_name.format(i=i) for i in range(config.num_layers)] if "{i}" in hf_name else [hf_name]
-        for name in names:
+    for hf_name, _, _ in layout.values():
+        for name in hf_names(hf_name, config.num_layers):
             expected.add(name)
-            if name not in reader.keys():
+            if name not in reader.keys():  # noqa: SIM118 (reader is not a mapping)
                 raise ValueError(f"{model_dir}: checkpoint tensor {name!r} is missing")
     for hf_name, transposed, shape in layout.values():
         check = hf_name.format(i=0)

@@ -127,7 +127,9 @@ def merge(config: ModelConfig, params: dict, lora: Lora) -> dict:
         merged["layers"][name] = (w.astype(jnp.float32) + delta(ab, lora.scale)).astype(w.dtype)
     if UNEMBED_TARGET in lora.weights:
         w = params["lm_head"] if "lm_head" in params else params["embed"].T
-        merged["lm_head"] = (w.astype(jnp.float32) + delta(lora.weights["lm_head"], lora.scale)).astype(w.dtype)
+        merged["lm_head"] = (w.astype(jnp.float32) + delta(lora.weights["lm_head"], lora.scale)).astype(
+            w.dtype
+        )
     return merged
 
 

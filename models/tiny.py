@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
-from .loading import param_layout
+from .loading import hf_names, param_layout
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 CHAT_TEMPLATE = (
@@ -27,12 +27,22 @@ CHAT_TEMPLATE = (
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
     ),
     "small": dict(
-        vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
     ),
 }
 
@@ -41,7 +51,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         rope_theta=500000.0,
         rope_scaling=dict(
-            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
             original_max_position_embeddings=64,
         ),
     ),
@@ -111,8 +124,7 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dic
     tensors = {}
     for path, (hf_name, transposed, shape) in param_layout(config).items():
         hf_shape = tuple(reversed(shape)) if transposed else shape
-        names = [hf_name.format(i=i) for i in range(config.num_layers)] if "{i}" in hf_name else [hf_name]
-        for name in names:
+        for name in hf_names(hf_name, config.num_layers):
             if path[-1].endswith("norm"):
                 value = 1.0 + 0.1 * rng.standard_normal(hf_shape)
             elif path[-1].endswith("bias"):
