@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny HF model directories are made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jtinker.models import make_tiny  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """``make(family, **config_overrides) -> Path``, cached per distinct arguments."""
+    cache: dict = {}
+
+    def make(family: str = "qwen3", size: str = "tiny", shards: int = 1, **overrides) -> Path:
+        key = (family, size, shards, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{family}_{size}")
+            cache[key] = make_tiny(out, family=family, size=size, shards=shards, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model_dir(request, tiny_model_factory) -> Path:
+    """One tiny model directory per family."""
+    return tiny_model_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tiny_model_factory) -> Path:
+    return tiny_model_factory("qwen3")
