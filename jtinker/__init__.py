@@ -1,3 +1,37 @@
-"""jtinker: a post-training runtime in JAX that speaks the Tinker API."""
+"""jtinker: a post-training runtime in JAX that speaks the Tinker API.
+
+``import jtinker as tinker`` runs scripts written for the official ``tinker`` SDK in process.
+"""
+
+from jtinker import types
+from jtinker.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
+from jtinker.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    LossFnType,
+    ModelInput,
+    SampleResponse,
+    SamplingParams,
+    TensorData,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "APIFuture",
+    "AdamParams",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "LossFnType",
+    "ModelInput",
+    "SampleResponse",
+    "SamplingClient",
+    "SamplingParams",
+    "ServiceClient",
+    "TensorData",
+    "TrainingClient",
+    "types",
+]

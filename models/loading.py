@@ -155,13 +155,13 @@ def load_params(
             if name not in reader.keys():  # noqa: SIM118 (reader is not a mapping)
                 raise ValueError(f"{model_dir}: checkpoint tensor {name!r} is missing")
     for hf_name, transposed, shape in layout.values():
-        check = hf_name.format(i=0)
         want = tuple(reversed(shape)) if transposed else shape
-        if reader.shape(check) != want:
-            raise ValueError(
-                f"{model_dir}: checkpoint tensor {check!r} has shape {reader.shape(check)}, "
-                f"config.json implies {want}"
-            )
+        for check in hf_names(hf_name, config.num_layers):
+            if reader.shape(check) != want:
+                raise ValueError(
+                    f"{model_dir}: checkpoint tensor {check!r} has shape {reader.shape(check)}, "
+                    f"config.json implies {want}"
+                )
     allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(
         k for k in reader.keys() - expected - allowed_extra if not k.endswith(_IGNORED_SUFFIXES)

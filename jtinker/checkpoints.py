@@ -1,0 +1,201 @@
+"""Checkpoints on local disk, addressed by Tinker paths, written by Orbax.
+
+``tinker://<run_id>/weights/<name>`` (training state: LoRA, Adam state, step) and
+``tinker://<run_id>/sampler_weights/<name>`` (LoRA only) live under
+``$JTINKER_HOME/runs/<run_id>/{weights,sampler_weights}/<name>``.
+
+Orbax writes into a temporary directory and renames it when complete, so a process killed
+mid-save leaves the previous checkpoint intact and no half checkpoint that looks valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import shutil
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jtinker import registry
+
+SCHEME = "tinker://"
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_COMPLETE_MARKER = "commit_success.txt"
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"{field}: {name!r} is not a valid checkpoint name "
+            "(1-128 letters, digits, '.', '_' or '-', not starting with a symbol, no '..')"
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPath:
+    run_id: str
+    kind: str  # "weights" | "sampler_weights"
+    name: str
+
+    @classmethod
+    def parse(cls, path: str, field: str = "path") -> CheckpointPath:
+        if not isinstance(path, str) or not path.startswith(SCHEME):
+            raise ValueError(
+                f"{field}: {path!r} is not a tinker://<run_id>/<weights|sampler_weights>/<name> path"
+            )
+        parts = path[len(SCHEME) :].split("/")
+        if len(parts) != 3 or parts[1] not in KINDS or not _RUN_ID.match(parts[0]):
+            raise ValueError(
+                f"{field}: {path!r} is not a tinker://<run_id>/<weights|sampler_weights>/<name> path"
+            )
+        validate_name(parts[2], field)
+        return cls(parts[0], parts[1], parts[2])
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.run_id}/{self.kind}/{self.name}"
+
+
+def new_run_id() -> str:
+    import uuid
+
+    return f"{uuid.uuid4()}:train:0"
+
+
+class CheckpointStore:
+    """Saves and restores adapter state; lists runs and checkpoints."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else registry.home() / "runs"
+        self._pending: list[ocp.AsyncCheckpointer] = []
+        self._lock = threading.Lock()
+
+    def directory(self, path: CheckpointPath) -> Path:
+        return self.root / path.run_id / path.kind / path.name
+
+    def resolve(self, path: str, field: str = "path") -> tuple[CheckpointPath, Path]:
+        """The parsed path and its directory; FileNotFoundError if it does not exist (complete)."""
+        parsed = CheckpointPath.parse(path, field)
+        self.wait_until_finished()
+        directory = self.directory(parsed)
+        if not (directory / _COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(f"{field}: checkpoint {path} not found")
+        return parsed, directory
+
+    def save(
+        self,
+        path: CheckpointPath,
+        items: dict[str, Any],
+        meta: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> Future:
+        """Starts an async save; the device→host copy happens before this returns.
+
+        The returned future resolves to ``str(path)`` once the checkpoint is durable on disk.
+        """
+        directory = self.directory(path)
+        if directory.exists() and not overwrite:
+            raise ValueError(f"name: checkpoint {path} already exists (pass overwrite=True to replace it)")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        meta = {**meta, "tinker_path": str(path), "created": dt.datetime.now(dt.UTC).isoformat()}
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        args["meta"] = ocp.args.JsonSave(meta)
+        # Write beside the target, then swap in, so an overwrite is as atomic as a first save.
+        staging = directory.with_name(directory.name + ".staging") if directory.exists() else directory
+        if staging.exists():
+            shutil.rmtree(staging)
+        checkpointer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
+        checkpointer.save(staging, args=ocp.args.Composite(**args))
+        with self._lock:
+            self._pending.append(checkpointer)
+        future: Future = Future()
+
+        def finish() -> None:
+            try:
+                checkpointer.wait_until_finished()
+                if staging != directory:
+                    trash = directory.with_name(directory.name + ".old")
+                    directory.rename(trash)
+                    staging.rename(directory)
+                    shutil.rmtree(trash)
+                future.set_result(str(path))
+            except BaseException as e:
+                future.set_exception(e)
+            finally:
+                with self._lock:
+                    self._pending.remove(checkpointer)
+
+        threading.Thread(target=finish, name="jtinker-save", daemon=True).start()
+        return future
+
+    def wait_until_finished(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        for checkpointer in pending:
+            checkpointer.wait_until_finished()
+
+    def read_meta(self, path: str, field: str = "path") -> dict:
+        _, directory = self.resolve(path, field)
+        return json.loads((directory / "meta" / "metadata").read_text())
+
+    def restore(self, path: str, abstract_items: dict[str, Any], field: str = "path") -> tuple[dict, dict]:
+        """Restores ``abstract_items`` (trees of ``jax.ShapeDtypeStruct``) and the metadata."""
+        _, directory = self.resolve(path, field)
+        args = {k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()}
+        args["meta"] = ocp.args.JsonRestore()
+        restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+            directory, args=ocp.args.Composite(**args)
+        )
+        return {k: restored[k] for k in abstract_items}, restored["meta"]
+
+    # -- listings -----------------------------------------------------------------------------
+    def list_runs(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _RUN_ID.match(p.name))
+
+    def list_checkpoints(self, run_id: str | None = None) -> list[dict]:
+        """Complete checkpoints, newest first, with their metadata."""
+        self.wait_until_finished()
+        runs = [run_id] if run_id is not None else self.list_runs()
+        found = []
+        for run in runs:
+            for kind in KINDS:
+                kind_dir = self.root / run / kind
+                if not kind_dir.is_dir():
+                    continue
+                for directory in kind_dir.iterdir():
+                    if not _NAME.match(directory.name) or not (directory / _COMPLETE_MARKER).is_file():
+                        continue  # temporary, staging or interrupted saves
+                    meta = json.loads((directory / "meta" / "metadata").read_text())
+                    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+                    found.append(
+                        {
+                            "checkpoint_id": f"{kind}/{directory.name}",
+                            "checkpoint_type": KINDS[kind],
+                            "tinker_path": str(CheckpointPath(run, kind, directory.name)),
+                            "time": meta.get("created"),
+                            "size_bytes": size,
+                            "meta": meta,
+                        }
+                    )
+        return sorted(found, key=lambda c: c["time"] or "", reverse=True)
+
+    def delete(self, path: str) -> None:
+        _, directory = self.resolve(path)
+        shutil.rmtree(directory)
+
+
+def abstract(tree: Any) -> Any:
+    """Shape/dtype (and sharding) skeleton of ``tree`` for restoring into the same layout."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

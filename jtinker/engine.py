@@ -1,0 +1,359 @@
+"""The one engine behind every face of jtinker (functional, in-process Tinker API, HTTP server).
+
+* :class:`BaseModel` holds one copy of a base model's weights; every adapter on it shares them.
+* :class:`Adapter` holds one training client's state: LoRA pytree, Adam state, accumulated grads.
+* :class:`Worker` runs device work for one base model on one thread, in submission order, and
+  batches concurrent sampling requests together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtinker import losses as losses_lib
+from jtinker import train
+from jtinker.batching import HostBatch, build_batches
+from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
+from jtinker.models import ModelConfig, load_pretrained
+from jtinker.models import lora as lora_lib
+
+log = logging.getLogger("jtinker")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What Tinker calls ``LoraConfig``, plus alpha."""
+
+    rank: int = 32
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    alpha: float = 32.0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return lora_lib.targets_for(self.train_attn, self.train_mlp, self.train_unembed)
+
+
+class BaseModel:
+    """One loaded base model: config, params (shared), tokenizer, sampler and worker."""
+
+    def __init__(self, name: str, model_dir: Path, dtype=jnp.float32, *, max_tokens_per_batch: int = 16384):
+        self.name = name
+        self.model_dir = Path(model_dir)
+        self.dtype = dtype
+        self.config: ModelConfig
+        self.config, self.params = load_pretrained(model_dir, dtype=dtype)
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self._tokenizer = None
+        self._sampler = None
+        self.worker = Worker(self, name=f"jtinker-{self.config.model_type}")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return self._tokenizer
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            from jtinker.sampling import Sampler
+
+            try:
+                tokenizer = self.tokenizer
+            except Exception:  # a model dir without tokenizer files can still sample token ids
+                tokenizer = None
+            self._sampler = Sampler(self.config, self.params, tokenizer)
+        return self._sampler
+
+    def new_adapter(self, spec: LoraSpec) -> Adapter:
+        seed = spec.seed if spec.seed is not None else int.from_bytes(np.random.bytes(4), "little")
+        lora = lora_lib.init(
+            self.config, spec.rank, jax.random.key(seed), alpha=spec.alpha, targets=spec.targets
+        )
+        return Adapter(self, spec, lora)
+
+
+class Adapter:
+    """A LoRA being trained: its weights, Adam state, gradient accumulator and step count.
+
+    Methods run on the base model's worker thread (see :class:`Worker`); none is thread-safe.
+    """
+
+    def __init__(self, base: BaseModel, spec: LoraSpec, lora: lora_lib.Lora):
+        self.base = base
+        self.spec = spec
+        self.lora = lora
+        self.opt_state = train.optimizer().init(lora)
+        self.grad_acc = jax.tree.map(jnp.zeros_like, lora)
+        self.step = 0
+
+    # -- training -----------------------------------------------------------------------------
+    def _batches(self, data, loss_name: str | None) -> list[tuple[list[int], HostBatch]]:
+        return build_batches(
+            data, loss_name, self.base.config, max_tokens_per_batch=self.base.max_tokens_per_batch
+        )
+
+    def forward_backward(
+        self, data: Sequence, loss_name: str, loss_fn_config: dict | None, *, backward: bool
+    ):
+        """Tinker's ``forward``/``forward_backward``: per-datum logprobs, summed loss metrics."""
+        loss_fn, loss_config = losses_lib.resolve(loss_name, loss_fn_config)
+        batches = self._batches(data, loss_name)  # validates everything before touching state
+        config_arrays = {k: jnp.float32(v) for k, v in loss_config.items()}
+        outputs: list[np.ndarray | None] = [None] * len(data)
+        metric_parts = []
+        grad_acc = self.grad_acc
+        for members, host in batches:
+            if backward:
+                grad_acc, loss, metrics, logprobs = train.accumulate(
+                    grad_acc,
+                    self.lora,
+                    self.base.params,
+                    host.batch,
+                    config_arrays,
+                    config=self.base.config,
+                    loss_fn=loss_fn,
+                )
+            else:
+                loss, metrics, logprobs = train.evaluate(
+                    self.lora,
+                    self.base.params,
+                    host.batch,
+                    config_arrays,
+                    config=self.base.config,
+                    loss_fn=loss_fn,
+                )
+            metric_parts.append((len(members), metrics))
+            _scatter_outputs(outputs, members, host, np.asarray(logprobs))
+        self.grad_acc = grad_acc
+        return loss_outputs(outputs), combine_metrics(metric_parts)
+
+    def forward_backward_custom(self, data: Sequence, loss_fn: Callable) -> tuple[list, dict]:
+        """A user loss over per-datum logprobs, differentiated in one forward pass.
+
+        The jitted forward keeps its VJP residuals; ``loss_fn(data, logprobs_list)`` runs eagerly
+        on the small per-datum arrays; its gradient is pulled back through the stored VJP.
+        """
+        batches = self._batches(data, None)
+        forwards = []
+        logprobs_list: list[jax.Array | None] = [None] * len(data)
+        for members, host in batches:
+            logprobs, pullback = train.logprobs_with_pullback(
+                self.lora, self.base.params, host.batch, config=self.base.config
+            )
+            forwards.append((members, host, logprobs, pullback))
+            for i, p in zip(members, host.placements, strict=True):
+                logprobs_list[i] = logprobs[p.row, p.start : p.start + p.length]
+
+        def total_loss(lps):
+            loss, metrics = loss_fn(list(data), lps)
+            return jnp.asarray(loss, jnp.float32).reshape(()), metrics
+
+        (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(logprobs_list)
+        grad_acc = self.grad_acc
+        for members, host, logprobs, pullback in forwards:
+            cotangent = np.zeros(logprobs.shape, np.float32)
+            for i, p in zip(members, host.placements, strict=True):
+                cotangent[p.row, p.start : p.start + p.length] = np.asarray(grads[i])
+            grad_acc = train.accumulate_pullback(grad_acc, pullback, jnp.asarray(cotangent))
+        self.grad_acc = grad_acc
+        outputs = [np.asarray(lp) for lp in logprobs_list]
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        return loss_outputs(outputs), {"loss:sum": float(loss), **metrics}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What a checkpoint must match to be loaded onto this adapter."""
+        return {
+            "base_model": self.base.name,
+            "model_config": dataclasses.asdict(self.base.config),
+            "lora": {**dataclasses.asdict(self.spec), "use_rslora": self.lora.use_rslora},
+        }
+
+    def save(self, store: CheckpointStore, path: CheckpointPath, *, with_optimizer: bool, overwrite: bool):
+        items = {"lora": self.lora.weights}
+        if with_optimizer:
+            items["optimizer"] = self.opt_state
+        meta = {**self.identity(), "step": self.step, "with_optimizer": with_optimizer}
+        return store.save(path, items, meta, overwrite=overwrite)
+
+    def load(self, store: CheckpointStore, path: str, *, with_optimizer: bool) -> None:
+        """Loads weights (and Adam state) after checking the checkpoint fits this base and LoRA."""
+        meta = store.read_meta(path)
+        check_compatible(meta, self.identity(), path)
+        if with_optimizer and not meta.get("with_optimizer"):
+            raise ValueError(f"path: {path} holds weights only (save it with save_state to resume Adam)")
+        items = {"lora": abstract(self.lora.weights)}
+        if with_optimizer:
+            items["optimizer"] = abstract(self.opt_state)
+        restored, meta = store.restore(path, items)
+        self.lora = self.lora.replace(weights=restored["lora"])
+        if with_optimizer:
+            self.opt_state = restored["optimizer"]
+            self.step = int(meta.get("step", 0))
+        else:
+            self.opt_state = train.optimizer().init(self.lora)
+            self.step = 0
+        self.grad_acc = jax.tree.map(jnp.zeros_like, self.lora)
+
+    def optim_step(self, hparams: train.AdamHyperparams) -> dict:
+        self.lora, self.opt_state, self.grad_acc, metrics = train.optim_update(
+            self.lora, self.opt_state, self.grad_acc, hparams
+        )
+        self.step += 1
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def check_compatible(meta: dict, identity: dict, path: str) -> None:
+    """Refuses a checkpoint made on another base model or with another LoRA shape."""
+    identity = json.loads(json.dumps(identity))  # compare as stored (tuples become lists)
+    if meta.get("model_config") != identity["model_config"]:
+        raise ValueError(
+            f"path: {path} was trained on base model {meta.get('base_model')!r}, which differs from "
+            f"{identity['base_model']!r} (architecture or sizes do not match)"
+        )
+    saved, ours = meta.get("lora", {}), identity["lora"]
+    for key in ("rank", "train_attn", "train_mlp", "train_unembed", "alpha", "use_rslora"):
+        if saved.get(key) != ours.get(key):
+            raise ValueError(
+                f"path: {path} has LoRA {key}={saved.get(key)!r}, this client has {ours.get(key)!r}"
+            )
+
+
+def _scatter_outputs(outputs: list, members: list[int], host: HostBatch, logprobs: np.ndarray) -> None:
+    for i, p in zip(members, host.placements, strict=True):
+        outputs[i] = logprobs[p.row, p.start : p.start + p.length]
+
+
+def loss_outputs(per_datum: list) -> list[dict[str, np.ndarray]]:
+    return [{"logprobs": np.asarray(lp, np.float32)} for lp in per_datum]
+
+
+def combine_metrics(parts: list[tuple[int, dict]]) -> dict[str, float]:
+    """Merges micro-batch metrics by their Tinker reduction suffix (``:sum``, ``:max``, ``:min``, mean)."""
+    total = sum(n for n, _ in parts)
+    merged: dict[str, float] = {}
+    for key in parts[0][1]:
+        values = [float(m[key]) for _, m in parts]
+        if key.endswith(":sum"):
+            merged[key] = sum(values)
+        elif key.endswith(":max"):
+            merged[key] = max(values)
+        elif key.endswith(":min"):
+            merged[key] = min(values)
+        else:
+            merged[key] = sum(n * v for (n, _), v in zip(parts, values, strict=True)) / total
+    return merged
+
+
+@dataclasses.dataclass
+class _Task:
+    fn: Callable[[], Any]
+    future: Future
+    sample: Any = None  # (request, lora) for sampling tasks, batched together
+
+
+class Worker:
+    """Runs one base model's device work on a single thread, in submission order.
+
+    Sampling tasks waiting in the queue are drained and run as one batch: a sampling client
+    reads a fixed snapshot of weights, so it need not wait behind training work.
+    """
+
+    def __init__(self, base: BaseModel, name: str):
+        self.base = base
+        self._queue: queue.Queue[_Task] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._queue.put(_Task(fn, future))
+        return future
+
+    def submit_sample(self, request, lora) -> Future:
+        future: Future = Future()
+        self._queue.put(_Task(lambda: None, future, sample=(request, lora)))
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task.sample is not None:
+                self._run_samples(task)
+                continue
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            try:
+                task.future.set_result(task.fn())
+            except BaseException as e:  # the worker must survive any request
+                log.debug("request failed", exc_info=True)
+                task.future.set_exception(e)
+
+    def _run_samples(self, first: _Task) -> None:
+        tasks, deferred = [first], []
+        while True:  # drain every sampling request already queued; keep the rest in order
+            try:
+                task = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            (tasks if task.sample is not None else deferred).append(task)
+        for task in deferred:
+            self._queue.put(task)
+        groups: dict[int, list[_Task]] = {}
+        for task in tasks:
+            if task.future.set_running_or_notify_cancel():
+                groups.setdefault(id(task.sample[1]), []).append(task)
+        for group in groups.values():
+            lora = group[0].sample[1]
+            valid = []
+            for task in group:
+                try:
+                    self.base.sampler.validate(task.sample[0])
+                    valid.append(task)
+                except BaseException as e:
+                    task.future.set_exception(e)
+            if not valid:
+                continue
+            try:
+                results = self.base.sampler.sample([t.sample[0] for t in valid], lora)
+            except BaseException as e:
+                for task in valid:
+                    task.future.set_exception(e)
+                continue
+            for task, result in zip(valid, results, strict=True):
+                task.future.set_result(result)
+
+
+_BASE_MODELS: dict[tuple[str, str], BaseModel] = {}
+_BASE_LOCK = threading.Lock()
+
+
+def get_base_model(name: str, model_dir: Path, dtype=jnp.float32) -> BaseModel:
+    """Process-wide cache: every client of one base model shares one copy of its weights."""
+    key = (str(Path(model_dir).resolve()), jnp.dtype(dtype).name)
+    with _BASE_LOCK:
+        if key not in _BASE_MODELS:
+            _BASE_MODELS[key] = BaseModel(name, Path(model_dir), dtype)
+        return _BASE_MODELS[key]

@@ -1,0 +1,604 @@
+"""The sampling engine: batched prefill + on-device decode over a preallocated KV cache.
+
+``Sampler.sample(requests, lora)`` runs every request of one call as one batch:
+
+* **Prefill** each *distinct* prompt once (``[P, Tp]``, prompt lengths bucketed to powers of two,
+  at least 16), then **expand** the cache rows to one row per sample (``num_samples`` share the
+  prompt's prefill) and pad the cache to ``S`` slots (a power of two >= prompt + max_tokens).
+* **Decode** in one ``jax.jit`` program: a ``lax.while_loop`` that feeds the last token, samples
+  the next one and exits as soon as every row has stopped (a stop token id, or its own
+  ``max_tokens``). The cache and the output buffers are donated, so they are updated in place.
+  Sampling parameters (temperature, top_k, top_p, seeds, stop ids, max_tokens) are per-row
+  *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
+  shapes ``(P, Tp)``, ``(P, Tp, B, S)`` and ``(B, S)`` (and the LoRA tree structure).
+* **Stop strings** are matched on the host on the decoded text (across token boundaries). When a
+  batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
+  whose text already contains a stop string are marked done between chunks (early exit); the
+  sequence is then cut at (and includes) the token that completes the first stop string.
+
+Sampling semantics (per row): ``temperature == 0`` is greedy (argmax of the raw logits); otherwise
+logits are divided by the temperature, restricted to the ``top_k`` largest (``-1``: off) and then
+to the smallest set of most likely tokens whose probability reaches ``top_p`` (ties at either
+threshold are kept), and a token is drawn by inverse-CDF sampling. The uniform draw of row ``i``
+at step ``t`` uses ``fold_in(fold_in(key(seed), sample_index), t)``, so a seeded request gives
+the same tokens run to run and whatever else is in the batch; ``seed=None`` draws a fresh seed.
+
+**Returned logprobs** of sampled tokens are ``log_softmax`` of the *raw* (temperature 1, unfiltered)
+logits at the chosen token: Tinker's definition, i.e. the logprob the learner computes for that
+token with ``forward``/``compute_logprobs`` on the same sequence (not the logprob under the
+temperature/top-k/top-p-modified distribution that actually drew it).
+
+Prompt logprobs follow Tinker: ``prompt_logprobs[0]`` is ``None`` and entry ``i`` is
+``log p(prompt[i] | prompt[:i])``; ``topk_prompt_logprobs[i]`` is the top-k ``(token_id, logprob)``
+of the distribution predicting position ``i`` (``None`` at position 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import secrets
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtinker.models import KVCache, ModelConfig
+from jtinker.models import lora as lora_lib
+from jtinker.models.llama import hidden_states, token_logprobs, unembed
+
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 32
+MIN_STOP_ID_WIDTH = 4
+CDF_BLOCK = 256  # two-level inverse CDF: block sums first, then one block's cumsum
+TOPK_PROMPT_CHUNK = 128
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= ``max(n, minimum)``."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """One prompt to sample ``num_samples`` continuations of."""
+
+    prompt: list[int]
+    num_samples: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """``sequences``: one ``(tokens, logprobs, stop_reason)`` per sample, stop_reason "stop"|"length"."""
+
+    sequences: list[tuple[list[int], list[float], str]]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+class _Rows(NamedTuple):
+    """Per-row sampling parameters (device arrays; never donated, never static)."""
+
+    prompt_len: jax.Array  # [B] int32
+    max_tokens: jax.Array  # [B] int32, 0 for padding rows
+    temperature: jax.Array  # [B] f32
+    top_k: jax.Array  # [B] int32, <= 0 = off
+    top_p: jax.Array  # [B] f32
+    seed: jax.Array  # [B, 2] uint32 (threefry key data: seed >> 32, seed & 0xffffffff)
+    sample_index: jax.Array  # [B] int32
+    stop_ids: jax.Array  # [B, W] int32, padded with -1
+
+
+class _Out(NamedTuple):
+    """What decoding produces, row by row."""
+
+    last: jax.Array  # [B] int32, last sampled token (the next one to feed)
+    tokens: jax.Array  # [B, S] int32
+    logprobs: jax.Array  # [B, S] f32
+    done: jax.Array  # [B] bool
+    stopped: jax.Array  # [B] bool, ended on a stop token id
+    count: jax.Array  # [B] int32, tokens produced
+
+
+class _State(NamedTuple):
+    cache: KVCache
+    logits0: jax.Array  # [B, V] f32, the prefill's next-token logits (used at step 0 only)
+    step: jax.Array  # [] int32, index of the next token to produce
+    out: _Out
+
+
+# ---------------------------------------------------------------------------------------------
+# Token selection (all per-row arrays, so one program serves every mix of parameters)
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+    """f32 → uint32 with the same order, so thresholds can be found by exact bisection."""
+    i = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where((i >> 31) == 1, ~i, i | jnp.uint32(0x80000000))
+
+
+def _max_threshold(keys: jax.Array, measure, target: jax.Array) -> jax.Array:
+    """Per row, the largest ``T`` with ``measure(keys >= T) >= target`` (32 bisection steps).
+
+    A full sort of the vocabulary is ~50x slower than this on CPU.
+    """
+    b = keys.shape[0]
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + ((hi - lo) >> 1) + (hi > lo).astype(jnp.uint32)
+        ok = measure(keys >= mid[:, None]) >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo = jnp.zeros((b,), jnp.uint32)
+    hi = jnp.full((b,), 0xFFFFFFFF, jnp.uint32)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
+
+
+def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets logits outside the top-k / top-p (nucleus) sets to -inf."""
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def apply_top_k(x):
+        keys = _sortable(x)
+        t = _max_threshold(keys, lambda m: jnp.sum(m, axis=-1, dtype=jnp.int32), top_k)
+        return jnp.where((top_k[:, None] > 0) & (keys < t[:, None]), neg_inf, x)
+
+    def apply_top_p(x):
+        probs = jax.nn.softmax(x, axis=-1)
+        keys = _sortable(x)
+        t = _max_threshold(keys, lambda m: jnp.sum(jnp.where(m, probs, 0.0), axis=-1), top_p)
+        return jnp.where((top_p[:, None] < 1.0) & (keys < t[:, None]), neg_inf, x)
+
+    scaled = jax.lax.cond(jnp.any(top_k > 0), apply_top_k, lambda x: x, scaled)
+    return jax.lax.cond(jnp.any(top_p < 1.0), apply_top_p, lambda x: x, scaled)
+
+
+def _last_nonzero(mask: jax.Array) -> jax.Array:
+    n = mask.shape[-1]
+    return n - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+
+
+def _inverse_cdf(scaled: jax.Array, u: jax.Array) -> jax.Array:
+    """Draws one token per row from ``softmax(scaled)`` given uniforms ``u`` in (0, 1).
+
+    Two levels (block sums, then one block's cumsum) instead of a cumsum over the whole vocab.
+    """
+    b, v = scaled.shape
+    blk = min(CDF_BLOCK, v)
+    nb = -(-v // blk)
+    p = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    p = jnp.pad(p, ((0, 0), (0, nb * blk - v))).reshape(b, nb, blk)
+    block_sums = jnp.sum(p, axis=-1)
+    block_cdf = jnp.cumsum(block_sums, axis=-1)
+    x = u * block_cdf[:, -1]
+    # Clamping to the last non-empty block/token guards against rounding at the top end.
+    blk_idx = jnp.minimum(jnp.sum(block_cdf < x[:, None], axis=-1), _last_nonzero(block_sums > 0))
+    take = lambda a: jnp.take_along_axis(a, blk_idx[:, None], axis=-1)[:, 0]
+    x_in = x - (take(block_cdf) - take(block_sums))
+    row = jnp.take_along_axis(p, blk_idx[:, None, None], axis=1)[:, 0]
+    within = jnp.sum(jnp.cumsum(row, axis=-1) < x_in[:, None], axis=-1)
+    within = jnp.minimum(within, _last_nonzero(row > 0))
+    return (blk_idx * blk + within).astype(jnp.int32)
+
+
+def _row_keys(rows: _Rows) -> jax.Array:
+    base = jax.random.wrap_key_data(rows.seed, impl="threefry2x32")
+    return jax.vmap(jax.random.fold_in)(base, rows.sample_index)
+
+
+def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array):
+    """Next token per row and its raw (temperature-1) logprob."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    is_greedy = rows.temperature <= 0.0
+
+    def stochastic(logits):
+        temp = jnp.where(is_greedy, 1.0, rows.temperature)
+        scaled = _filter_top_k_top_p(logits / temp[:, None], rows.top_k, rows.top_p)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        tiny = jnp.finfo(jnp.float32).tiny
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, tiny, 1.0))(step_keys)
+        return _inverse_cdf(scaled, u)
+
+    # An all-greedy batch skips the filtering and the draw entirely.
+    token = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy, stochastic, logits)
+    token = jnp.where(is_greedy, greedy, token)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
+    return token, logprob
+
+
+def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: jax.Array) -> _Out:
+    active = ~out.done
+    tokens = jax.lax.dynamic_update_slice(out.tokens, jnp.where(active, token, 0)[:, None], (0, step))
+    logprobs = jax.lax.dynamic_update_slice(out.logprobs, jnp.where(active, logprob, 0.0)[:, None], (0, step))
+    hit = jnp.any(token[:, None] == rows.stop_ids, axis=-1) & active
+    count = out.count + active.astype(jnp.int32)
+    done = out.done | hit | (active & (count >= rows.max_tokens))
+    return _Out(
+        last=jnp.where(active, token, out.last),
+        tokens=tokens,
+        logprobs=logprobs,
+        done=done,
+        stopped=out.stopped | hit,
+        count=count,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled programs
+
+
+def _prefill(config: ModelConfig, cache_dtype, params, lora, tokens, lengths, *, want_lp: bool, topk: int):
+    """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits and prompt logprobs."""
+    p, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
+    cache = KVCache.zeros(config, p, t, cache_dtype)
+    hidden, cache = hidden_states(config, params, tokens, positions=positions, cache=cache, lora=lora)
+    last = hidden[jnp.arange(p), lengths - 1]
+    result: dict[str, Any] = {"cache": cache, "logits": unembed(params, last, lora)}
+    if want_lp:
+        # Position i predicts token i + 1; the wrapped-around last target is dropped.
+        targets = jnp.roll(tokens, -1, axis=1)
+        result["prompt_lp"] = token_logprobs(params, hidden, targets, lora)[:, :-1]
+    if topk:
+        chunk = min(TOPK_PROMPT_CHUNK, t)
+        n = t // chunk  # t and chunk are powers of two
+
+        def one_chunk(h):
+            logits = unembed(params, h, lora)
+            return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+
+        h = hidden.reshape(p, n, chunk, -1).swapaxes(0, 1)
+        vals, ids = jax.lax.map(one_chunk, h)
+        result["topk_lp"] = vals.swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
+        result["topk_ids"] = ids.swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
+    return result
+
+
+def _expand(cache: KVCache, logits: jax.Array, src: jax.Array, *, size: int):
+    """One cache row per sample (rows share their prompt's prefill), padded to ``size`` slots."""
+
+    def grow(x):
+        x = jnp.take(x, src, axis=1)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, size - x.shape[2]), (0, 0), (0, 0)))
+
+    return KVCache(k=grow(cache.k), v=grow(cache.v)), jnp.take(logits, src, axis=0)
+
+
+def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_step: jax.Array) -> _State:
+    """Produces tokens until every row is done or ``step == end_step``."""
+    keys = _row_keys(rows)
+    size = state.cache.size
+
+    # Step 0 samples from the prefill's logits; later steps feed the last token first.
+    def first(out):
+        token, logprob = _select(state.logits0, rows, keys, jnp.int32(0))
+        return _record(out, rows, jnp.int32(0), token, logprob)
+
+    out = jax.lax.cond(state.step == 0, first, lambda out: out, state.out)
+    step = jnp.maximum(state.step, 1)
+
+    def cond(carry):
+        step, out, _ = carry
+        return (step < end_step) & ~jnp.all(out.done)
+
+    def body(carry):
+        step, out, cache = carry
+        # Finished rows keep running (fixed shapes); clamp so they stay inside their own cache row.
+        positions = jnp.minimum(rows.prompt_len + step - 1, size - 1)[:, None]
+        hidden, cache = hidden_states(
+            config, params, out.last[:, None], positions=positions, cache=cache, lora=lora
+        )
+        logits = unembed(params, hidden[:, 0], lora)
+        token, logprob = _select(logits, rows, keys, step)
+        return step + 1, _record(out, rows, step, token, logprob), cache
+
+    step, out, cache = jax.lax.while_loop(cond, body, (step, out, state.cache))
+    return _State(cache=cache, logits0=state.logits0, step=step, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Row:
+    request: int
+    sample: int
+
+
+class Sampler:
+    """Samples from ``params`` (optionally with a LoRA adapter applied on the fly).
+
+    ``tokenizer`` (anything with ``decode(list[int]) -> str``) is needed only for stop strings.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: dict,
+        tokenizer: Any = None,
+        *,
+        cache_dtype=None,
+        max_batch: int = 64,
+        stop_check_interval: int = 16,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.cache_dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
+        self.max_batch = max_batch
+        self.stop_check_interval = stop_check_interval
+        # Per-instance jits: each Sampler has its own compile cache (and countable programs).
+        self._prefill = jax.jit(
+            functools.partial(_prefill, config, self.cache_dtype), static_argnames=("want_lp", "topk")
+        )
+        self._expand = jax.jit(_expand, static_argnames=("size",))
+        self._decode = jax.jit(functools.partial(_decode, config), donate_argnames=("state",))
+        self.last_stats: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------- validation
+
+    def _check_prompt(self, prompt: Sequence[int], field: str = "prompt") -> None:
+        if len(prompt) == 0:
+            raise ValueError(f"{field}: must not be empty")
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{field}: must be a list of int token ids")
+        vocab = self.config.vocab_size
+        if arr.min() < 0 or arr.max() >= vocab:
+            bad = int(arr[(arr < 0) | (arr >= vocab)][0])
+            raise ValueError(f"{field}: token id {bad} is outside [0, {vocab})")
+        if len(prompt) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{field}: length {len(prompt)} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+
+    def validate(self, request: SampleRequest) -> None:
+        """Raises ``ValueError`` naming the offending field."""
+        r = request
+        self._check_prompt(r.prompt)
+        if not isinstance(r.num_samples, int) or r.num_samples < 1:
+            raise ValueError(f"num_samples: must be an int >= 1, got {r.num_samples!r}")
+        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be an int >= 1, got {r.max_tokens!r}")
+        limit = self.config.max_position_embeddings
+        if len(r.prompt) + r.max_tokens > limit:
+            raise ValueError(
+                f"max_tokens: prompt length {len(r.prompt)} + max_tokens {r.max_tokens} exceeds "
+                f"the model's max_position_embeddings {limit}"
+            )
+        if not math.isfinite(r.temperature) or r.temperature < 0:
+            raise ValueError(f"temperature: must be finite and >= 0, got {r.temperature!r}")
+        if not isinstance(r.top_k, int) or not (r.top_k == -1 or r.top_k >= 1):
+            raise ValueError(f"top_k: must be -1 (off) or an int >= 1, got {r.top_k!r}")
+        if not (0.0 < r.top_p <= 1.0):
+            raise ValueError(f"top_p: must be in (0, 1], got {r.top_p!r}")
+        for t in r.stop_token_ids:
+            if not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
+                raise ValueError(f"stop_token_ids: {t!r} is not a token id in [0, {self.config.vocab_size})")
+        for s in r.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop_strings: {s!r} is not a non-empty string")
+        if r.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings: this sampler has no tokenizer to match stop strings with")
+        if r.seed is not None and (not isinstance(r.seed, (int, np.integer)) or isinstance(r.seed, bool)):
+            raise ValueError(f"seed: must be an int or None, got {r.seed!r}")
+        k = r.topk_prompt_logprobs
+        if not isinstance(k, int) or not 0 <= k <= self.config.vocab_size:
+            raise ValueError(f"topk_prompt_logprobs: must be an int in [0, vocab_size], got {k!r}")
+
+    # ------------------------------------------------------------------------------- sampling
+
+    def sample(
+        self, requests: Sequence[SampleRequest], lora: lora_lib.Lora | None = None
+    ) -> list[SampleResult]:
+        """Samples every request; all of them share one prefill batch and one decode batch
+        (``max_batch`` rows at a time). Any invalid request raises before any work is done."""
+        for i, r in enumerate(requests):
+            try:
+                self.validate(r)
+            except ValueError as e:
+                raise ValueError(f"requests[{i}].{e}") from None
+        seeds = [r.seed % (1 << 64) if r.seed is not None else secrets.randbits(64) for r in requests]
+        results = [
+            SampleResult(sequences=[None] * r.num_samples)  # type: ignore[list-item]
+            for r in requests
+        ]
+        rows = [_Row(i, s) for i, r in enumerate(requests) for s in range(r.num_samples)]
+        self.last_stats = {"prefill_prompts": 0, "decode_steps": 0, "decode_calls": 0}
+        for start in range(0, len(rows), self.max_batch):
+            self._run(requests, seeds, rows[start : start + self.max_batch], results, lora)
+        return results
+
+    def _run(self, requests, seeds, rows: list[_Row], results: list[SampleResult], lora) -> None:
+        # Prefill each distinct prompt once.
+        prompt_index: dict[tuple[int, ...], int] = {}
+        for row in rows:
+            prompt_index.setdefault(tuple(requests[row.request].prompt), len(prompt_index))
+        prompts = list(prompt_index)
+        lp_needed = [
+            i
+            for i, r in enumerate(requests)
+            if any(row.request == i for row in rows)
+            and results[i].prompt_logprobs is None
+            and results[i].topk_prompt_logprobs is None
+            and (r.include_prompt_logprobs or r.topk_prompt_logprobs)
+        ]
+        want_lp = any(requests[i].include_prompt_logprobs for i in lp_needed)
+        topk = max([requests[i].topk_prompt_logprobs for i in lp_needed], default=0)
+        topk = bucket(topk) if topk else 0  # fewer distinct programs; sliced per request below
+        topk = min(topk, self.config.vocab_size)
+        pre = self._run_prefill(prompts, lora, want_lp=want_lp, topk=topk)
+        for i in lp_needed:
+            self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[tuple(requests[i].prompt)])
+
+        # One decode row per sample.
+        n = len(rows)
+        b = min(bucket(n), self.max_batch)
+        size = bucket(max(len(requests[r.request].prompt) + requests[r.request].max_tokens for r in rows))
+        size = max(size, MIN_CACHE_BUCKET, pre["cache"].size)
+        width = bucket(
+            max((len(requests[r.request].stop_token_ids) for r in rows), default=0), MIN_STOP_ID_WIDTH
+        )
+        host = {
+            "prompt_len": np.ones(b, np.int32),
+            "max_tokens": np.zeros(b, np.int32),
+            "temperature": np.zeros(b, np.float32),
+            "top_k": np.full(b, -1, np.int32),
+            "top_p": np.ones(b, np.float32),
+            "seed": np.zeros((b, 2), np.uint32),
+            "sample_index": np.zeros(b, np.int32),
+            "stop_ids": np.full((b, width), -1, np.int32),
+        }
+        src = np.zeros(b, np.int32)
+        for j, row in enumerate(rows):
+            r = requests[row.request]
+            seed = seeds[row.request]
+            src[j] = prompt_index[tuple(r.prompt)]
+            host["prompt_len"][j] = len(r.prompt)
+            host["max_tokens"][j] = r.max_tokens
+            host["temperature"][j] = r.temperature
+            host["top_k"][j] = r.top_k
+            host["top_p"][j] = r.top_p
+            host["seed"][j] = (seed >> 32, seed & 0xFFFFFFFF)
+            host["sample_index"][j] = row.sample
+            host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids
+        device_rows = _Rows(**{k: jnp.asarray(v) for k, v in host.items()})
+
+        cache, logits0 = self._expand(pre["cache"], pre["logits"], jnp.asarray(src), size=size)
+        del pre
+        state = _State(
+            cache=cache,
+            logits0=logits0,
+            step=jnp.zeros((), jnp.int32),
+            out=_Out(
+                last=jnp.zeros(b, jnp.int32),
+                tokens=jnp.zeros((b, size), jnp.int32),
+                logprobs=jnp.zeros((b, size), jnp.float32),
+                done=jnp.asarray(np.arange(b) >= n),  # padding rows never run
+                stopped=jnp.zeros(b, bool),
+                count=jnp.zeros(b, jnp.int32),
+            ),
+        )
+        stop_rows = [j for j, row in enumerate(rows) if requests[row.request].stop_strings]
+        total = int(host["max_tokens"].max())
+        chunk = self.stop_check_interval if stop_rows else total
+        step = 0
+        while True:
+            step = min(step + chunk, total)
+            state = self._decode(self.params, lora, state, device_rows, jnp.int32(step))
+            self.last_stats["decode_calls"] += 1
+            if not stop_rows or step >= total:
+                break
+            # Early exit for stop strings: mark rows whose text already contains one as done.
+            out = jax.device_get(state.out)
+            done = out.done.copy()
+            for j in stop_rows:
+                r = requests[rows[j].request]
+                if not done[j] and self._stop_string_cut(out.tokens[j, : out.count[j]], r.stop_strings):
+                    done[j] = True
+            if done.all():
+                break
+            if (done != out.done).any():
+                state = state._replace(out=state.out._replace(done=jnp.asarray(done)))
+
+        out = jax.device_get(state.out)
+        self.last_stats["decode_steps"] += int(state.step)
+        for j, row in enumerate(rows):
+            r = requests[row.request]
+            count = int(out.count[j])
+            reason = "stop" if out.stopped[j] else "length"
+            if r.stop_strings:
+                cut = self._stop_string_cut(out.tokens[j, :count], r.stop_strings)
+                if cut is not None:
+                    count, reason = cut, "stop"
+            results[row.request].sequences[row.sample] = (
+                out.tokens[j, :count].tolist(),
+                out.logprobs[j, :count].tolist(),
+                reason,
+            )
+
+    def _run_prefill(self, prompts: list[tuple[int, ...]], lora, *, want_lp: bool, topk: int) -> dict:
+        p = bucket(len(prompts))
+        t = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+        tokens = np.zeros((p, t), np.int32)
+        lengths = np.ones(p, np.int32)
+        for i, x in enumerate(prompts):
+            tokens[i, : len(x)] = x
+            lengths[i] = len(x)
+        self.last_stats["prefill_prompts"] = self.last_stats.get("prefill_prompts", 0) + len(prompts)
+        return self._prefill(
+            self.params, lora, jnp.asarray(tokens), jnp.asarray(lengths), want_lp=want_lp, topk=topk
+        )
+
+    @staticmethod
+    def _fill_prompt_logprobs(result: SampleResult, request: SampleRequest, pre: dict, i: int) -> None:
+        n = len(request.prompt)
+        if request.include_prompt_logprobs:
+            lp = np.asarray(pre["prompt_lp"][i, : n - 1])
+            result.prompt_logprobs = [None, *lp.tolist()]
+        k = request.topk_prompt_logprobs
+        if k:
+            ids = np.asarray(pre["topk_ids"][i, : n - 1, :k]).tolist()
+            vals = np.asarray(pre["topk_lp"][i, : n - 1, :k]).tolist()
+            result.topk_prompt_logprobs = [None] + [
+                list(zip(ti, tv, strict=True)) for ti, tv in zip(ids, vals, strict=True)
+            ]
+
+    def _stop_string_cut(self, tokens: Sequence[int], stop_strings: Sequence[str]) -> int | None:
+        """The smallest ``n`` such that ``decode(tokens[:n])`` contains a stop string, else None."""
+        decode = lambda n: self.tokenizer.decode(list(map(int, tokens[:n])))
+        found = lambda text: any(s in text for s in stop_strings)
+        if len(tokens) == 0 or not found(decode(len(tokens))):
+            return None
+        lo, hi = 1, len(tokens)  # decoded prefixes only grow, so containment is monotone in n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if found(decode(mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # ---------------------------------------------------------------------------- logprobs
+
+    def compute_logprobs(
+        self, prompts: Sequence[Sequence[int]], lora: lora_lib.Lora | None = None
+    ) -> list[list[float | None]]:
+        """``[None, lp(t1 | t0), lp(t2 | t0 t1), ...]`` per prompt (Tinker's ``compute_logprobs``)."""
+        for i, p in enumerate(prompts):
+            self._check_prompt(p, f"prompts[{i}]")
+        out: list[list[float | None]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            group = [tuple(int(t) for t in p) for p in prompts[start : start + self.max_batch]]
+            distinct = list(dict.fromkeys(group))
+            pre = self._run_prefill(distinct, lora, want_lp=True, topk=0)
+            lp = np.asarray(pre["prompt_lp"])
+            index = {p: i for i, p in enumerate(distinct)}
+            out.extend([None, *lp[index[p], : len(p) - 1].tolist()] for p in group)
+        return out
+
+    def compile_counts(self) -> dict[str, int]:
+        """How many programs each compiled stage holds (one per distinct bucketed shape)."""
+        return {
+            "prefill": self._prefill._cache_size(),
+            "expand": self._expand._cache_size(),
+            "decode": self._decode._cache_size(),
+        }

@@ -1,0 +1,199 @@
+"""The pure training step: model + loss + optax over a LoRA-only pytree.
+
+Everything here is a function of arrays. ``jtinker.engine`` turns Tinker ``Datum`` lists into
+:class:`TrainBatch` buckets and keeps the per-adapter state between calls.
+
+Semantics follow Tinker: losses are token sums, gradients accumulate across
+``forward_backward`` calls until ``optim_step``, and ``optim_step`` is AdamW with the
+hyperparameters of that call (``optax.inject_hyperparams``, so changing them never recompiles).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jtinker import losses as losses_lib
+from jtinker.models import ModelConfig, hidden_states, token_logprobs
+from jtinker.models.lora import Lora
+
+
+@struct.dataclass
+class TrainBatch:
+    """A padded (and possibly packed) batch. Padding has ``mask == 0`` and ``segment_ids == 0``.
+
+    ``targets`` is ``[B, T]`` or ``[B, T, K]`` (Tinker's multi-target form); every entry of
+    ``loss_inputs`` has the shape of ``targets``.
+    """
+
+    tokens: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    loss_inputs: dict
+
+
+@struct.dataclass
+class AdamHyperparams:
+    """Per-step optimizer settings, as traced scalars (Tinker's ``AdamParams``)."""
+
+    learning_rate: jax.Array
+    beta1: jax.Array
+    beta2: jax.Array
+    eps: jax.Array
+    weight_decay: jax.Array
+    grad_clip_norm: jax.Array  # 0 disables clipping
+
+    @classmethod
+    def create(
+        cls,
+        learning_rate: float = 1e-4,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        grad_clip_norm: float = 0.0,
+    ) -> AdamHyperparams:
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        return cls(*(f32(v) for v in (learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)))
+
+
+def optimizer() -> optax.GradientTransformation:
+    """AdamW (torch semantics, decoupled weight decay) whose hyperparameters live in the state."""
+    return optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
+        learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0
+    )
+
+
+def target_logprobs(
+    config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool = True
+) -> jax.Array:
+    """Learner logprobs of ``batch.targets`` (f32), never materialising all ``[B, T, V]`` logits."""
+    hidden, _ = hidden_states(
+        config,
+        params,
+        batch.tokens,
+        positions=batch.positions,
+        segment_ids=batch.segment_ids,
+        lora=lora,
+        remat=remat,
+    )
+    return token_logprobs(params, hidden, batch.targets, lora)
+
+
+def loss_and_logprobs(
+    lora: Lora,
+    params: dict,
+    batch: TrainBatch,
+    loss_config: Mapping[str, jax.Array],
+    *,
+    config: ModelConfig,
+    loss_fn: Callable,
+    remat: bool = True,
+):
+    """``(loss, (metrics, logprobs))`` of a built-in Tinker loss; differentiable in ``lora``."""
+    logprobs = target_logprobs(config, params, lora, batch, remat=remat)
+    inputs = {**batch.loss_inputs, "mask": batch.mask}
+    loss, metrics = loss_fn(logprobs, inputs, loss_config)
+    return loss, (metrics, logprobs)
+
+
+def grads_and_logprobs(lora, params, batch, loss_config, *, config, loss_fn, remat=True):
+    """Gradients w.r.t. the LoRA pytree only; base params are closed over, never differentiated."""
+    fn = functools.partial(loss_and_logprobs, config=config, loss_fn=loss_fn, remat=remat)
+    (loss, (metrics, logprobs)), grads = jax.value_and_grad(fn, has_aux=True)(
+        lora, params, batch, loss_config
+    )
+    return grads, loss, metrics, logprobs
+
+
+def apply_optimizer(
+    lora: Lora, opt_state: optax.OptState, grads: Lora, hparams: AdamHyperparams
+) -> tuple[Lora, optax.OptState, dict]:
+    """One AdamW update with this step's hyperparameters and optional global-norm clipping."""
+    grad_norm = optax.global_norm(grads)
+    clip = hparams.grad_clip_norm
+    factor = jnp.where((clip > 0) & (grad_norm > clip), clip / grad_norm, 1.0)
+    grads = jax.tree.map(lambda g: g * factor, grads)
+    hp = opt_state.hyperparams
+    hp["learning_rate"] = hparams.learning_rate
+    hp["b1"], hp["b2"] = hparams.beta1, hparams.beta2
+    hp["eps"], hp["weight_decay"] = hparams.eps, hparams.weight_decay
+    updates, opt_state = optimizer().update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    return lora, opt_state, {"grad_norm": grad_norm, "learning_rate": hparams.learning_rate}
+
+
+def train_step(
+    lora: Lora,
+    opt_state: optax.OptState,
+    params: dict,
+    batch: TrainBatch,
+    hparams: AdamHyperparams,
+    loss_config: Mapping[str, jax.Array] | None = None,
+    *,
+    config: ModelConfig,
+    loss_fn: Callable = losses_lib.LOSSES["cross_entropy"],
+    remat: bool = True,
+) -> tuple[Lora, optax.OptState, dict]:
+    """``(lora, opt_state, params, batch) -> (lora, opt_state, metrics)`` for the functional API.
+
+    ``jax.jit(train_step, static_argnames=("config", "loss_fn", "remat"), donate_argnums=(0, 1))``.
+    """
+    grads, loss, metrics, _ = grads_and_logprobs(
+        lora, params, batch, loss_config or {}, config=config, loss_fn=loss_fn, remat=remat
+    )
+    lora, opt_state, opt_metrics = apply_optimizer(lora, opt_state, grads, hparams)
+    return lora, opt_state, {**metrics, **opt_metrics, "loss": loss}
+
+
+# Jitted entry points used by the engine. Static: the model config, the loss function, remat.
+_STATIC = ("config", "loss_fn", "remat")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("grad_acc",))
+def accumulate(grad_acc, lora, params, batch, loss_config, *, config, loss_fn, remat=True):
+    """``grad_acc + d loss / d lora`` plus the loss, metrics and per-token logprobs."""
+    grads, loss, metrics, logprobs = grads_and_logprobs(
+        lora, params, batch, loss_config, config=config, loss_fn=loss_fn, remat=remat
+    )
+    grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+    return grad_acc, loss, metrics, logprobs
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def evaluate(lora, params, batch, loss_config, *, config, loss_fn, remat=False):
+    """The forward half only: loss, metrics and logprobs, no gradients."""
+    loss, (metrics, logprobs) = loss_and_logprobs(
+        lora, params, batch, loss_config, config=config, loss_fn=loss_fn, remat=remat
+    )
+    return loss, metrics, logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("config", "remat"))
+def logprobs_with_pullback(lora, params, batch, *, config, remat=True):
+    """Forward once and keep the VJP, so a custom loss is differentiated without a second pass.
+
+    The returned pullback is a pytree of residuals whose structure is cached with this jit, so
+    :func:`accumulate_pullback` compiles once per bucket, not once per call.
+    """
+    return jax.vjp(lambda lo: target_logprobs(config, params, lo, batch, remat=remat), lora)
+
+
+@functools.partial(jax.jit, donate_argnames=("grad_acc",))
+def accumulate_pullback(grad_acc, pullback, cotangent):
+    (grads,) = pullback(cotangent)
+    return jax.tree.map(jnp.add, grad_acc, grads)
+
+
+@functools.partial(jax.jit, donate_argnames=("lora", "opt_state", "grad_acc"))
+def optim_update(lora, opt_state, grad_acc, hparams):
+    """Applies the accumulated gradients and resets the accumulator (all buffers donated)."""
+    lora, opt_state, metrics = apply_optimizer(lora, opt_state, grad_acc, hparams)
+    return lora, opt_state, jax.tree.map(jnp.zeros_like, grad_acc), metrics
