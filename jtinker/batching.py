@@ -155,10 +155,12 @@ def build_batches(
     config: ModelConfig,
     *,
     max_tokens_per_batch: int = 16384,
+    row_multiple: int = 1,
 ) -> list[tuple[list[int], HostBatch]]:
     """Validates ``data`` and returns micro-batches as ``(datum indices, HostBatch)``.
 
-    Each micro-batch holds at most ``max_tokens_per_batch`` padded tokens (but at least one row).
+    Each micro-batch holds at most ``max_tokens_per_batch`` padded tokens (but at least one row);
+    its row count is a multiple of ``row_multiple`` (the devices the batch is split over).
     Gradients of the micro-batches add up to the gradient of the whole batch.
     """
     tokens, targets, inputs, multi_k = validate_and_extract(data, loss_name, config)
@@ -173,7 +175,7 @@ def build_batches(
     for first_row in range(0, num_rows, rows_per_batch):
         members = [i for i, p in enumerate(placements) if first_row <= p.row < first_row + rows_per_batch]
         rows = min(rows_per_batch, num_rows - first_row)
-        b = batch_bucket(rows)
+        b = -(-batch_bucket(rows) // row_multiple) * row_multiple  # rows split evenly over the mesh
         tail = () if multi_k is None else (multi_k,)
         tok = np.zeros((b, row_length), np.int32)
         tgt = np.zeros((b, row_length, *tail), np.int32)

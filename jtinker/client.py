@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -19,8 +20,9 @@ from typing import Any, Generic, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jtinker import registry, train, types
+from jtinker import registry, sharding, train, types
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract, new_run_id, validate_name
 from jtinker.engine import Adapter, BaseModel, LoraSpec, check_compatible, get_base_model
 from jtinker.models import lora as lora_lib
@@ -409,6 +411,16 @@ class SamplingClient:
         return self._base.name
 
 
+def _mesh_from(mesh: Any) -> Mesh | None:
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    if isinstance(mesh, str | sharding.MeshConfig):
+        return sharding.make_mesh(mesh)
+    raise ValueError(
+        f"mesh: expected a Mesh, MeshConfig or 'axis=size,...' string, got {type(mesh).__name__}"
+    )
+
+
 def _identity_of(base: BaseModel) -> dict:
     return {"base_model": base.name, "model_config": dataclasses.asdict(base.config)}
 
@@ -417,7 +429,9 @@ class ServiceClient:
     """Entry point. Accepts (and ignores) the SDK's connection arguments: everything runs in process.
 
     ``dtype`` sets the base weights' dtype (default f32); ``store_dir`` the checkpoint root
-    (default ``$JTINKER_HOME/runs``).
+    (default ``$JTINKER_HOME/runs``); ``mesh`` is a ``jax.sharding.Mesh``, a
+    ``jtinker.sharding.MeshConfig`` or a string like ``"fsdp=4,tp=2"`` (default: ``$JTINKER_MESH``,
+    else one device).
     """
 
     def __init__(
@@ -427,16 +441,18 @@ class ServiceClient:
         *,
         dtype: Any = jnp.float32,
         store_dir: str | None = None,
+        mesh: Any = None,
         **connection_kwargs: Any,
     ):
         self.user_metadata = dict(user_metadata or {})
         self.project_id = project_id
         self.dtype = dtype
+        self.mesh = _mesh_from(mesh if mesh is not None else os.environ.get("JTINKER_MESH"))
         self.store = CheckpointStore(store_dir)
         self._connection_kwargs = connection_kwargs
 
     def _base(self, base_model: str) -> BaseModel:
-        return get_base_model(base_model, registry.resolve_base_model(base_model), self.dtype)
+        return get_base_model(base_model, registry.resolve_base_model(base_model), self.dtype, self.mesh)
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
         names = sorted(registry.registered_models()) + registry.builtin_names()

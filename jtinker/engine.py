@@ -21,12 +21,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtinker import losses as losses_lib
-from jtinker import train
+from jtinker import sharding, train
 from jtinker.batching import HostBatch, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
-from jtinker.models import ModelConfig, load_pretrained
+from jtinker.models import ModelConfig, load_params, param_shapes
 from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
@@ -49,15 +50,36 @@ class LoraSpec:
 
 
 class BaseModel:
-    """One loaded base model: config, params (shared), tokenizer, sampler and worker."""
+    """One loaded base model: config, params (shared, sharded over ``mesh``), tokenizer, sampler, worker.
 
-    def __init__(self, name: str, model_dir: Path, dtype=jnp.float32, *, max_tokens_per_batch: int = 16384):
+    Without a mesh the model runs on a one-device mesh: the code path is the same everywhere.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        dtype=jnp.float32,
+        *,
+        mesh: Mesh | None = None,
+        rules: sharding.ShardingRules | None = None,
+        max_tokens_per_batch: int = 16384,
+    ):
         self.name = name
         self.model_dir = Path(model_dir)
         self.dtype = dtype
-        self.config: ModelConfig
-        self.config, self.params = load_pretrained(model_dir, dtype=dtype)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+        self.rules = rules or sharding.ShardingRules()
+        self.config: ModelConfig = ModelConfig.from_pretrained(model_dir)
+        shapes = param_shapes(self.config)
+        for path, shape in shapes.items():  # a mesh that does not divide the model fails before loading
+            sharding.param_sharding(self.mesh, self.rules, path, shape)
+        self.params = load_params(
+            self.config, model_dir, dtype=dtype,
+            sharding_for=lambda path, shape: sharding.param_sharding(self.mesh, self.rules, path, shape),
+        )  # fmt: skip
         self.max_tokens_per_batch = max_tokens_per_batch
+        self._steps: dict[Any, train.CompiledSteps] = {}
         self._tokenizer = None
         self._sampler = None
         self.worker = Worker(self, name=f"jtinker-{self.config.model_type}")
@@ -82,6 +104,33 @@ class BaseModel:
             self._sampler = Sampler(self.config, self.params, tokenizer)
         return self._sampler
 
+    # -- placement ----------------------------------------------------------------------------
+    def place_lora_tree(self, tree):
+        """Puts a LoRA-shaped tree (weights, grads, Adam state) on the mesh by the rules."""
+        return jax.device_put(tree, sharding.lora_shardings(self.mesh, self.rules, tree))
+
+    def place_batch(self, batch):
+        return jax.tree.map(
+            lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, np.ndim(x))), batch
+        )
+
+    @property
+    def row_multiple(self) -> int:
+        return sharding.batch_multiple(self.mesh, self.rules)
+
+    def steps(self, lora: lora_lib.Lora, opt_state) -> train.CompiledSteps:
+        """Compiled steps for this adapter layout (shared by every adapter with the same layout)."""
+        key = (jax.tree.structure(lora), jax.tree.structure(opt_state))
+        if key not in self._steps:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._steps[key] = train.CompiledSteps(
+                lora_sharding=sharding.lora_shardings(self.mesh, self.rules, lora),
+                opt_sharding=sharding.lora_shardings(self.mesh, self.rules, opt_state),
+                replicated=replicated,
+                rows=sharding.batch_sharding(self.mesh, self.rules, 2),
+            )
+        return self._steps[key]
+
     def new_adapter(self, spec: LoraSpec) -> Adapter:
         seed = spec.seed if spec.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         lora = lora_lib.init(
@@ -99,16 +148,28 @@ class Adapter:
     def __init__(self, base: BaseModel, spec: LoraSpec, lora: lora_lib.Lora):
         self.base = base
         self.spec = spec
-        self.lora = lora
-        self.opt_state = train.optimizer().init(lora)
-        self.grad_acc = jax.tree.map(jnp.zeros_like, lora)
+        self.lora = base.place_lora_tree(lora)
+        self.opt_state = base.place_lora_tree(train.optimizer().init(lora))
+        self.grad_acc = base.place_lora_tree(jax.tree.map(jnp.zeros_like, lora))
         self.step = 0
+
+    @property
+    def steps(self) -> train.CompiledSteps:
+        return self.base.steps(self.lora, self.opt_state)
 
     # -- training -----------------------------------------------------------------------------
     def _batches(self, data, loss_name: str | None) -> list[tuple[list[int], HostBatch]]:
-        return build_batches(
-            data, loss_name, self.base.config, max_tokens_per_batch=self.base.max_tokens_per_batch
+        batches = build_batches(
+            data,
+            loss_name,
+            self.base.config,
+            max_tokens_per_batch=self.base.max_tokens_per_batch,
+            row_multiple=self.base.row_multiple,
         )
+        return [
+            (members, dataclasses.replace(host, batch=self.base.place_batch(host.batch)))
+            for members, host in batches
+        ]
 
     def forward_backward(
         self, data: Sequence, loss_name: str, loss_fn_config: dict | None, *, backward: bool
@@ -122,7 +183,7 @@ class Adapter:
         grad_acc = self.grad_acc
         for members, host in batches:
             if backward:
-                grad_acc, loss, metrics, logprobs = train.accumulate(
+                grad_acc, loss, metrics, logprobs = self.steps.accumulate(
                     grad_acc,
                     self.lora,
                     self.base.params,
@@ -132,7 +193,7 @@ class Adapter:
                     loss_fn=loss_fn,
                 )
             else:
-                loss, metrics, logprobs = train.evaluate(
+                loss, metrics, logprobs = self.steps.evaluate(
                     self.lora,
                     self.base.params,
                     host.batch,
@@ -155,7 +216,7 @@ class Adapter:
         forwards = []
         logprobs_list: list[jax.Array | None] = [None] * len(data)
         for members, host in batches:
-            logprobs, pullback = train.logprobs_with_pullback(
+            logprobs, pullback = self.steps.logprobs_with_pullback(
                 self.lora, self.base.params, host.batch, config=self.base.config
             )
             forwards.append((members, host, logprobs, pullback))
@@ -172,7 +233,7 @@ class Adapter:
             cotangent = np.zeros(logprobs.shape, np.float32)
             for i, p in zip(members, host.placements, strict=True):
                 cotangent[p.row, p.start : p.start + p.length] = np.asarray(grads[i])
-            grad_acc = train.accumulate_pullback(grad_acc, pullback, jnp.asarray(cotangent))
+            grad_acc = self.steps.accumulate_pullback(grad_acc, pullback, jnp.asarray(cotangent))
         self.grad_acc = grad_acc
         outputs = [np.asarray(lp) for lp in logprobs_list]
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
@@ -209,12 +270,12 @@ class Adapter:
             self.opt_state = restored["optimizer"]
             self.step = int(meta.get("step", 0))
         else:
-            self.opt_state = train.optimizer().init(self.lora)
+            self.opt_state = self.base.place_lora_tree(train.optimizer().init(self.lora))
             self.step = 0
-        self.grad_acc = jax.tree.map(jnp.zeros_like, self.lora)
+        self.grad_acc = self.base.place_lora_tree(jax.tree.map(jnp.zeros_like, self.lora))
 
     def optim_step(self, hparams: train.AdamHyperparams) -> dict:
-        self.lora, self.opt_state, self.grad_acc, metrics = train.optim_update(
+        self.lora, self.opt_state, self.grad_acc, metrics = self.steps.optim_update(
             self.lora, self.opt_state, self.grad_acc, hparams
         )
         self.step += 1
@@ -350,10 +411,13 @@ _BASE_MODELS: dict[tuple[str, str], BaseModel] = {}
 _BASE_LOCK = threading.Lock()
 
 
-def get_base_model(name: str, model_dir: Path, dtype=jnp.float32) -> BaseModel:
+def get_base_model(
+    name: str, model_dir: Path, dtype=jnp.float32, mesh: Mesh | None = None, rules=None
+) -> BaseModel:
     """Process-wide cache: every client of one base model shares one copy of its weights."""
-    key = (str(Path(model_dir).resolve()), jnp.dtype(dtype).name)
+    mesh_key = None if mesh is None else (mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+    key = (str(Path(model_dir).resolve()), jnp.dtype(dtype).name, mesh_key, rules)
     with _BASE_LOCK:
         if key not in _BASE_MODELS:
-            _BASE_MODELS[key] = BaseModel(name, Path(model_dir), dtype)
+            _BASE_MODELS[key] = BaseModel(name, Path(model_dir), dtype, mesh=mesh, rules=rules)
         return _BASE_MODELS[key]

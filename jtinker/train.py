@@ -153,21 +153,16 @@ def train_step(
     return lora, opt_state, {**metrics, **opt_metrics, "loss": loss}
 
 
-# Jitted entry points used by the engine. Static: the model config, the loss function, remat.
-_STATIC = ("config", "loss_fn", "remat")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("grad_acc",))
+# The engine's entry points. ``CompiledSteps`` jits them with explicit output shardings so that
+# donated state keeps its layout step after step (one compile per shape bucket).
 def accumulate(grad_acc, lora, params, batch, loss_config, *, config, loss_fn, remat=True):
     """``grad_acc + d loss / d lora`` plus the loss, metrics and per-token logprobs."""
     grads, loss, metrics, logprobs = grads_and_logprobs(
         lora, params, batch, loss_config, config=config, loss_fn=loss_fn, remat=remat
     )
-    grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
-    return grad_acc, loss, metrics, logprobs
+    return jax.tree.map(jnp.add, grad_acc, grads), loss, metrics, logprobs
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def evaluate(lora, params, batch, loss_config, *, config, loss_fn, remat=False):
     """The forward half only: loss, metrics and logprobs, no gradients."""
     loss, (metrics, logprobs) = loss_and_logprobs(
@@ -176,24 +171,49 @@ def evaluate(lora, params, batch, loss_config, *, config, loss_fn, remat=False):
     return loss, metrics, logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "remat"))
 def logprobs_with_pullback(lora, params, batch, *, config, remat=True):
     """Forward once and keep the VJP, so a custom loss is differentiated without a second pass.
 
-    The returned pullback is a pytree of residuals whose structure is cached with this jit, so
-    :func:`accumulate_pullback` compiles once per bucket, not once per call.
+    The returned pullback is a pytree of residuals whose structure is cached with the jitted
+    forward, so the jitted :func:`accumulate_pullback` compiles once per bucket, not per call.
     """
     return jax.vjp(lambda lo: target_logprobs(config, params, lo, batch, remat=remat), lora)
 
 
-@functools.partial(jax.jit, donate_argnames=("grad_acc",))
 def accumulate_pullback(grad_acc, pullback, cotangent):
     (grads,) = pullback(cotangent)
     return jax.tree.map(jnp.add, grad_acc, grads)
 
 
-@functools.partial(jax.jit, donate_argnames=("lora", "opt_state", "grad_acc"))
 def optim_update(lora, opt_state, grad_acc, hparams):
-    """Applies the accumulated gradients and resets the accumulator (all buffers donated)."""
+    """Applies the accumulated gradients and resets the accumulator."""
     lora, opt_state, metrics = apply_optimizer(lora, opt_state, grad_acc, hparams)
     return lora, opt_state, jax.tree.map(jnp.zeros_like, grad_acc), metrics
+
+
+_STATIC = ("config", "loss_fn", "remat")
+
+
+class CompiledSteps:
+    """Jitted train entry points for one adapter layout on one mesh.
+
+    ``lora_sharding``/``opt_sharding`` are pytrees of shardings for the LoRA (and anything that
+    mirrors it, like gradients) and the optimizer state; ``replicated`` and ``rows`` shard scalars
+    and batch-major outputs.
+    """
+
+    def __init__(self, lora_sharding, opt_sharding, replicated, rows):
+        jit = jax.jit
+        self.accumulate = jit(
+            accumulate, static_argnames=_STATIC, donate_argnames=("grad_acc",),
+            out_shardings=(lora_sharding, replicated, replicated, rows),
+        )  # fmt: skip
+        self.evaluate = jit(evaluate, static_argnames=_STATIC, out_shardings=(replicated, replicated, rows))
+        self.logprobs_with_pullback = jit(logprobs_with_pullback, static_argnames=("config", "remat"))
+        self.accumulate_pullback = jit(
+            accumulate_pullback, donate_argnames=("grad_acc",), out_shardings=lora_sharding
+        )
+        self.optim_update = jit(
+            optim_update, donate_argnames=("lora", "opt_state", "grad_acc"),
+            out_shardings=(lora_sharding, opt_sharding, lora_sharding, replicated),
+        )  # fmt: skip
