@@ -66,9 +66,17 @@ class CheckpointPath:
 
 
 def new_run_id() -> str:
+    """A fresh ``<uuid>:train:0``, identical on every process of a multi-process job."""
     import uuid
 
-    return f"{uuid.uuid4()}:train:0"
+    value = uuid.uuid4()
+    if jax.process_count() > 1:  # every process must address the same checkpoint directories
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        words = np.frombuffer(value.bytes, dtype=np.uint32)
+        value = uuid.UUID(bytes=np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32).tobytes())
+    return f"{value}:train:0"
 
 
 class CheckpointStore:
@@ -123,7 +131,7 @@ class CheckpointStore:
         def finish() -> None:
             try:
                 checkpointer.wait_until_finished()
-                if staging != directory:
+                if staging != directory and jax.process_index() == 0:
                     trash = directory.with_name(directory.name + ".old")
                     directory.rename(trash)
                     staging.rename(directory)

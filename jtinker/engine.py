@@ -110,9 +110,13 @@ class BaseModel:
         return jax.device_put(tree, sharding.lora_shardings(self.mesh, self.rules, tree))
 
     def place_batch(self, batch):
-        return jax.tree.map(
-            lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, np.ndim(x))), batch
-        )
+        """Every process holds the whole host batch; each reads only the rows its devices own."""
+
+        def place(x: np.ndarray) -> jax.Array:
+            target = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
+            return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+        return jax.tree.map(place, batch)
 
     @property
     def row_multiple(self) -> int:
@@ -127,7 +131,7 @@ class BaseModel:
                 lora_sharding=sharding.lora_shardings(self.mesh, self.rules, lora),
                 opt_sharding=sharding.lora_shardings(self.mesh, self.rules, opt_state),
                 replicated=replicated,
-                rows=sharding.batch_sharding(self.mesh, self.rules, 2),
+                rows=replicated,  # per-token logprobs go back to every host
             )
         return self._steps[key]
 

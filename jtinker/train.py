@@ -117,7 +117,7 @@ def apply_optimizer(
     lora: Lora, opt_state: optax.OptState, grads: Lora, hparams: AdamHyperparams
 ) -> tuple[Lora, optax.OptState, dict]:
     """One AdamW update with this step's hyperparameters and optional global-norm clipping."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     clip = hparams.grad_clip_norm
     factor = jnp.where((clip > 0) & (grad_norm > clip), clip / grad_norm, 1.0)
     grads = jax.tree.map(lambda g: g * factor, grads)

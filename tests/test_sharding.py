@@ -1,0 +1,127 @@
+"""Meshes and rules: sharded training equals one device; params are really sharded; multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jtinker import sharding, train, types
+from jtinker.engine import BaseModel, LoraSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data(seed: int = 0, count: int = 8):
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(count):
+        seq = rng.integers(0, 256, size=int(rng.integers(6, 40))).tolist()
+        weights = rng.uniform(0, 1, size=len(seq) - 1).astype(np.float32)
+        data.append(types.Datum(
+            model_input=types.ModelInput.from_ints(seq[:-1]),
+            loss_fn_inputs={"target_tokens": seq[1:], "weights": weights},
+        ))  # fmt: skip
+    return data
+
+
+def _train(model_dir: Path, mesh_config: str | None, steps: int = 3):
+    mesh = sharding.make_mesh(mesh_config) if mesh_config else None
+    base = BaseModel("tiny", model_dir, mesh=mesh)
+    adapter = base.new_adapter(LoraSpec(rank=8, seed=0))
+    hparams = train.AdamHyperparams.create(learning_rate=1e-2, weight_decay=0.01)
+    losses = []
+    for step in range(steps):
+        _, metrics = adapter.forward_backward(_data(step), "cross_entropy", None, backward=True)
+        adapter.optim_step(hparams)
+        losses.append(metrics["loss:sum"])
+    return base, adapter, np.array(losses)
+
+
+@pytest.fixture(scope="module")
+def single_device_run(qwen3_dir):
+    _, adapter, losses = _train(qwen3_dir, None)
+    return losses, jax.tree.map(np.asarray, adapter.lora)
+
+
+@pytest.mark.parametrize("mesh_config", ["fsdp=4,tp=2", "dp=2,fsdp=4"])
+def test_sharded_training_matches_one_device(qwen3_dir, single_device_run, mesh_config):
+    ref_losses, ref_lora = single_device_run
+    base, adapter, losses = _train(qwen3_dir, mesh_config)
+    assert len(base.mesh.devices.flat) == 8
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+    diffs = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), adapter.lora, ref_lora)
+    )
+    assert max(diffs) < 1e-5
+
+
+def test_params_lora_and_adam_state_are_sharded(qwen3_dir):
+    base = BaseModel("tiny", qwen3_dir, mesh=sharding.make_mesh("fsdp=4,tp=2"))
+    config = base.config
+    q = base.params["layers"]["q_proj"]  # [L, H, nH*D]: embed over fsdp, heads over tp
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
+    assert {s.data.shape for s in q.addressable_shards} == {
+        (config.num_layers, config.hidden_size // 4, config.q_size // 2)
+    }
+    embed = base.params["embed"]  # [V, H]: vocab over tp, embed over fsdp
+    assert {s.data.shape for s in embed.addressable_shards} == {
+        (config.vocab_size // 2, config.hidden_size // 4)
+    }
+    adapter = base.new_adapter(LoraSpec(rank=8, seed=0))
+    b = adapter.lora.weights["layers"]["down_proj"]["b"]  # [L, r, H]: out dim follows down_proj's embed
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+    mu = adapter.opt_state.inner_state[0].mu.weights["layers"]["down_proj"]["b"]
+    assert mu.sharding == b.sharding
+
+
+def test_rules_are_data_not_code(qwen3_dir):
+    rules = sharding.ShardingRules().replace(embed=None, mlp=("fsdp", "tp"))
+    spec = rules.spec(("layers", "embed", "mlp"))
+    assert spec == jax.sharding.PartitionSpec(None, None, ("fsdp", "tp"))
+    base = BaseModel("tiny", qwen3_dir, mesh=sharding.make_mesh("fsdp=4,tp=2"), rules=rules)
+    assert base.params["layers"]["up_proj"].sharding.spec == spec
+
+
+def test_mesh_that_does_not_divide_the_model_fails_before_compiling(qwen3_dir):
+    with pytest.raises(ValueError, match=r"mesh: .*embed.* dimension 0 has size 320"):
+        BaseModel("tiny", qwen3_dir, mesh=sharding.make_mesh("tp=3"))
+    with pytest.raises(ValueError, match="mesh: 'tp=x'"):
+        sharding.MeshConfig.parse("tp=x")
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh("fsdp=16")
+
+
+def test_two_process_launch_script(tmp_path):
+    """Two processes via the launch script: identical losses, one checkpoint a single process loads."""
+    env = {**os.environ, "JTINKER_HOME": str(tmp_path / "home"), "JTINKER_LOCAL_DEVICES": "2"}
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(REPO / "examples/multihost/launch_local.sh"), "2", str(REPO / "examples/multihost/train_lora.py"),
+         "--steps", "2", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads((out / f"losses.{i}.json").read_text()) for i in range(2)]
+    assert records[0]["losses"] == records[1]["losses"]
+    assert records[0]["checkpoint"] == records[1]["checkpoint"]
+    assert records[0]["mesh"] == "fsdp=4"
+    loader = (
+        "import sys, jtinker as tinker;"
+        "sc = tinker.ServiceClient(store_dir=sys.argv[1]);"
+        "tc = sc.create_training_client_from_state_with_optimizer(sys.argv[2]);"
+        "print('STEP', tc._adapter.step)"
+    )
+    single = subprocess.run(
+        [sys.executable, "-c", loader, str(out / "runs"), records[0]["checkpoint"]],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "STEP 2" in single.stdout
