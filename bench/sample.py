@@ -1,16 +1,23 @@
 """Sampling throughput: jtinker's engine vs transformers ``generate`` on the same model files.
 
-Greedy decoding, prompt 32 tokens, 64 new tokens, batch 1/8/64, on the ``small`` qwen3 tiny model
-(f32, CPU). Compile time is measured separately (first call minus a warm call); steady-state
-numbers are medians over ``--repeats`` timed runs after a warm-up. Writes JSON to ``--out``.
+Greedy decoding of ``--new-tokens`` (64) after a ``--prompt-len`` (32) prompt, batch 1/8/64, on the
+``small`` qwen3 model from ``make_tiny`` (random weights, f32, CPU). Tokens/s counts generated
+tokens over the wall time of the whole call (prefill included).
 
-    python bench/sample.py [--batches 1 8 64] [--repeats 3] [--out bench_results/sample.json]
+transformers runs in a separate worker process: XLA's and torch's CPU thread pools spin-wait and
+slow each other down badly when they share a process. The two engines are timed *interleaved*
+(jtinker, transformers, jtinker, ...) so load from other processes hits both alike. Compile time
+is reported separately (first call minus the steady-state median); steady-state numbers are
+medians over ``--repeats`` runs after one warm-up run. Writes JSON to ``--out``.
+
+    python bench/sample.py [--batches 1 8 64] [--repeats 5] [--out bench_results/sample.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -21,94 +28,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jtinker.models import load_pretrained, make_tiny  # noqa: E402
-from jtinker.sampling import SampleRequest, Sampler  # noqa: E402
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "jtinker" / "bench-qwen3-small"
 
 
 def model_dir(path: Path) -> Path:
     """The ``small`` qwen3 model, made once and cached (random weights, seed 0)."""
     if not (path / "config.json").is_file():
+        from jtinker.models import make_tiny
+
         make_tiny(path, family="qwen3", size="small")
     return path
 
 
-def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, min(vocab, 256), size=(batch, length)).tolist()
+def make_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    return np.random.default_rng(seed + batch).integers(0, 256, size=(batch, length)).tolist()
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    """(first-call seconds, steady-state seconds per repeat)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, times
-
-
-def bench_jtinker(path: Path, batches, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    config, params = load_pretrained(path)
-    sampler = Sampler(config, params, max_batch=max(batches))
-    out = {}
-    for b in batches:
-        # Distinct prompts, one sample each: the full prefill + decode batch of size b.
-        reqs = [
-            SampleRequest(prompt=p, num_samples=1, max_tokens=new_tokens, temperature=0.0)
-            for p in prompts(b, prompt_len, config.vocab_size)
-        ]
-
-        def run(reqs=reqs):
-            res = sampler.sample(reqs)
-            assert all(len(r.sequences[0][0]) == new_tokens for r in res)
-
-        first, times = timed(run, repeats)
-        med = statistics.median(times)
-        out[b] = {
-            "seconds": med,
-            "tokens_per_s": b * new_tokens / med,
-            "compile_s": first - med,
-            "times": times,
-        }
-        print(f"jtinker      batch {b:3d}: {b * new_tokens / med:9.1f} tok/s  ({med:.3f} s, compile {first - med:.2f} s)")
-    return out
-
-
-def bench_transformers(path: Path, batches, prompt_len: int, new_tokens: int, repeats: int, threads: int) -> dict:
+def transformers_worker(conn, path: str, threads: int, prompt_len: int, new_tokens: int) -> None:
+    """Serves ``("run", batch) -> seconds`` requests over ``conn`` with HF ``generate``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    out = {}
-    for b in batches:
-        ids = torch.tensor(prompts(b, prompt_len, vocab))
-
-        def run(ids=ids):
-            with torch.inference_mode():
-                res = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=False,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    pad_token_id=model.config.pad_token_id,
-                )
-            assert res.shape == (b, prompt_len + new_tokens)
-
-        first, times = timed(run, repeats)
-        med = statistics.median(times)
-        out[b] = {"seconds": med, "tokens_per_s": b * new_tokens / med, "first_call_s": first, "times": times}
-        print(f"transformers batch {b:3d}: {b * new_tokens / med:9.1f} tok/s  ({med:.3f} s)")
-    return out
+    conn.send(("ready", torch.__version__))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        ids = torch.tensor(make_prompts(msg[1], prompt_len))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # no early EOS: the same work as jtinker
+                pad_token_id=model.config.pad_token_id,
+            )
+        elapsed = time.perf_counter() - t0
+        assert out.shape == (msg[1], prompt_len + new_tokens)
+        conn.send(("done", elapsed))
 
 
 def main() -> None:
@@ -116,37 +79,95 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model-dir", type=Path, default=Path.home() / ".cache" / "jtinker" / "bench-qwen3-small")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--out", type=Path, default=Path("bench_results/sample.json"))
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
 
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0))
     path = model_dir(args.model_dir)
-    print(f"model {path}, jax {jax.__version__} on {jax.devices()[0].platform}, {threads} threads")
-    ours = bench_jtinker(path, args.batches, args.prompt_len, args.new_tokens, args.repeats)
-    theirs = {}
-    if not args.skip_transformers:
-        theirs = bench_transformers(path, args.batches, args.prompt_len, args.new_tokens, args.repeats, threads)
-    ratios = {b: ours[b]["tokens_per_s"] / theirs[b]["tokens_per_s"] for b in theirs}
-    for b, r in ratios.items():
-        print(f"batch {b:3d}: jtinker / transformers = {r:.2f}x")
 
-    result = {
-        "model": "qwen3 small (make_tiny size='small'), f32",
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "threads": threads,
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "jtinker": ours,
-        "transformers": theirs,
-        "ratio": ratios,
-    }
+    worker = conn = None
+    torch_version = None
+    if not args.skip_transformers:
+        conn, child = mp.get_context("spawn").Pipe()
+        worker = mp.get_context("spawn").Process(
+            target=transformers_worker,
+            args=(child, str(path), threads, args.prompt_len, args.new_tokens),
+            daemon=True,
+        )
+        worker.start()
+        _, torch_version = conn.recv()
+
+        def run_hf(batch: int) -> float:
+            conn.send(("run", batch))
+            return conn.recv()[1]
+
+    import jax
+
+    from jtinker.models import load_pretrained
+    from jtinker.sampling import SampleRequest, Sampler
+
+    print(f"model {path}, jax {jax.__version__} ({jax.devices()[0].platform}), {threads} threads")
+    config, params = load_pretrained(path)
+    sampler = Sampler(config, params, max_batch=max(args.batches))
+
+    def run_jt(batch: int) -> float:
+        reqs = [
+            SampleRequest(prompt=p, num_samples=1, max_tokens=args.new_tokens, temperature=0.0)
+            for p in make_prompts(batch, args.prompt_len)
+        ]
+        t0 = time.perf_counter()
+        res = sampler.sample(reqs)
+        elapsed = time.perf_counter() - t0
+        assert all(len(r.sequences[0][0]) == args.new_tokens for r in res)
+        return elapsed
+
+    results: dict = {"jtinker": {}, "transformers": {}, "ratio": {}}
+    for b in args.batches:
+        tokens = b * args.new_tokens
+        first = run_jt(b)  # compiles
+        run_jt(b)  # warm-up
+        if worker:
+            run_hf(b)  # warm-up
+        jt_times, hf_times = [], []
+        for _ in range(args.repeats):
+            jt_times.append(run_jt(b))
+            if worker:
+                hf_times.append(run_hf(b))
+        jt = statistics.median(jt_times)
+        results["jtinker"][b] = {
+            "seconds": jt,
+            "tokens_per_s": tokens / jt,
+            "compile_s": max(first - jt, 0.0),
+            "times": jt_times,
+        }
+        line = f"batch {b:3d}: jtinker {tokens / jt:8.1f} tok/s ({jt:.3f} s; compile {first - jt:.1f} s)"
+        if worker:
+            hf = statistics.median(hf_times)
+            results["transformers"][b] = {"seconds": hf, "tokens_per_s": tokens / hf, "times": hf_times}
+            results["ratio"][b] = hf / jt
+            line += f" | transformers {tokens / hf:8.1f} tok/s ({hf:.3f} s) | ratio {hf / jt:.2f}x"
+        print(line, flush=True)
+    if worker:
+        conn.send(("stop",))
+        worker.join(timeout=10)
+
+    results.update(
+        model="qwen3 'small' from make_tiny (8 layers, hidden 512, vocab 8192), f32, random weights",
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=threads,
+        platform=platform.platform(),
+        processor=platform.processor(),
+        jax=jax.__version__,
+        torch=torch_version,
+        load_average=os.getloadavg(),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from jtinker.models import KVCache, ModelConfig
 from jtinker.models import lora as lora_lib
-from jtinker.models.llama import hidden_states, token_logprobs, unembed
+from jtinker.models.llama import _linear, apply_rope, hidden_states, rms_norm, rope, token_logprobs, unembed
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
@@ -279,6 +279,63 @@ def _expand(cache: KVCache, logits: jax.Array, src: jax.Array, *, size: int):
     return KVCache(k=grow(cache.k), v=grow(cache.v)), jnp.take(logits, src, axis=0)
 
 
+def _decode_step(config: ModelConfig, params, lora, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+    """One token per row at ``positions`` ``[B]``: f32 logits ``[B, V]`` and the updated cache.
+
+    Same math as ``models.llama.hidden_states`` with a cache, arranged for decoding: the layer scan
+    only *reads* the cache (attending to the slots before each row's position plus the token's
+    own key/value) and returns the new keys/values, which are written with one scatter after the
+    scan. Writing inside the scan instead rebuilds the whole stacked cache every step; on CPU this
+    step is ~1.7x faster at batch 8 and ~2x at batch 64.
+    """
+    b = tokens.shape[0]
+    nkv, d = config.num_kv_heads, config.head_dim
+    group = config.num_heads // nkv
+    x = params["embed"][tokens][:, None]  # [B, 1, H]
+    cos, sin = rope(config, positions[:, None], x.dtype)
+    past = jnp.arange(cache.size)[None, :] < positions[:, None]  # slot == position
+    scale = lora.scale if lora is not None else 1.0
+    lora_layers = lora.weights.get("layers") if lora is not None else None
+    eps = config.rms_norm_eps
+
+    def layer_fn(x, xs):
+        layer, lora_layer, cache_k, cache_v = xs
+        h = rms_norm(x, layer["input_norm"], eps)
+        q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(b, 1, config.num_heads, d)
+        k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(b, 1, nkv, d)
+        v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(b, 1, nkv, d)
+        if config.qk_norm:
+            q = rms_norm(q, layer["q_norm"], eps)
+            k = rms_norm(k, layer["k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.astype(cache_k.dtype)[:, 0], v.astype(cache_v.dtype)[:, 0]  # as stored: [B, nKV, D]
+        qf = q.reshape(b, nkv, group, d).astype(jnp.float32) * d**-0.5
+        # Multiply-and-reduce rather than a batched dot: for one query token this reads the cache
+        # once, in its stored layout, with no transposed copy (f32 scores and softmax).
+        s_past = jnp.sum(qf[:, None] * cache_k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,S,nKV,G]
+        s_past = jnp.where(past[:, :, None, None], s_past, -jnp.inf)
+        s_self = jnp.sum(qf * k[:, :, None, :].astype(jnp.float32), axis=-1)  # [B, nKV, G]
+        m = jnp.maximum(jnp.max(s_past, axis=1), s_self)
+        p_past, p_self = jnp.exp(s_past - m[:, None]), jnp.exp(s_self - m)
+        denom = jnp.sum(p_past, axis=1) + p_self
+        attn = jnp.sum(p_past[..., None] * cache_v[:, :, :, None, :].astype(jnp.float32), axis=1)
+        attn = (attn + p_self[..., None] * v[:, :, None, :].astype(jnp.float32)) / denom[..., None]
+        attn = attn.astype(x.dtype).reshape(b, 1, config.num_heads * d)
+        x = x + _linear(attn, layer, lora_layer, "o_proj", scale, "o_bias")
+        h = rms_norm(x, layer["post_norm"], eps)
+        gate = _linear(h, layer, lora_layer, "gate_proj", scale)
+        up = _linear(h, layer, lora_layer, "up_proj", scale)
+        x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
+        return x, (k, v)
+
+    xs = (params["layers"], lora_layers, cache.k, cache.v)
+    x, (new_k, new_v) = jax.lax.scan(layer_fn, x, xs)
+    x = rms_norm(x, params["norm"], eps)
+    rows = jnp.arange(b)
+    cache = KVCache(k=cache.k.at[:, rows, positions].set(new_k), v=cache.v.at[:, rows, positions].set(new_v))
+    return unembed(params, x[:, 0], lora), cache
+
+
 def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_step: jax.Array) -> _State:
     """Produces tokens until every row is done or ``step == end_step``."""
     keys = _row_keys(rows)
@@ -299,11 +356,8 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
     def body(carry):
         step, out, cache = carry
         # Finished rows keep running (fixed shapes); clamp so they stay inside their own cache row.
-        positions = jnp.minimum(rows.prompt_len + step - 1, size - 1)[:, None]
-        hidden, cache = hidden_states(
-            config, params, out.last[:, None], positions=positions, cache=cache, lora=lora
-        )
-        logits = unembed(params, hidden[:, 0], lora)
+        positions = jnp.minimum(rows.prompt_len + step - 1, size - 1)
+        logits, cache = _decode_step(config, params, lora, out.last, positions, cache)
         token, logprob = _select(logits, rows, keys, step)
         return step + 1, _record(out, rows, step, token, logprob), cache
 

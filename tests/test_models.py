@@ -4,7 +4,6 @@ log-probs, the layer scan, and the loader's refusals."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -40,13 +39,8 @@ def hf_logprobs(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
     return torch.log_softmax(logits.float(), dim=-1).numpy()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logprobs(config, params, tokens, **kwargs):
-    return jax.nn.log_softmax(models.forward(config, params, tokens, **kwargs), axis=-1)
-
-
 def our_logprobs(config: ModelConfig, params: dict, tokens, **kwargs) -> np.ndarray:
-    return np.asarray(_logprobs(config, params, jnp.asarray(tokens), **kwargs))
+    return np.asarray(jax.nn.log_softmax(fwd(config, params, jnp.asarray(tokens), **kwargs), axis=-1))
 
 
 def max_err(a, b) -> float:
@@ -181,6 +175,11 @@ def test_rope_parameters_v5_config(tiny_model_factory, tmp_path):
     assert ModelConfig.from_pretrained(flat) == v4
     assert ModelConfig.from_pretrained(nested) == v4
     assert v4.rope_theta == 500000.0 and v4.rope_type == "llama3"
+    # a Qwen-style v5 config: default rope, theta only inside rope_parameters
+    qwen = tiny.hf_config("qwen3")
+    qwen["rope_parameters"] = {"rope_type": "default", "rope_theta": qwen.pop("rope_theta")}
+    assert ModelConfig.from_hf_dict(qwen) == ModelConfig.from_hf_dict(tiny.hf_config("qwen3"))
+    assert ModelConfig.from_hf_dict(qwen).rope_theta == 1e6
 
     tokens = random_tokens((2, 40), seed=2)
     config, params = models.load_pretrained(flat)

@@ -103,11 +103,9 @@ def test_two_process_launch_script(tmp_path):
     env = {**os.environ, "JTINKER_HOME": str(tmp_path / "home"), "JTINKER_LOCAL_DEVICES": "2"}
     env.pop("XLA_FLAGS", None)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [str(REPO / "examples/multihost/launch_local.sh"), "2", str(REPO / "examples/multihost/train_lora.py"),
-         "--steps", "2", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    launcher, script = REPO / "examples/multihost/launch_local.sh", REPO / "examples/multihost/train_lora.py"
+    command = [str(launcher), "2", str(script), "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads((out / f"losses.{i}.json").read_text()) for i in range(2)]
     assert records[0]["losses"] == records[1]["losses"]
