@@ -126,6 +126,15 @@ def _decoder_layer(config: ModelConfig, scale: float, carry, xs):
     return (x, cos, sin, mask, positions), (cache_k, cache_v)
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_body(config: ModelConfig, scale: float, remat: bool):
+    """One cached scan body per (config, scale, remat), so eager calls reuse scan's compile cache."""
+    body = functools.partial(_decoder_layer, config, scale)
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    return body
+
+
 def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array:
     if cache is not None:  # slot s holds position s; never look past the query's own position
         slots = jnp.arange(cache.size)
@@ -159,9 +168,7 @@ def hidden_states(
 
     scale = lora.scale if lora is not None else 1.0
     lora_layers = lora.weights.get("layers") if lora is not None else None
-    body = functools.partial(_decoder_layer, config, scale)
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    body = _layer_body(config, scale, remat)
     xs = (params["layers"], lora_layers, cache.k if cache else None, cache.v if cache else None)
     (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions), xs)
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
