@@ -4,8 +4,10 @@
 ``tinker://<run_id>/sampler_weights/<name>`` (LoRA only) live under
 ``$JTINKER_HOME/runs/<run_id>/{weights,sampler_weights}/<name>``.
 
-Orbax writes into a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint intact and no half checkpoint that looks valid.
+Every save is written by Orbax into a hidden staging directory (``.<name>.staging``, never a valid
+checkpoint name) and swapped in when complete. A process killed at any point of a save leaves either
+the previous or the new checkpoint complete under ``<name>`` (a swap cut short between its two
+renames is finished on the next read) and nothing else that lists or loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import shutil
 import threading
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,16 @@ KINDS = {"weights": "training", "sampler_weights": "sampler"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _COMPLETE_MARKER = "commit_success.txt"
+_HIDDEN = re.compile(r"^\.(.+)\.(staging|old)$")  # a save's staging copy, a replaced copy
+
+
+def _hidden(directory: Path, suffix: str) -> Path:
+    """``.<name>.<suffix>`` beside ``directory``: a dot name is never listed, parsed or loaded."""
+    return directory.with_name(f".{directory.name}.{suffix}")
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / _COMPLETE_MARKER).is_file()
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -84,8 +97,9 @@ class CheckpointStore:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else registry.home() / "runs"
-        self._pending: list[ocp.AsyncCheckpointer] = []
+        self._pending: dict[Path, Future] = {}  # directory -> its save in flight (renames included)
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # renames of checkpoint directories, one at a time
 
     def directory(self, path: CheckpointPath) -> Path:
         return self.root / path.run_id / path.kind / path.name
@@ -95,7 +109,8 @@ class CheckpointStore:
         parsed = CheckpointPath.parse(path, field)
         self.wait_until_finished()
         directory = self.directory(parsed)
-        if not (directory / _COMPLETE_MARKER).is_file():
+        self._recover(directory)
+        if not _complete(directory):
             raise FileNotFoundError(f"{field}: checkpoint {path} not found")
         return parsed, directory
 
@@ -112,45 +127,82 @@ class CheckpointStore:
         The returned future resolves to ``str(path)`` once the checkpoint is durable on disk.
         """
         directory = self.directory(path)
+        with self._lock:
+            previous = self._pending.get(directory)
+        if previous is not None:  # one name has one save in flight: this one sees the last
+            wait_futures([previous])
+        self._recover(directory)
         if directory.exists() and not overwrite:
             raise ValueError(f"name: checkpoint {path} already exists (pass overwrite=True to replace it)")
         directory.parent.mkdir(parents=True, exist_ok=True)
         meta = {**meta, "tinker_path": str(path), "created": dt.datetime.now(dt.UTC).isoformat()}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         args["meta"] = ocp.args.JsonSave(meta)
-        # Write beside the target, then swap in, so an overwrite is as atomic as a first save.
-        staging = directory.with_name(directory.name + ".staging") if directory.exists() else directory
-        if staging.exists():
-            shutil.rmtree(staging)
+        # Write beside the target under a hidden name, then swap in (first save or overwrite alike).
+        staging = _hidden(directory, "staging")
+        if staging.exists():  # left by a killed process
+            shutil.rmtree(staging, ignore_errors=True)
         checkpointer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
         checkpointer.save(staging, args=ocp.args.Composite(**args))
-        with self._lock:
-            self._pending.append(checkpointer)
         future: Future = Future()
+        with self._lock:
+            self._pending[directory] = future
 
         def finish() -> None:
+            error = None
             try:
                 checkpointer.wait_until_finished()
-                if staging != directory and jax.process_index() == 0:
-                    trash = directory.with_name(directory.name + ".old")
-                    directory.rename(trash)
-                    staging.rename(directory)
-                    shutil.rmtree(trash)
-                future.set_result(str(path))
+                if jax.process_index() == 0:
+                    with self._swap_lock:
+                        self._swap_in(staging, directory)
             except BaseException as e:
-                future.set_exception(e)
-            finally:
-                with self._lock:
-                    self._pending.remove(checkpointer)
+                error = e
+            with self._lock:
+                if self._pending.get(directory) is future:
+                    del self._pending[directory]
+            if error is None:
+                future.set_result(str(path))
+            else:
+                future.set_exception(error)
 
         threading.Thread(target=finish, name="jtinker-save", daemon=True).start()
         return future
 
     def wait_until_finished(self) -> None:
+        """Waits for every save in flight, its final rename included (errors stay with its future)."""
         with self._lock:
-            pending = list(self._pending)
-        for checkpointer in pending:
-            checkpointer.wait_until_finished()
+            pending = list(self._pending.values())
+        wait_futures(pending)
+
+    @staticmethod
+    def _swap_in(staging: Path, directory: Path) -> None:
+        """Replaces ``directory`` by the complete ``staging``. Killed between the two renames, it
+        leaves both copies complete under hidden names, and :meth:`_recover` finishes the swap."""
+        old = _hidden(directory, "old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _recover(self, directory: Path) -> None:
+        """Finishes a swap that a killed process cut short: ``directory`` is missing or incomplete
+        while its staged copy (newer) or its replaced copy (older) is complete."""
+        if jax.distributed.is_initialized() and jax.process_index() != 0:
+            return  # (listing checkpoints must not start a JAX backend)
+        with self._lock:
+            if directory in self._pending:  # this process is still saving it
+                return
+        with self._swap_lock:
+            if _complete(directory):
+                return
+            for candidate in (_hidden(directory, "staging"), _hidden(directory, "old")):
+                if _complete(candidate):
+                    if directory.exists():
+                        shutil.rmtree(directory)
+                    candidate.rename(directory)
+                    return
 
     def read_meta(self, path: str, field: str = "path") -> dict:
         _, directory = self.resolve(path, field)
@@ -182,9 +234,17 @@ class CheckpointStore:
                 kind_dir = self.root / run / kind
                 if not kind_dir.is_dir():
                     continue
-                for directory in kind_dir.iterdir():
-                    if not _NAME.match(directory.name) or not (directory / _COMPLETE_MARKER).is_file():
-                        continue  # temporary, staging or interrupted saves
+                names = set()
+                for entry in kind_dir.iterdir():
+                    hidden = _HIDDEN.match(entry.name)
+                    names.add(hidden.group(1) if hidden else entry.name)
+                for name in sorted(names):
+                    directory = kind_dir / name
+                    if not _NAME.match(name) or ".." in name:
+                        continue  # temporary files of Orbax, or not ours
+                    self._recover(directory)
+                    if not _complete(directory):
+                        continue  # an interrupted first save
                     meta = json.loads((directory / "meta" / "metadata").read_text())
                     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
                     found.append(
