@@ -259,8 +259,13 @@ class TrainingClient:
     ) -> SamplingClient:
         """A sampling client over a snapshot of the current adapter (taken in request order)."""
         del name, retry_config  # Tinker ignores the name: the snapshot is ephemeral
-        snapshot = self._submit(lambda: _copy_tree(self._adapter.lora)).result()
-        return SamplingClient(self._base, snapshot)
+        return self.snapshot_sampling_client().result()
+
+    def snapshot_sampling_client(self) -> APIFuture[SamplingClient]:
+        """Non-blocking form of ``save_weights_and_get_sampling_client``: the snapshot is taken in
+        request order, after everything submitted before it (the HTTP server needs this form)."""
+        snapshot = self._submit(lambda: _copy_tree(self._adapter.lora))
+        return APIFuture(_chain(snapshot.future(), lambda lora: SamplingClient(self._base, lora)))
 
     async def save_weights_and_get_sampling_client_async(
         self, name: str | None = None, retry_config: Any = None
@@ -454,6 +459,10 @@ class ServiceClient:
     def _base(self, base_model: str) -> BaseModel:
         return get_base_model(base_model, registry.resolve_base_model(base_model), self.dtype, self.mesh)
 
+    def load_base_model(self, base_model: str) -> BaseModel:
+        """Loads (once per process) and returns the shared base model; blocks while it loads."""
+        return self._base(base_model)
+
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
         names = sorted(registry.registered_models()) + registry.builtin_names()
         return types.GetServerCapabilitiesResponse(
@@ -472,7 +481,11 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        *,
+        model_id: str | None = None,
     ) -> TrainingClient:
+        """``model_id`` (jtinker only) fixes the run id, e.g. the SDK's ``<session>:train:<n>`` used by
+        the HTTP server; by default a fresh ``<uuid>:train:0``."""
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank: must be a positive int, got {rank!r}")
         if not (train_mlp or train_attn or train_unembed):
@@ -481,14 +494,18 @@ class ServiceClient:
         spec = LoraSpec(
             rank=rank, seed=seed, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
         )
-        return self._new_training_client(base_model, spec)
+        return self._new_training_client(base_model, spec, model_id)
 
-    def _new_training_client(self, base_model: str, spec: LoraSpec) -> TrainingClient:
+    def _new_training_client(
+        self, base_model: str, spec: LoraSpec, model_id: str | None = None
+    ) -> TrainingClient:
         base = self._base(base_model)
         adapter = base.worker.submit(lambda: base.new_adapter(spec)).result()
-        return TrainingClient(self, adapter, model_id=new_run_id())
+        return TrainingClient(self, adapter, model_id=model_id or new_run_id())
 
-    def _client_from_state(self, path: str, base_model: str | None, with_optimizer: bool) -> TrainingClient:
+    def _client_from_state(
+        self, path: str, base_model: str | None, with_optimizer: bool, model_id: str | None = None
+    ) -> TrainingClient:
         meta = self.store.read_meta(path)
         lora = meta["lora"]
         spec = LoraSpec(
@@ -499,7 +516,7 @@ class ServiceClient:
             train_unembed=lora["train_unembed"],
             alpha=lora["alpha"],
         )
-        client = self._new_training_client(base_model or meta["base_model"], spec)
+        client = self._new_training_client(base_model or meta["base_model"], spec, model_id)
         client.load_state_with_optimizer(path).result() if with_optimizer else client.load_state(
             path
         ).result()
@@ -511,9 +528,11 @@ class ServiceClient:
         base_model: str | None = None,
         user_metadata: Any = None,
         weights_access_token: Any = None,
+        *,
+        model_id: str | None = None,
     ) -> TrainingClient:
         """A new training client with the checkpoint's weights and a fresh optimizer."""
-        return self._client_from_state(path, base_model, with_optimizer=False)
+        return self._client_from_state(path, base_model, with_optimizer=False, model_id=model_id)
 
     def create_training_client_from_state_with_optimizer(
         self,
@@ -521,9 +540,11 @@ class ServiceClient:
         base_model: str | None = None,
         user_metadata: Any = None,
         weights_access_token: Any = None,
+        *,
+        model_id: str | None = None,
     ) -> TrainingClient:
         """A new training client that resumes the checkpoint exactly, Adam state included."""
-        return self._client_from_state(path, base_model, with_optimizer=True)
+        return self._client_from_state(path, base_model, with_optimizer=True, model_id=model_id)
 
     async def create_training_client_from_state_async(
         self, path, base_model=None, user_metadata=None, weights_access_token=None

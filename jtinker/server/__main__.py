@@ -1,0 +1,5 @@
+"""``python -m jtinker.server [options]``."""
+
+from jtinker.server import main
+
+raise SystemExit(main())

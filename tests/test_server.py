@@ -1,0 +1,622 @@
+"""``jtinker serve`` driven by the real tinker SDK (0.38) over HTTP on 127.0.0.1.
+
+One server subprocess serves the whole module (``--fwdbwd-max-chunk-len 4`` so batches arrive as
+concurrent, out-of-order chunks; ``--max-body-mb 4`` so the size limit is cheap to hit). The restart test
+kills it (SIGKILL) and starts a new process on the same home, port and database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tinker = pytest.importorskip("tinker")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+zstandard = pytest.importorskip("zstandard")
+
+from tinker import types  # noqa: E402
+
+KEY_A = "tml-jtinker-test-key-alpha"
+KEY_B = "tml-jtinker-test-key-bravo"
+BASE = "tiny"  # JTINKER_MODELS=tiny=<the tiny qwen3 directory>
+RANK = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A ``python -m jtinker.server`` subprocess; ``restart`` keeps its home, port and database."""
+
+    def __init__(self, home: Path, model_dir: Path):
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / "server.log"
+        self.env = {
+            **os.environ,
+            "JTINKER_MODELS": f"{BASE}={model_dir}",
+            "JTINKER_API_KEYS": f"{KEY_A},{KEY_B}",
+            "JAX_PLATFORMS": "cpu",
+            # Compiled programs survive the restart, so the restarted server starts warm.
+            "JAX_COMPILATION_CACHE_DIR": str(home / "jax-cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "jtinker.server", "--port", str(self.port), "--home", str(self.home),
+            "--base-model", BASE, "--fwdbwd-max-chunk-len", "4", "--max-body-mb", "4",
+            "--poll-timeout", "1", "--log-level", "warning",
+        ]  # fmt: skip
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for its whole life
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+    def restart(self) -> None:
+        self.stop(kill=True)
+        self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.get("/healthz").status_code == 200
+
+    def post(self, path: str, key: str | None = KEY_A, **kwargs) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["X-API-Key"] = key
+        return httpx.post(self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def get(self, path: str, key: str | None = KEY_A) -> httpx.Response:
+        return httpx.get(self.url + path, headers={"X-API-Key": key} if key else {}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, qwen3_dir):
+    os.environ.setdefault("TINKER_TELEMETRY", "0")  # the SDK's telemetry would go to our server
+    proc = ServerProcess(tmp_path_factory.mktemp("server_home"), qwen3_dir)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(server):
+    return tinker.ServiceClient(base_url=server.url, api_key=KEY_A)
+
+
+def rest(server, key=KEY_A):
+    return tinker.RestClient(base_url=server.url, api_key=key)
+
+
+def sft_batch(seed: int, n: int = 6, length: int = 9, ns=types) -> list:
+    """``n`` random sequences as ``ns.Datum`` (the SDK's types, or ``jtinker.types``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        seq = rng.integers(1, 250, size=length).tolist()
+        out.append(
+            ns.Datum(
+                model_input=ns.ModelInput.from_ints(seq[:-1]),
+                loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * (length - 1)},
+            )
+        )
+    return out
+
+
+def train_step(tc, data, lr=0.02) -> float:
+    fwd = tc.forward_backward(data, "cross_entropy")
+    opt = tc.optim_step(types.AdamParams(learning_rate=lr))
+    loss = fwd.result().metrics["loss:sum"]
+    opt.result()
+    return loss
+
+
+def forward_logprobs(tc, data) -> list[np.ndarray]:
+    out = tc.forward(data, "cross_entropy").result()
+    return [np.asarray(o["logprobs"].data, np.float32) for o in out.loss_fn_outputs]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_wire_encodings_round_trip_through_the_sdk():
+    """Our protobuf encoders are exact inverses of the SDK's decoders (ragged and 2-D outputs too)."""
+    from tinker.proto import request_conv, response_conv
+
+    from jtinker import types as jt
+    from jtinker.server import wire
+
+    outputs = [
+        {"logprobs": jt.TensorData.from_numpy(np.arange(3, dtype=np.float32))},
+        {"logprobs": jt.TensorData.from_numpy(np.arange(5, dtype=np.float32) - 9)},
+        {"logprobs": jt.TensorData.from_numpy(np.ones((2, 3), np.float32))},  # a (N, K) datum
+    ]
+    fbo = jt.ForwardBackwardOutput("ArrayRecord", outputs, {"loss:sum": 1.5})
+    back = response_conv.deserialize_forward_backward_output(wire.encode_forward_backward_output(fbo))
+    assert back.metrics == {"loss:sum": 1.5} and len(back.loss_fn_outputs) == 3
+    for got, want in zip(back.loss_fn_outputs, outputs, strict=True):
+        assert got["logprobs"].shape == list(want["logprobs"].to_numpy().shape)
+        np.testing.assert_array_equal(got["logprobs"].to_numpy(), want["logprobs"].to_numpy())
+
+    resp = jt.SampleResponse(
+        sequences=[
+            jt.SampledSequence("stop", "s0", tokens_np=np.array([4, 5]), logprobs_np=np.array([-1.0, -2.0]))
+        ],
+        _prompt_logprobs_list=[None, -0.5, -0.25],
+        _topk_prompt_logprobs_list=[None, [(3, -0.125), (4, -2.0)], [(7, -0.375)]],
+    )
+    got = response_conv.deserialize_sample_response(wire.encode_sample_response(resp))
+    assert got.sequences[0].tokens == [4, 5] and got.sequences[0].logprobs == [-1.0, -2.0]
+    assert got.sequences[0].stop_reason == "stop"
+    assert got.prompt_logprobs == [None, -0.5, -0.25]
+    assert got.topk_prompt_logprobs == [None, [(3, -0.125), (4, -2.0)], [(7, -0.375)]]
+
+    import torch
+
+    dense_target = torch.zeros((3, 8), dtype=torch.int64)
+    dense_target[0, 1], dense_target[1, 0] = 5, 6
+    target = types.TensorData.from_torch_sparse(dense_target)
+    assert target.sparse_crow_indices is not None  # the SDK sends it as CSR
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(
+            data=[
+                types.Datum(
+                    model_input=types.ModelInput.from_ints([1, 2, 3]),
+                    loss_fn_inputs={"target_tokens": target, "weights": [1.0, 0.5, 0.0]},
+                )
+            ],
+            loss_fn="ppo",
+            loss_fn_config={"clip_low_threshold": 0.8, "mode": "x"},
+        ),
+        model_id="m",
+        seq_id=3,
+    )
+    call = wire.parse_forward_backward_proto(
+        request_conv.forward_backward_request_to_proto(request).SerializeToString()
+    )
+    assert (call.model_id, call.seq_id, call.loss_fn, call.error) == ("m", 3, "ppo", None)
+    assert call.loss_fn_config == {"clip_low_threshold": pytest.approx(0.8), "mode": "x"}
+    assert call.data[0].model_input.to_ints() == [1, 2, 3]
+    np.testing.assert_array_equal(
+        call.data[0].loss_fn_inputs["target_tokens"].to_numpy(), dense_target.numpy()
+    )
+    np.testing.assert_allclose(call.data[0].loss_fn_inputs["weights"].to_numpy(), [1.0, 0.5, 0.0])
+
+
+def test_sft_loss_falls(server, service):
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=0).result()
+    info = tc.get_info()
+    assert info.model_id == tc.model_id and info.lora_rank == RANK and info.model_data.model_name == BASE
+    data = sft_batch(0)  # 6 datums = 2 chunks of at most 4, sent concurrently and out of order
+    losses = [train_step(tc, data) for _ in range(6)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.7 * losses[0], losses
+    out = tc.forward(data, "cross_entropy").result()
+    assert len(out.loss_fn_outputs) == len(data)
+    assert [o["logprobs"].shape for o in out.loss_fn_outputs] == [[8]] * len(data)
+    caps = rest(server).get_server_capabilities().result()
+    assert [m.model_name for m in caps.supported_models] == [BASE]
+    assert server.get("/api/v1/healthz", key=None).json() == {"status": "ok"}
+    status = server.get("/status").json()
+    assert status["base_models"][0]["name"] == BASE and "queue_depth" in status["base_models"][0]
+    assert "jtinker server" in server.get("/").text
+
+
+def test_out_of_order_seq_ids_run_in_order(server, service):
+    """Raw requests sent 3, 2, 1 run as 1, 2, 3: the optim step sees the gradient of seq 1."""
+    from tinker.proto import request_conv
+
+    model_id = service.create_lora_training_client(BASE, rank=RANK, seed=12).result().model_id
+    fwd = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=sft_batch(12, n=2), loss_fn="cross_entropy"),
+        model_id=model_id,
+        seq_id=1,
+    )
+    body = zstandard.ZstdCompressor().compress(
+        request_conv.forward_backward_request_to_proto(fwd).SerializeToString()
+    )
+    save = server.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 3, "path": "ordered"})
+    optim = server.post(
+        "/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.01}}
+    )
+    assert server.get("/status").json()["buffered_requests"] >= 2
+    assert (
+        server.post("/api/v1/retrieve_future", json={"request_id": optim.json()["request_id"]}).json()["type"]
+        == "try_again"
+    )
+    headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}
+    first = server.post("/api/v1/forward_backward", content=body, headers=headers)
+    again = server.post("/api/v1/forward_backward", content=body, headers=headers)  # a retried send
+    assert first.json()["request_id"] == again.json()["request_id"]
+
+    def result(response):
+        while True:  # what the SDK does: poll again on try_again
+            out = server.post("/api/v1/retrieve_future", json={"request_id": response.json()["request_id"]})
+            if out.json().get("type") != "try_again":
+                return out.json()
+
+    assert result(optim)["metrics"]["grad_norm:mean"] > 0  # the gradient of seq 1 was there
+    assert result(save)["path"] == f"tinker://{model_id}/weights/ordered"
+
+
+def test_forward_backward_custom_matches_in_process(server, service, qwen3_dir, tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    import jtinker
+
+    data = sft_batch(1, n=3)
+    lr = types.AdamParams(learning_rate=0.05, eps=1.0)  # eps=1: the step is smooth in the gradient
+
+    def torch_loss(batch, logprobs_list):
+        loss = sum(
+            -(lp * d.loss_fn_inputs["weights"].to_torch()).sum() + 0.1 * (lp**2).sum()
+            for d, lp in zip(batch, logprobs_list, strict=True)
+        )
+        return loss, {"custom/sq:sum": torch.stack([(lp**2).sum() for lp in logprobs_list]).sum()}
+
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=7).result()
+    remote = tc.forward_backward_custom(data, torch_loss).result()  # the SDK's two-pass path
+    tc.optim_step(lr).result()
+    remote_after = forward_logprobs(tc, data)
+
+    def jax_loss(batch, logprobs_list):
+        loss = sum(
+            -(lp * jnp.asarray(d.loss_fn_inputs["weights"].to_numpy())).sum() + 0.1 * (lp**2).sum()
+            for d, lp in zip(batch, logprobs_list, strict=True)
+        )
+        return loss, {}
+
+    local_service = jtinker.ServiceClient(store_dir=str(tmp_path / "runs"))
+    local = local_service.create_lora_training_client(str(qwen3_dir), rank=RANK, seed=7)
+    local_data = sft_batch(1, n=3, ns=jtinker.types)
+    expected = local.forward_backward_custom(local_data, jax_loss).result()
+    local.optim_step(jtinker.types.AdamParams(learning_rate=0.05, eps=1.0)).result()
+    local_after = [
+        np.asarray(o["logprobs"].to_numpy())
+        for o in local.forward(local_data, "cross_entropy").result().loss_fn_outputs
+    ]
+
+    assert remote.metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-5)
+    assert "custom/sq:sum" in remote.metrics and "surrogate_loss:sum" in remote.metrics
+    for r, e in zip(remote.loss_fn_outputs, expected.loss_fn_outputs, strict=True):
+        np.testing.assert_allclose(r["logprobs"].data, e["logprobs"].to_numpy(), atol=1e-5)
+    before = [np.asarray(o["logprobs"].data) for o in remote.loss_fn_outputs]
+    assert max(np.abs(a - b).max() for a, b in zip(remote_after, before, strict=True)) > 1e-3  # it moved
+    for r, e in zip(remote_after, local_after, strict=True):
+        np.testing.assert_allclose(r, e, atol=2e-4)
+
+
+def test_importance_sampling_rl_step(server, service):
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=3).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = [5, 17, 42, 99, 7]
+    result = sampler.sample(
+        types.ModelInput.from_ints(prompt), 4, types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+    ).result()
+    assert len(result.sequences) == 4
+    data, advantages_total = [], 0.0
+    for i, seq in enumerate(result.sequences):
+        assert len(seq.tokens) == len(seq.logprobs) >= 1 and seq.sequence_id
+        full = prompt + seq.tokens
+        adv = 1.0 if i < 2 else -1.0
+        n_prompt = len(prompt) - 1
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(full[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": full[1:],
+                    "logprobs": [0.0] * n_prompt + list(seq.logprobs),
+                    "advantages": [0.0] * n_prompt + [adv] * len(seq.tokens),
+                },
+            )
+        )
+        advantages_total += adv * len(seq.tokens)
+    out = tc.forward_backward(data, "importance_sampling").result()
+    # The sampler's logprobs are the learner's (same weights): every ratio is ~1.
+    assert out.metrics["loss:sum"] == pytest.approx(-advantages_total, abs=1e-2)
+    for o, seq in zip(out.loss_fn_outputs, result.sequences, strict=True):
+        np.testing.assert_allclose(o["logprobs"].data[-len(seq.tokens) :], seq.logprobs, atol=2e-3)
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+    assert scored[0] is None and len(scored) == len(prompt)
+    tail = sampler.compute_logprobs(types.ModelInput.from_ints(prompt), prompt_logprobs_last_n=2).result()
+    assert tail[:-2] == [None] * (len(prompt) - 2) and tail[-2:] == pytest.approx(scored[-2:], abs=1e-5)
+    np.testing.assert_allclose(
+        scored[1:], out.loss_fn_outputs[0]["logprobs"].data[: len(prompt) - 1], atol=2e-3
+    )
+    assert tc.optim_step(types.AdamParams(learning_rate=0.01)).result() is not None
+
+
+def test_save_weights_and_sampling(server, service):
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=4).result()
+    data = sft_batch(4, n=2)
+    train_step(tc, data, lr=0.05)
+    saved = tc.save_weights_for_sampler("for-sampling").result()
+    assert saved.path == f"tinker://{tc.model_id}/sampler_weights/for-sampling"
+    from_path = service.create_sampling_client(model_path=saved.path).result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    greedy = types.SamplingParams(max_tokens=5, temperature=0.0)
+    prompt = types.ModelInput.from_ints([3, 14, 15, 92])
+    a = from_path.sample(prompt, 1, greedy).result().sequences[0].tokens
+    b = snapshot.sample(prompt, 1, greedy).result().sequences[0].tokens
+    assert a == b and len(a) >= 1
+    assert from_path.get_base_model() == BASE
+
+    state = tc.save_state("state-1").result().path
+    saved_logprobs = forward_logprobs(tc, data)
+    train_step(tc, data, lr=0.05)
+    assert not np.allclose(forward_logprobs(tc, data)[0], saved_logprobs[0])
+    with pytest.warns(FutureWarning, match="deprecated"):  # deprecated in the SDK, still served
+        tc.load_state_with_optimizer(state).result()
+    for x, y in zip(forward_logprobs(tc, data), saved_logprobs, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    train_step(tc, data, lr=0.05)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        tc.load_state(state).result()
+    for x, y in zip(forward_logprobs(tc, data), saved_logprobs, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    weights_only = service.create_training_client_from_state(state).result()
+    for x, y in zip(forward_logprobs(weights_only, data), saved_logprobs, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_rest_listings(server, service):
+    tc = service.create_lora_training_client(
+        BASE, rank=RANK, seed=5, user_metadata={"purpose": "listing"}
+    ).result()
+    train_step(tc, sft_batch(5, n=2))
+    state = tc.save_state("listed", user_metadata={"step": "1"}).result().path
+    sampler_path = tc.save_weights_for_sampler("listed-sampler").result().path
+    rc = rest(server)
+
+    runs = rc.list_training_runs(limit=100).result()
+    run = next(r for r in runs.training_runs if r.training_run_id == tc.model_id)
+    assert run.base_model == BASE and run.is_lora and run.lora_rank == RANK
+    assert run.user_metadata == {"purpose": "listing"}
+    assert runs.cursor.total_count >= 1
+
+    got = rc.get_training_run(tc.model_id).result()
+    assert got.last_checkpoint.tinker_path == state
+    assert got.last_sampler_checkpoint.tinker_path == sampler_path
+
+    listed = rc.list_checkpoints(tc.model_id).result().checkpoints
+    assert {c.tinker_path for c in listed} == {state, sampler_path}
+    by_path = {c.tinker_path: c for c in listed}
+    assert by_path[state].checkpoint_type == "training" and by_path[state].user_metadata == {"step": "1"}
+    assert by_path[sampler_path].checkpoint_type == "sampler" and by_path[sampler_path].size_bytes > 0
+
+    mine = rc.list_user_checkpoints().result().checkpoints
+    assert {state, sampler_path} <= {c.tinker_path for c in mine}
+
+    info = rc.get_weights_info_by_tinker_path(state).result()
+    assert info.base_model == BASE and info.is_lora and info.lora_rank == RANK
+
+    session_id = tc.model_id.split(":")[0]  # model ids are <session>:train:<n>, as on Tinker
+    assert session_id in rc.list_sessions(limit=100).result().sessions
+    assert tc.model_id in rc.get_session(session_id).result().training_run_ids
+
+    rc.delete_checkpoint(tc.model_id, "sampler_weights/listed-sampler").result()
+    assert {c.tinker_path for c in rc.list_checkpoints(tc.model_id).result().checkpoints} == {state}
+    with pytest.raises(tinker.NotFoundError):
+        rc.delete_checkpoint(tc.model_id, "sampler_weights/listed-sampler").result()
+
+
+def test_api_keys_cannot_see_each_other(server, service):
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=6).result()
+    path = tc.save_state("private").result().path
+    other = rest(server, KEY_B)
+    assert tc.model_id not in {
+        r.training_run_id for r in other.list_training_runs(limit=100).result().training_runs
+    }
+    assert path not in {c.tinker_path for c in other.list_user_checkpoints().result().checkpoints}
+    with pytest.raises(tinker.NotFoundError):
+        other.get_training_run(tc.model_id).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.list_checkpoints(tc.model_id).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.get_weights_info_by_tinker_path(path).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.delete_checkpoint(tc.model_id, "weights/private").result()
+    service_b = tinker.ServiceClient(base_url=server.url, api_key=KEY_B)
+    with pytest.raises(tinker.NotFoundError):
+        service_b.create_training_client_from_state(path).result()
+    with pytest.raises(tinker.NotFoundError):
+        service_b.create_sampling_client(model_path=path).result()
+    # B's own runs stay B's.
+    tc_b = service_b.create_lora_training_client(BASE, rank=RANK, seed=6).result()
+    assert tc_b.model_id in {
+        r.training_run_id for r in other.list_training_runs(limit=100).result().training_runs
+    }
+    assert tc_b.model_id not in {
+        r.training_run_id for r in rest(server).list_training_runs(limit=100).result().training_runs
+    }
+    assert rest(server).get_weights_info_by_tinker_path(path).result().lora_rank == RANK
+
+
+def test_bad_inputs_get_clear_errors(server, service):
+    # Authentication and protocol errors, on the wire.
+    r = server.post("/api/v1/create_session", key=None, json={})
+    assert r.status_code == 401 and "missing API key" in r.json()["detail"]
+    r = server.post("/api/v1/create_session", key="tml-not-a-valid-key-x", json={})
+    assert r.status_code == 401 and "invalid API key" in r.json()["detail"]
+    r = server.post("/api/v1/create_session", headers={"X-Stainless-Package-Version": "0.1.0"}, json={})
+    assert r.status_code == 400 and "not supported" in r.json()["detail"]
+    r = server.post("/api/v1/create_session", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    r = server.post(
+        "/api/v1/forward_backward",
+        content=b"\xff\x00garbage",
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    assert r.status_code == 400 and "protobuf" in r.json()["detail"]
+    r = server.post(
+        "/api/v1/forward_backward",
+        content=b"\x28\xb5\x2f\xfdnot zstd",
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+    )
+    assert r.status_code == 400 and "zstd" in r.json()["detail"]
+    r = server.post("/api/v1/asample", content=b"x" * (5 * 1024 * 1024))
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (6 * 1024 * 1024))
+    r = server.post(
+        "/api/v1/forward_backward",
+        content=bomb,
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+    )
+    assert r.status_code == 413
+    r = server.post("/api/v1/optim_step", json={"model_id": "nope:train:0", "seq_id": 1, "adam_params": {}})
+    assert r.status_code == 404 and "unknown model_id" in r.json()["detail"]
+    r = server.post("/api/v1/retrieve_future", json={"request_id": "does-not-exist"})
+    assert r.status_code == 404
+    r = server.post("/api/v1/no_such_route", json={})
+    assert r.status_code == 404 and "/api/v1/no_such_route" in r.json()["detail"]
+    assert server.get("/api/v1/create_model").status_code == 405
+
+    # Bad data through the SDK: a RequestFailedError (category user), never a hang or a retry loop.
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=8).result()
+    good = sft_batch(8, n=2)
+    bad_tokens = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints([1, 2, 100_000]),
+            loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+        )
+    ]
+    with pytest.raises(tinker.RequestFailedError, match="token ids must be in") as err:
+        tc.forward_backward(bad_tokens, "cross_entropy").result()
+    assert err.value.category == types.RequestErrorCategory.User
+    nan_weights = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints([1, 2, 3]),
+            loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, float("nan"), 1.0]},
+        )
+    ]
+    with pytest.raises(tinker.RequestFailedError, match="NaN"):
+        tc.forward_backward(nan_weights, "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="learning_rate"):
+        tc.optim_step(types.AdamParams(learning_rate=float("nan"))).result()
+    with pytest.raises(tinker.RequestFailedError, match="no_such_loss"):
+        tc.forward_backward(good, "no_such_loss").result()
+    assert np.isfinite(train_step(tc, good))  # the failed requests did not stall the seq_id order
+
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    with pytest.raises(tinker.RequestFailedError, match="outside"):
+        sampler.sample(
+            types.ModelInput.from_ints([1, 99_999]), 1, types.SamplingParams(max_tokens=2)
+        ).result()
+    with pytest.raises(tinker.BadRequestError, match="not supported"):
+        sampler.sample(
+            types.ModelInput.from_ints([1, 2, 3]),
+            1,
+            types.SamplingParams(max_tokens=2),
+            prompt_alt_tokens_k=2,
+        ).result()
+    assert server.alive()
+
+
+def test_concurrent_clients_do_not_cross(server):
+    targets = [11, 47, 83, 131]
+    prompt = [2, 9, 4, 30, 7]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            sc = tinker.ServiceClient(base_url=server.url, api_key=KEY_A)
+            tc = sc.create_lora_training_client(BASE, rank=RANK, seed=20 + i).result()
+            data = [
+                types.Datum(
+                    model_input=types.ModelInput.from_ints(prompt),
+                    loss_fn_inputs={
+                        "target_tokens": [targets[i]] * len(prompt),
+                        "weights": [1.0] * len(prompt),
+                    },
+                )
+            ]
+            for _ in range(6):
+                train_step(tc, data, lr=0.05)
+            probes = [
+                types.Datum(
+                    model_input=types.ModelInput.from_ints(prompt),
+                    loss_fn_inputs={"target_tokens": [t] * len(prompt), "weights": [1.0] * len(prompt)},
+                )
+                for t in targets
+            ]
+            results[i] = np.array([lp.mean() for lp in forward_logprobs(tc, probes)])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i in range(4):
+        assert int(np.argmax(results[i])) == i, (i, results[i])
+
+
+def test_restart_resumes_from_saved_state(server, service):
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=9).result()
+    data = sft_batch(9, n=2)
+    for _ in range(2):
+        train_step(tc, data)
+    path = tc.save_state("before-restart").result().path
+    train_step(tc, data)
+    expected = forward_logprobs(tc, data)
+
+    # A request stuck behind a seq_id gap: its future belongs to the process about to die.
+    r = server.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 5000, "adam_params": {"learning_rate": 0.01}},
+    )
+    assert r.status_code == 200
+    orphan = r.json()["request_id"]
+    assert server.post("/api/v1/retrieve_future", json={"request_id": orphan}).json()["type"] == "try_again"
+
+    server.restart()
+
+    assert path in {c.tinker_path for c in rest(server).list_checkpoints(tc.model_id).result().checkpoints}
+    lost = server.post("/api/v1/retrieve_future", json={"request_id": orphan}).json()
+    assert lost["category"] == "server" and "lost" in lost["error"]
+    with pytest.raises(tinker.NotFoundError, match="not loaded"):
+        tc.forward(data, "cross_entropy").result()
+
+    fresh = tinker.ServiceClient(base_url=server.url, api_key=KEY_A)
+    resumed = fresh.create_training_client_from_state_with_optimizer(path).result()
+    train_step(resumed, data)
+    for x, y in zip(forward_logprobs(resumed, data), expected, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert server.alive()
