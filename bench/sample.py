@@ -46,8 +46,13 @@ def make_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
     return np.random.default_rng(seed + batch).integers(0, 256, size=(batch, length)).tolist()
 
 
-def transformers_worker(conn, path: str, threads: int, prompt_len: int, new_tokens: int) -> None:
+def transformers_worker(
+    conn, path: str, threads: int, prompt_len: int, new_tokens: int, omp_wait_policy: str
+) -> None:
     """Serves ``("run", batch) -> seconds`` requests over ``conn`` with HF ``generate``."""
+    # libgomp reads this when torch loads it. Spin-waiting (the default) collapses torch's
+    # throughput by up to 10x whenever another process competes for the cores.
+    os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -83,6 +88,11 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--out", type=Path, default=Path("bench_results/sample.json"))
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for the transformers worker (PASSIVE is robust to a loaded machine)",
+    )
     args = ap.parse_args()
 
     threads = len(os.sched_getaffinity(0))
@@ -94,7 +104,7 @@ def main() -> None:
         conn, child = mp.get_context("spawn").Pipe()
         worker = mp.get_context("spawn").Process(
             target=transformers_worker,
-            args=(child, str(path), threads, args.prompt_len, args.new_tokens),
+            args=(child, str(path), threads, args.prompt_len, args.new_tokens, args.omp_wait_policy),
             daemon=True,
         )
         worker.start()
@@ -107,7 +117,7 @@ def main() -> None:
     import jax
 
     from jtinker.models import load_pretrained
-    from jtinker.sampling import SampleRequest, Sampler
+    from jtinker.sampling import Sampler, SampleRequest
 
     print(f"model {path}, jax {jax.__version__} ({jax.devices()[0].platform}), {threads} threads")
     config, params = load_pretrained(path)
@@ -164,6 +174,7 @@ def main() -> None:
         processor=platform.processor(),
         jax=jax.__version__,
         torch=torch_version,
+        omp_wait_policy=args.omp_wait_policy,
         load_average=os.getloadavg(),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

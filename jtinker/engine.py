@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -31,6 +32,7 @@ from jtinker.models import ModelConfig, load_params, param_shapes
 from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
+SAMPLE_GATHER_SECONDS = 0.002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +379,7 @@ class Worker:
                 task.future.set_exception(e)
 
     def _run_samples(self, first: _Task) -> None:
+        time.sleep(SAMPLE_GATHER_SECONDS)  # let a burst of concurrent requests arrive: one batch
         tasks, deferred = [first], []
         while True:  # drain every sampling request already queued; keep the rest in order
             try:

@@ -10,7 +10,9 @@
   ``max_tokens``). The cache and the output buffers are donated, so they are updated in place.
   Sampling parameters (temperature, top_k, top_p, seeds, stop ids, max_tokens) are per-row
   *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
-  shapes ``(P, Tp)``, ``(P, Tp, B, S)`` and ``(B, S)`` (and the LoRA tree structure).
+  shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (expand) and ``(B, S)`` (decode; batch sizes
+  are powers of two, plus the stop-id list width, also a power of two), by the model config and
+  by the LoRA tree structure. The jits are module-level, so all Samplers of a process share them.
 * **Stop strings** are matched on the host on the decoded text (across token boundaries). When a
   batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
   whose text already contains a stop string are marked done between chunks (early exit); the
@@ -36,7 +38,6 @@ of the distribution predicting position ``i`` (``None`` at position 0).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import secrets
 from collections.abc import Sequence
@@ -46,9 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtinker.models import KVCache, ModelConfig
+from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
-from jtinker.models.llama import _linear, apply_rope, hidden_states, rms_norm, rope, token_logprobs, unembed
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
@@ -280,74 +280,24 @@ def _expand(cache: KVCache, logits: jax.Array, src: jax.Array, *, size: int):
 
 
 def _decode_step(config: ModelConfig, params, lora, tokens: jax.Array, positions: jax.Array, cache: KVCache):
-    """One token per row at ``positions`` ``[B]``: f32 logits ``[B, V]`` and the updated cache.
-
-    Same math as ``models.llama.hidden_states`` with a cache, arranged for decoding: the layer scan
-    only *reads* the cache (attending to the slots before each row's position plus the token's
-    own key/value) and returns the new keys/values, which are written with one scatter after the
-    scan. Writing inside the scan instead rebuilds the whole stacked cache every step; on CPU this
-    step is ~1.7x faster at batch 8 and ~2x at batch 64.
-    """
-    b = tokens.shape[0]
-    nkv, d = config.num_kv_heads, config.head_dim
-    group = config.num_heads // nkv
-    x = params["embed"][tokens][:, None]  # [B, 1, H]
-    cos, sin = rope(config, positions[:, None], x.dtype)
-    past = jnp.arange(cache.size)[None, :] < positions[:, None]  # slot == position
-    scale = lora.scale if lora is not None else 1.0
-    lora_layers = lora.weights.get("layers") if lora is not None else None
-    eps = config.rms_norm_eps
-
-    def layer_fn(x, xs):
-        layer, lora_layer, cache_k, cache_v = xs
-        h = rms_norm(x, layer["input_norm"], eps)
-        q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(b, 1, config.num_heads, d)
-        k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(b, 1, nkv, d)
-        v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(b, 1, nkv, d)
-        if config.qk_norm:
-            q = rms_norm(q, layer["q_norm"], eps)
-            k = rms_norm(k, layer["k_norm"], eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.astype(cache_k.dtype)[:, 0], v.astype(cache_v.dtype)[:, 0]  # as stored: [B, nKV, D]
-        qf = q.reshape(b, nkv, group, d).astype(jnp.float32) * d**-0.5
-        # Multiply-and-reduce rather than a batched dot: for one query token this reads the cache
-        # once, in its stored layout, with no transposed copy (f32 scores and softmax).
-        s_past = jnp.sum(qf[:, None] * cache_k[:, :, :, None, :].astype(jnp.float32), axis=-1)  # [B,S,nKV,G]
-        s_past = jnp.where(past[:, :, None, None], s_past, -jnp.inf)
-        s_self = jnp.sum(qf * k[:, :, None, :].astype(jnp.float32), axis=-1)  # [B, nKV, G]
-        m = jnp.maximum(jnp.max(s_past, axis=1), s_self)
-        p_past, p_self = jnp.exp(s_past - m[:, None]), jnp.exp(s_self - m)
-        denom = jnp.sum(p_past, axis=1) + p_self
-        attn = jnp.sum(p_past[..., None] * cache_v[:, :, :, None, :].astype(jnp.float32), axis=1)
-        attn = (attn + p_self[..., None] * v[:, :, None, :].astype(jnp.float32)) / denom[..., None]
-        attn = attn.astype(x.dtype).reshape(b, 1, config.num_heads * d)
-        x = x + _linear(attn, layer, lora_layer, "o_proj", scale, "o_bias")
-        h = rms_norm(x, layer["post_norm"], eps)
-        gate = _linear(h, layer, lora_layer, "gate_proj", scale)
-        up = _linear(h, layer, lora_layer, "up_proj", scale)
-        x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
-        return x, (k, v)
-
-    xs = (params["layers"], lora_layers, cache.k, cache.v)
-    x, (new_k, new_v) = jax.lax.scan(layer_fn, x, xs)
-    x = rms_norm(x, params["norm"], eps)
-    rows = jnp.arange(b)
-    cache = KVCache(k=cache.k.at[:, rows, positions].set(new_k), v=cache.v.at[:, rows, positions].set(new_v))
-    return unembed(params, x[:, 0], lora), cache
+    """One token per row at ``positions`` ``[B]``: f32 logits ``[B, V]`` and the updated cache."""
+    hidden, cache = hidden_states(
+        config, params, tokens[:, None], positions=positions[:, None], cache=cache, lora=lora
+    )
+    return unembed(params, hidden[:, 0], lora), cache
 
 
 def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_step: jax.Array) -> _State:
-    """Produces tokens until every row is done or ``step == end_step``."""
+    """Produces tokens until every row is done or ``step == end_step``.
+
+    Step ``t`` feeds token ``t - 1`` at position ``prompt_len + t - 1`` and samples token ``t``.
+    The last slot is scratch: since ``size >= prompt_len + max_tokens`` and the final token is never
+    fed, no real position reaches it. Step 0 (whose token comes from the prefill's logits) and
+    finished rows feed into it, so every step runs the same body and the sampling code is
+    compiled once.
+    """
     keys = _row_keys(rows)
-    size = state.cache.size
-
-    # Step 0 samples from the prefill's logits; later steps feed the last token first.
-    def first(out):
-        token, logprob = _select(state.logits0, rows, keys, jnp.int32(0))
-        return _record(out, rows, jnp.int32(0), token, logprob)
-
-    out = jax.lax.cond(state.step == 0, first, lambda out: out, state.out)
-    step = jnp.maximum(state.step, 1)
+    scratch = state.cache.size - 1
 
     def cond(carry):
         step, out, _ = carry
@@ -355,14 +305,32 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
 
     def body(carry):
         step, out, cache = carry
-        # Finished rows keep running (fixed shapes); clamp so they stay inside their own cache row.
-        positions = jnp.minimum(rows.prompt_len + step - 1, size - 1)
+        first = step == 0
+        positions = jnp.where(first | out.done, scratch, rows.prompt_len + step - 1)
         logits, cache = _decode_step(config, params, lora, out.last, positions, cache)
+        logits = jnp.where(first, state.logits0, logits)
         token, logprob = _select(logits, rows, keys, step)
         return step + 1, _record(out, rows, step, token, logprob), cache
 
-    step, out, cache = jax.lax.while_loop(cond, body, (step, out, state.cache))
+    step, out, cache = jax.lax.while_loop(cond, body, (state.step, state.out, state.cache))
     return _State(cache=cache, logits0=state.logits0, step=step, out=out)
+
+
+# Module-level jits with the config as a static argument: every Sampler over the same model shares
+# the compiled programs, so e.g. a new Sampler per saved adapter compiles nothing.
+_prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"))
+_expand_jit = jax.jit(_expand, static_argnames=("size",))
+_decode_jit = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",))
+
+
+def compile_counts() -> dict[str, int]:
+    """Programs compiled so far by each stage, process-wide (one per distinct bucketed shape,
+    config and LoRA structure)."""
+    return {
+        "prefill": _prefill_jit._cache_size(),
+        "expand": _expand_jit._cache_size(),
+        "decode": _decode_jit._cache_size(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +366,6 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
         self.max_batch = max_batch
         self.stop_check_interval = stop_check_interval
-        # Per-instance jits: each Sampler has its own compile cache (and countable programs).
-        self._prefill = jax.jit(
-            functools.partial(_prefill, config, self.cache_dtype), static_argnames=("want_lp", "topk")
-        )
-        self._expand = jax.jit(_expand, static_argnames=("size",))
-        self._decode = jax.jit(functools.partial(_decode, config), donate_argnames=("state",))
         self.last_stats: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------- validation
@@ -411,13 +373,12 @@ class Sampler:
     def _check_prompt(self, prompt: Sequence[int], field: str = "prompt") -> None:
         if len(prompt) == 0:
             raise ValueError(f"{field}: must not be empty")
-        arr = np.asarray(prompt)
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{field}: must be a list of int token ids")
         vocab = self.config.vocab_size
-        if arr.min() < 0 or arr.max() >= vocab:
-            bad = int(arr[(arr < 0) | (arr >= vocab)][0])
-            raise ValueError(f"{field}: token id {bad} is outside [0, {vocab})")
+        for t in prompt:
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                raise ValueError(f"{field}: must be a list of int token ids, got {t!r}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"{field}: token id {t} is outside [0, {vocab})")
         if len(prompt) > self.config.max_position_embeddings:
             raise ValueError(
                 f"{field}: length {len(prompt)} exceeds max_position_embeddings "
@@ -487,13 +448,13 @@ class Sampler:
         for row in rows:
             prompt_index.setdefault(tuple(requests[row.request].prompt), len(prompt_index))
         prompts = list(prompt_index)
+        # Prompt logprobs once per request, in the first group that holds one of its samples.
         lp_needed = [
             i
-            for i, r in enumerate(requests)
-            if any(row.request == i for row in rows)
+            for i in sorted({row.request for row in rows})
+            if (requests[i].include_prompt_logprobs or requests[i].topk_prompt_logprobs)
             and results[i].prompt_logprobs is None
             and results[i].topk_prompt_logprobs is None
-            and (r.include_prompt_logprobs or r.topk_prompt_logprobs)
         ]
         want_lp = any(requests[i].include_prompt_logprobs for i in lp_needed)
         topk = max([requests[i].topk_prompt_logprobs for i in lp_needed], default=0)
@@ -536,7 +497,7 @@ class Sampler:
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids
         device_rows = _Rows(**{k: jnp.asarray(v) for k, v in host.items()})
 
-        cache, logits0 = self._expand(pre["cache"], pre["logits"], jnp.asarray(src), size=size)
+        cache, logits0 = _expand_jit(pre["cache"], pre["logits"], jnp.asarray(src), size=size)
         del pre
         state = _State(
             cache=cache,
@@ -557,7 +518,7 @@ class Sampler:
         step = 0
         while True:
             step = min(step + chunk, total)
-            state = self._decode(self.params, lora, state, device_rows, jnp.int32(step))
+            state = _decode_jit(self.config, self.params, lora, state, device_rows, jnp.int32(step))
             self.last_stats["decode_calls"] += 1
             if not stop_rows or step >= total:
                 break
@@ -598,8 +559,15 @@ class Sampler:
             tokens[i, : len(x)] = x
             lengths[i] = len(x)
         self.last_stats["prefill_prompts"] = self.last_stats.get("prefill_prompts", 0) + len(prompts)
-        return self._prefill(
-            self.params, lora, jnp.asarray(tokens), jnp.asarray(lengths), want_lp=want_lp, topk=topk
+        return _prefill_jit(
+            self.config,
+            self.cache_dtype,
+            self.params,
+            lora,
+            jnp.asarray(tokens),
+            jnp.asarray(lengths),
+            want_lp=want_lp,
+            topk=topk,
         )
 
     @staticmethod
@@ -648,11 +616,3 @@ class Sampler:
             index = {p: i for i, p in enumerate(distinct)}
             out.extend([None, *lp[index[p], : len(p) - 1].tolist()] for p in group)
         return out
-
-    def compile_counts(self) -> dict[str, int]:
-        """How many programs each compiled stage holds (one per distinct bucketed shape)."""
-        return {
-            "prefill": self._prefill._cache_size(),
-            "expand": self._expand._cache_size(),
-            "decode": self._decode._cache_size(),
-        }

@@ -91,39 +91,68 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, num_heads * d)
 
 
+def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
+    """Attention for a chunk of ``T`` new tokens at positions ``start + [0, T)`` of each row.
+
+    Keys are the cache slots before ``start`` (slot == position; later slots are stale) plus the
+    chunk's own keys, causally. The cache is only read: callers write the new keys afterwards, so a
+    layer scan never rebuilds the stacked cache. One f32 softmax over both parts.
+    """
+    b, t, num_heads, d = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(b, t, num_kv, num_heads // num_kv, d).astype(jnp.float32) * d**-0.5
+    past = jnp.arange(cache_k.shape[1])[None, :] < start[:, None]  # [B, S]
+    if t == 1:  # decode: multiply-and-reduce reads the cache once, in place, with no transposed copy
+        s_past = jnp.sum(q[:, 0, None] * cache_k[:, :, :, None, :].astype(jnp.float32), -1)  # [B, S, nKV, G]
+        s_past = jnp.moveaxis(s_past, 1, -1)[:, None]  # [B, 1, nKV, G, S]
+    else:
+        s_past = jnp.einsum("btkgd,bskd->btkgs", q, cache_k.astype(jnp.float32))
+    s_new = jnp.einsum("btkgd,bskd->btkgs", q, k.astype(jnp.float32))
+    s_past = jnp.where(past[:, None, None, None, :], s_past, -jnp.inf)
+    s_new = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, :, None, None, :], s_new, -jnp.inf)
+    m = jnp.maximum(s_past.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_past, p_new = jnp.exp(s_past - m), jnp.exp(s_new - m)
+    denom = p_past.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    if t == 1:
+        out = jnp.sum(
+            jnp.moveaxis(p_past[:, 0], -1, 1)[..., None] * cache_v[:, :, :, None, :].astype(jnp.float32), 1
+        )
+        out = out[:, None]
+    else:
+        out = jnp.einsum("btkgs,bskd->btkgd", p_past, cache_v.astype(jnp.float32))
+    out = (out + jnp.einsum("btkgs,bskd->btkgd", p_new, v.astype(jnp.float32))) / denom
+    return out.astype(v.dtype).reshape(b, t, num_heads * d)
+
+
 def _decoder_layer(config: ModelConfig, scale: float, carry, xs):
     x, cos, sin, mask, positions = carry
     layer, lora_layer, cache_k, cache_v = xs
     b, t, _ = x.shape
 
     h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-    q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(
-        b, t, config.num_heads, config.head_dim
-    )
-    k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(
-        b, t, config.num_kv_heads, config.head_dim
-    )
-    v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(
-        b, t, config.num_kv_heads, config.head_dim
-    )
+    heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
+    q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(b, t, heads, d)
+    k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(b, t, kv_heads, d)
+    v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(b, t, kv_heads, d)
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    if cache_k is not None:  # write this step's keys at their positions, attend over the cache
-        rows = jnp.arange(b)[:, None]
-        cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype))
-        cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype))
-        k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-    attn = attention(q, k, v, mask)
+    if cache_k is None:
+        attn = attention(q, k, v, mask)
+        new_kv = (None, None)
+    else:
+        k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attend to what is stored
+        attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
+        new_kv = (k, v)
     x = x + _linear(attn, layer, lora_layer, "o_proj", scale, "o_bias")
 
     h = rms_norm(x, layer["post_norm"], config.rms_norm_eps)
     gate = _linear(h, layer, lora_layer, "gate_proj", scale)
     up = _linear(h, layer, lora_layer, "up_proj", scale)
     x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
-    return (x, cos, sin, mask, positions), (cache_k, cache_v)
+    return (x, cos, sin, mask, positions), new_kv
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,10 +164,9 @@ def _layer_body(config: ModelConfig, scale: float, remat: bool):
     return body
 
 
-def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array:
-    if cache is not None:  # slot s holds position s; never look past the query's own position
-        slots = jnp.arange(cache.size)
-        return slots[None, None, :] <= positions[:, :, None]
+def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array | None:
+    if cache is not None:  # cached_attention derives its own mask from the positions
+        return None
     t = positions.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
     if segment_ids is None:
@@ -172,7 +200,12 @@ def hidden_states(
     xs = (params["layers"], lora_layers, cache.k if cache else None, cache.v if cache else None)
     (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions), xs)
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
-    return x, (KVCache(k=new_k, v=new_v) if cache is not None else None)
+    if cache is None:
+        return x, None
+    rows = jnp.arange(b)[:, None]  # one scatter for all layers: slot == position
+    return x, KVCache(
+        k=cache.k.at[:, rows, positions].set(new_k), v=cache.v.at[:, rows, positions].set(new_v)
+    )
 
 
 def unembed(params: Params, hidden: jax.Array, lora: lora_lib.Lora | None = None) -> jax.Array:
@@ -198,8 +231,9 @@ def forward(
 ):
     """Logits ``[B, T, V]`` (f32) for int32 tokens ``[B, T]``.
 
-    With ``cache``, keys and values are written at ``positions`` and ``(logits, new_cache)`` is
-    returned. ``segment_ids`` keep packed sequences from attending to each other.
+    With ``cache``, the tokens of each row sit at contiguous ``positions`` starting after what the
+    cache already holds (slot == position); their keys and values are written at those slots and
+    ``(logits, new_cache)`` is returned. ``segment_ids`` keep packed sequences from attending to each other.
     """
     hidden, new_cache = hidden_states(
         config,

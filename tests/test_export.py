@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jtinker.models import forward, load_pretrained
-from jtinker.models import lora as lora_lib
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from jtinker.export import export_merged, export_peft, import_peft
+from jtinker.models import forward, load_pretrained
+from jtinker.models import lora as lora_lib
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+
 from jtinker.losses import (
     ALLOWED_CONFIG_KEYS,
     DEFAULT_CONFIG,

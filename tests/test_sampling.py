@@ -1,0 +1,413 @@
+"""The sampling engine against transformers / PEFT, plus its own contracts.
+
+One ``Sampler`` per model directory is shared by the whole module (and the prompts keep to a few
+bucketed shapes), so each family compiles its programs only a few times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jtinker.models import load_pretrained
+from jtinker.models import lora as lora_lib
+from jtinker.sampling import (
+    Sampler,
+    SampleRequest,
+    _filter_top_k_top_p,
+    _row_keys,
+    _Rows,
+    _select,
+    compile_counts,
+)
+
+transformers = pytest.importorskip("transformers")
+
+EOS = 258  # <|im_end|> in the tiny tokenizer (generation_config.eos_token_id)
+PROMPTS = [[5, 17, 99, 200, 33, 71, 8, 150, 42, 9], list(range(40, 53))]
+
+
+class Model:
+    """A tiny model loaded three ways: jtinker params, a shared Sampler, and transformers."""
+
+    def __init__(self, path):
+        self.path = path
+        self.config, self.params = load_pretrained(path)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.sampler = Sampler(self.config, self.params, self.tokenizer)
+
+    def hf(self):
+        return transformers.AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+
+
+_MODELS: dict = {}
+
+
+def model_for(factory, family: str, **overrides) -> Model:
+    key = (family, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        _MODELS[key] = Model(factory(family, **overrides))
+    return _MODELS[key]
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def family_model(request, tiny_model_factory) -> Model:
+    return model_for(tiny_model_factory, request.param)
+
+
+@pytest.fixture
+def qwen3(tiny_model_factory) -> Model:
+    return model_for(tiny_model_factory, "qwen3")
+
+
+@pytest.fixture
+def llama(tiny_model_factory) -> Model:
+    # Untied lm_head and varied greedy text (tied tiny models tend to repeat one token).
+    return model_for(tiny_model_factory, "llama")
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=259,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_logprobs(model, sequence: list[int]) -> np.ndarray:
+    """``log p(seq[i] | seq[:i])`` for i >= 1 from a transformers forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
+    return lp.numpy()
+
+
+def greedy(prompt, max_tokens=32, num_samples=1, **kw) -> SampleRequest:
+    return SampleRequest(prompt=prompt, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def hf_greedy_until_eos(model, prompt: list[int], n: int) -> list[int]:
+    expected = hf_greedy(model, prompt, n)
+    return expected[: expected.index(EOS) + 1] if EOS in expected else expected
+
+
+# ----------------------------------------------------------------------------------- reference
+
+
+def test_greedy_matches_transformers(family_model):
+    """Two prompts of different lengths in one batch, each equal to HF generate (up to EOS)."""
+    hf = family_model.hf()
+    results = family_model.sampler.sample([greedy(p, stop_token_ids=(EOS,)) for p in PROMPTS])
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        tokens, logprobs, reason = result.sequences[0]
+        assert tokens == hf_greedy_until_eos(hf, prompt, 32)
+        assert reason == ("stop" if tokens[-1] == EOS else "length")
+        # Logprobs of the sampled tokens are the raw log-softmax the learner would compute.
+        np.testing.assert_allclose(logprobs, hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 :], atol=1e-4)
+
+
+def _peft_reference(model: Model, lora: lora_lib.Lora):
+    """HF + PEFT with the same adapter: PEFT's A = a.T, B = b.T."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets), lora_dropout=0.0, bias="none"
+    )
+    peft_model = get_peft_model(model.hf(), cfg).eval()
+    layers = lora.weights.get("layers", {})
+    seen = 0
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        target = name.split(".")[-1]
+        if target == lora_lib.UNEMBED_TARGET:
+            a, b = lora.weights[target]["a"], lora.weights[target]["b"]
+        else:
+            i = int(name.split(".layers.")[1].split(".")[0])
+            a, b = layers[target]["a"][i], layers[target]["b"][i]
+        module.lora_A["default"].weight.data = torch.tensor(np.asarray(a).T.copy())
+        module.lora_B["default"].weight.data = torch.tensor(np.asarray(b).T.copy())
+        seen += 1
+    assert seen == len(layers) * model.config.num_layers + (lora_lib.UNEMBED_TARGET in lora.weights)
+    return peft_model
+
+
+def _random_lora(config, rank=4, alpha=8.0, seed=0) -> lora_lib.Lora:
+    lora = lora_lib.init(config, rank, jax.random.key(seed), alpha=alpha)
+    leaves, treedef = jax.tree.flatten(lora)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    # Non-zero b (init has b = 0), large enough to change the greedy output.
+    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_with_lora_matches_peft(tiny_model_factory, family):
+    model = model_for(tiny_model_factory, family)
+    lora = _random_lora(model.config)
+    peft_model = _peft_reference(model, lora)
+    requests = [greedy(p, stop_token_ids=(EOS,)) for p in PROMPTS]
+    results = model.sampler.sample(requests, lora=lora)
+    base = model.sampler.sample(requests)
+    for prompt, result, base_result in zip(PROMPTS, results, base, strict=True):
+        tokens, logprobs, _ = result.sequences[0]
+        assert tokens != base_result.sequences[0][0], "the adapter should change the greedy output"
+        assert tokens == hf_greedy_until_eos(peft_model, prompt, 32)
+        np.testing.assert_allclose(
+            logprobs, hf_logprobs(peft_model, prompt + tokens)[len(prompt) - 1 :], atol=1e-4
+        )
+
+
+def test_compute_logprobs_matches_transformers(family_model):
+    prompts = [PROMPTS[0], PROMPTS[1], [7], PROMPTS[0]]  # a repeat and a single token
+    out = family_model.sampler.compute_logprobs(prompts)
+    hf = family_model.hf()
+    for prompt, lps in zip(prompts, out, strict=True):
+        assert len(lps) == len(prompt) and lps[0] is None
+        if len(prompt) > 1:
+            np.testing.assert_allclose(lps[1:], hf_logprobs(hf, prompt), atol=1e-4)
+
+
+def test_prompt_logprobs_and_topk(qwen3):
+    request = greedy(PROMPTS[1], max_tokens=4, include_prompt_logprobs=True, topk_prompt_logprobs=3)
+    result = qwen3.sampler.sample([request, greedy(PROMPTS[0], max_tokens=4)])
+    assert result[1].prompt_logprobs is None and result[1].topk_prompt_logprobs is None
+    lp, topk = result[0].prompt_logprobs, result[0].topk_prompt_logprobs
+    assert lp == pytest.approx(qwen3.sampler.compute_logprobs([PROMPTS[1]])[0], abs=1e-5)
+    assert len(topk) == len(PROMPTS[1]) and topk[0] is None
+    with torch.no_grad():
+        logits = qwen3.hf()(torch.tensor([PROMPTS[1]])).logits[0]
+    ref = torch.log_softmax(logits.double(), -1).topk(3, dim=-1)
+    for i in range(1, len(PROMPTS[1])):
+        assert [t for t, _ in topk[i]] == ref.indices[i - 1].tolist()
+        np.testing.assert_allclose([v for _, v in topk[i]], ref.values[i - 1].numpy(), atol=1e-4)
+        assert lp[i] <= topk[i][0][1] + 1e-6
+
+
+# ---------------------------------------------------------------------------------- semantics
+
+
+def test_sampled_logprobs_match_compute_logprobs(qwen3):
+    request = SampleRequest(
+        prompt=PROMPTS[0], num_samples=3, max_tokens=20, temperature=0.7, top_p=0.9, seed=1
+    )
+    (result,) = qwen3.sampler.sample([request])
+    assert len({tuple(seq[0]) for seq in result.sequences}) > 1, "samples should differ"
+    full = qwen3.sampler.compute_logprobs([PROMPTS[0] + seq[0] for seq in result.sequences])
+    for (tokens, logprobs, reason), ref in zip(result.sequences, full, strict=True):
+        assert reason == "length" and len(tokens) == len(logprobs) == 20
+        np.testing.assert_allclose(logprobs, ref[len(PROMPTS[0]) :], atol=1e-4)
+
+
+def test_top_k_1_is_greedy(llama):
+    base = llama.sampler.sample([greedy(p) for p in PROMPTS])
+    topk = llama.sampler.sample(
+        [SampleRequest(prompt=p, num_samples=2, max_tokens=32, temperature=1.0, top_k=1) for p in PROMPTS]
+    )
+    for b, t in zip(base, topk, strict=True):
+        assert [seq[0] for seq in t.sequences] == [b.sequences[0][0]] * 2
+
+
+def test_num_samples_share_one_prefill(llama):
+    results = llama.sampler.sample(
+        [greedy(PROMPTS[0], num_samples=3), greedy(PROMPTS[0]), greedy(PROMPTS[1])]
+    )
+    assert llama.sampler.last_stats["prefill_prompts"] == 2
+    first = results[0].sequences[0]
+    assert results[0].sequences == [first] * 3 and results[1].sequences == [first]
+
+
+def test_stop_token_and_length(llama):
+    (base,) = llama.sampler.sample([greedy(PROMPTS[1])])
+    tokens = base.sequences[0][0]
+    assert base.sequences[0][2] == "length" and len(tokens) == 32
+    stop = tokens[5]
+    cut = tokens.index(stop) + 1
+    (result,) = llama.sampler.sample([greedy(PROMPTS[1], stop_token_ids=(stop, EOS))])
+    assert result.sequences[0][0] == tokens[:cut] and result.sequences[0][2] == "stop"
+    assert len(result.sequences[0][1]) == cut
+    (short,) = llama.sampler.sample([greedy(PROMPTS[1], max_tokens=5)])
+    assert short.sequences[0][0] == tokens[:5] and short.sequences[0][2] == "length"
+
+
+def _first_stop(tokenizer, tokens, stop) -> int | None:
+    for n in range(1, len(tokens) + 1):
+        if stop in tokenizer.decode(tokens[:n]):
+            return n
+    return None
+
+
+def test_stop_string_across_tokens(llama):
+    (base,) = llama.sampler.sample([greedy(PROMPTS[1])])
+    tokens = base.sequences[0][0]
+    # A two-token stop string that greedy decoding really produces, matched across the boundary.
+    for i in range(1, len(tokens) - 1):
+        stop = llama.tokenizer.decode(tokens[i : i + 2])
+        n = _first_stop(llama.tokenizer, tokens, stop)
+        if len(stop) == 2 and "\ufffd" not in stop and n is not None and 2 <= n < 20:
+            break
+    else:
+        pytest.fail(f"no clean two-token stop string in {llama.tokenizer.decode(tokens)!r}")
+    assert _first_stop(llama.tokenizer, tokens, stop[:1]) != n or n == 1  # needs both tokens
+    llama.sampler.stop_check_interval = 4
+    try:
+        (result,) = llama.sampler.sample([greedy(PROMPTS[1], stop_strings=("never seen", stop))])
+    finally:
+        llama.sampler.stop_check_interval = 16
+    got, logprobs, reason = result.sequences[0]
+    assert got == tokens[:n] and reason == "stop" and len(logprobs) == n
+    assert stop in llama.tokenizer.decode(got) and stop not in llama.tokenizer.decode(got[:-1])
+    # Decoding stopped early (checked every 4 steps), not after all 32 steps.
+    assert llama.sampler.last_stats["decode_steps"] <= n + 4 < 32
+
+
+def test_seed_determinism_independent_of_batch(llama):
+    request = SampleRequest(prompt=PROMPTS[0], num_samples=2, max_tokens=16, temperature=1.0, seed=1234)
+    (alone,) = llama.sampler.sample([request])
+    (again,) = llama.sampler.sample([request])
+    assert alone.sequences == again.sequences
+    assert alone.sequences[0][0] != alone.sequences[1][0], "sample index must change the stream"
+    others = [
+        greedy(PROMPTS[1], max_tokens=30),
+        SampleRequest(prompt=[1, 2, 3], num_samples=1, max_tokens=16, temperature=0.5, top_k=5, seed=7),
+    ]
+    batched = llama.sampler.sample([others[0], request, others[1]])[1]
+    for a, b in zip(alone.sequences, batched.sequences, strict=True):
+        assert a[0] == b[0]
+        np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+    unseeded = [
+        llama.sampler.sample([SampleRequest(prompt=PROMPTS[0], num_samples=1, max_tokens=16)])[0].sequences[
+            0
+        ][0]
+        for _ in range(2)
+    ]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_bad_requests_name_the_field(qwen3):
+    v = qwen3.config.vocab_size
+    ok = dict(prompt=[1, 2, 3], num_samples=1, max_tokens=4)
+    cases = {
+        "prompt": dict(prompt=[]),
+        "token id": dict(prompt=[1, v]),
+        "max_tokens": dict(max_tokens=0),
+        "max_position_embeddings": dict(max_tokens=qwen3.config.max_position_embeddings),
+        "top_p": dict(top_p=0.0),
+        "temperature": dict(temperature=-0.1),
+        "num_samples": dict(num_samples=0),
+        "top_k": dict(top_k=0),
+        "stop_token_ids": dict(stop_token_ids=(v,)),
+        "topk_prompt_logprobs": dict(topk_prompt_logprobs=-1),
+    }
+    for field, bad in cases.items():
+        with pytest.raises(ValueError, match=field):
+            qwen3.sampler.validate(SampleRequest(**{**ok, **bad}))
+    with pytest.raises(ValueError, match="top_k"):
+        qwen3.sampler.validate(SampleRequest(**{**ok, "top_k": -2}))
+    with pytest.raises(ValueError, match="top_p"):
+        qwen3.sampler.validate(SampleRequest(**{**ok, "top_p": 1.5}))
+    with pytest.raises(ValueError, match=r"requests\[1\]\.top_p"):
+        qwen3.sampler.sample([SampleRequest(**ok), SampleRequest(**{**ok, "top_p": 2.0})])
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        qwen3.sampler.compute_logprobs([[-1]])
+    no_tokenizer = Sampler(qwen3.config, qwen3.params)
+    with pytest.raises(ValueError, match="stop_strings"):
+        no_tokenizer.validate(SampleRequest(**ok, stop_strings=("x",)))
+    # The batch that was refused leaves the sampler usable.
+    (result,) = qwen3.sampler.sample([greedy([1, 2, 3], max_tokens=4)])
+    assert len(result.sequences[0][0]) == 4
+
+
+def test_compile_count_is_bounded(tiny_model_factory):
+    # A config no other test uses, so every program this stream needs is compiled here.
+    config, params = load_pretrained(tiny_model_factory("qwen3", max_position_embeddings=512))
+    sampler = Sampler(config, params)
+    before = compile_counts()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        length, max_tokens = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+        request = SampleRequest(
+            prompt=rng.integers(0, 256, length).tolist(),
+            num_samples=int(rng.integers(1, 3)),
+            max_tokens=max_tokens,
+            temperature=float(rng.choice([0.0, 0.7, 1.0])),
+            top_k=int(rng.choice([-1, 5])),
+            top_p=float(rng.choice([1.0, 0.9])),
+            seed=i,
+        )
+        (result,) = sampler.sample([request])
+        assert all(len(seq[0]) == max_tokens for seq in result.sequences)
+    counts = {k: v - before[k] for k, v in compile_counts().items()}
+    # Prompt buckets {16, 32}, cache buckets {32, 64}, batch buckets {1, 2}: 20 requests with 20
+    # distinct (length, max_tokens, sampling params) share a handful of programs.
+    assert counts["prefill"] <= 2 and counts["decode"] <= 4 and counts["expand"] <= 8, counts
+    assert counts["decode"] >= 1
+
+
+# ------------------------------------------------------------------------- token selection units
+
+
+def _rows(temperature, top_k, top_p, n) -> _Rows:
+    return _Rows(
+        prompt_len=jnp.ones(n, jnp.int32),
+        max_tokens=jnp.ones(n, jnp.int32),
+        temperature=jnp.full(n, temperature, jnp.float32),
+        top_k=jnp.full(n, top_k, jnp.int32),
+        top_p=jnp.full(n, top_p, jnp.float32),
+        seed=jnp.zeros((n, 2), jnp.uint32),
+        sample_index=jnp.arange(n, dtype=jnp.int32),
+        stop_ids=jnp.full((n, 4), -1, jnp.int32),
+    )
+
+
+def _reference_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Sort-based top-k then top-p (the usual definition), in f64."""
+    logits = logits.astype(np.float64)
+    order = np.argsort(-logits, kind="stable")
+    keep = np.zeros(logits.shape, bool)
+    kept = order[: top_k if top_k > 0 else len(order)]
+    if top_p >= 1.0:
+        keep[kept] = True
+        return keep
+    probs = np.exp(logits[kept] - logits[kept].max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    keep[kept[before < top_p]] = True
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (5, 1.0), (-1, 0.5), (20, 0.8), (1, 0.3)])
+def test_filter_matches_sort_reference(top_k, top_p):
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 300)) * 3.0)
+    filtered = np.asarray(_filter_top_k_top_p(jnp.asarray(logits), jnp.full(6, top_k), jnp.full(6, top_p)))
+    for row, out in zip(logits, filtered, strict=True):
+        keep = _reference_filter(row, top_k, top_p)
+        np.testing.assert_array_equal(np.isfinite(out), keep)
+        np.testing.assert_array_equal(out[keep], row[keep])
+
+
+def test_token_frequencies_follow_the_distribution():
+    """Draws from temperature-scaled, top-k/top-p-filtered softmax, one row per sample."""
+    n, temperature, top_k, top_p = 20000, 0.8, 6, 0.9
+    logits = jnp.asarray(np.linspace(2.0, -2.0, 10), jnp.float32)[None].repeat(n, 0)
+    rows = _rows(temperature, top_k, top_p, n)
+    tokens, logprobs = jax.jit(_select)(logits, rows, _row_keys(rows), jnp.int32(5))
+    scaled = np.asarray(logits[0]) / temperature
+    keep = _reference_filter(scaled, top_k, top_p)
+    expected = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+    expected /= expected.sum()
+    freq = np.bincount(np.asarray(tokens), minlength=10) / n
+    assert np.all(freq[~keep] == 0)
+    np.testing.assert_allclose(freq, expected, atol=4 * math.sqrt(0.25 / n))
+    raw = np.asarray(jax.nn.log_softmax(logits[0]))
+    np.testing.assert_allclose(np.asarray(logprobs), raw[np.asarray(tokens)], atol=1e-6)
