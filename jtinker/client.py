@@ -165,11 +165,18 @@ class TrainingClient:
     def forward_backward_custom(
         self, data: list[types.Datum], loss_fn: Callable, *, loss_type_input: str = "logprobs"
     ) -> APIFuture[types.ForwardBackwardOutput]:
-        """``loss_fn(data, logprobs_list) -> (loss, metrics)``, a JAX function, in one forward pass."""
-        if loss_type_input != "logprobs":
-            raise ValueError(f"loss_type_input: only 'logprobs' is supported, got {loss_type_input!r}")
+        """``loss_fn(data, values_list) -> (loss, metrics)``, a JAX function, in one forward pass.
+
+        ``values_list[i]`` is datum i's target logprobs ``[N]`` (Tinker's contract), or with
+        ``loss_type_input="logits"`` its full f32 logits ``[N, V]`` (beyond Tinker: top-k,
+        entropy or fixed-token-set losses). Unlike Tinker there is no second forward pass.
+        """
+        if loss_type_input not in ("logprobs", "logits"):
+            raise ValueError(f"loss_type_input: must be 'logprobs' or 'logits', got {loss_type_input!r}")
         return self._submit(
-            lambda: _forward_backward_output(*self._adapter.forward_backward_custom(data, loss_fn))
+            lambda: _forward_backward_output(
+                *self._adapter.forward_backward_custom(data, loss_fn, loss_type_input)
+            )
         )
 
     def optim_step(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -66,8 +67,10 @@ class BaseModel:
         mesh: Mesh | None = None,
         rules: sharding.ShardingRules | None = None,
         max_tokens_per_batch: int = 16384,
+        remat: bool = os.environ.get("JTINKER_REMAT", "0") == "1",
     ):
         self.name = name
+        self.remat = remat  # recompute layer activations in backward: less memory, more FLOPs
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
@@ -197,6 +200,7 @@ class Adapter:
                     config_arrays,
                     config=self.base.config,
                     loss_fn=loss_fn,
+                    remat=self.base.remat,
                 )
             else:
                 loss, metrics, logprobs = self.steps.evaluate(
@@ -212,18 +216,28 @@ class Adapter:
         self.grad_acc = grad_acc
         return loss_outputs(outputs), combine_metrics(metric_parts)
 
-    def forward_backward_custom(self, data: Sequence, loss_fn: Callable) -> tuple[list, dict]:
-        """A user loss over per-datum logprobs, differentiated in one forward pass.
+    def forward_backward_custom(
+        self, data: Sequence, loss_fn: Callable, loss_type_input: str = "logprobs"
+    ) -> tuple[list, dict]:
+        """A user loss over per-datum logprobs (or full logits), differentiated in one forward pass.
 
-        The jitted forward keeps its VJP residuals; ``loss_fn(data, logprobs_list)`` runs eagerly
-        on the small per-datum arrays; its gradient is pulled back through the stored VJP.
+        The jitted forward keeps its VJP residuals; ``loss_fn(data, values_list)`` runs eagerly
+        on the per-datum arrays (``[N]`` target logprobs, or ``[N, V]`` f32 logits with
+        ``loss_type_input="logits"``); its gradient is pulled back through the stored VJP.
         """
+        if loss_type_input not in ("logprobs", "logits"):
+            raise ValueError(f"loss_type_input: must be 'logprobs' or 'logits', got {loss_type_input!r}")
+        forward = (
+            self.steps.logprobs_with_pullback
+            if loss_type_input == "logprobs"
+            else self.steps.logits_with_pullback
+        )
         batches = self._batches(data, None)
         forwards = []
         logprobs_list: list[jax.Array | None] = [None] * len(data)
         for members, host in batches:
-            logprobs, pullback = self.steps.logprobs_with_pullback(
-                self.lora, self.base.params, host.batch, config=self.base.config
+            logprobs, pullback = forward(
+                self.lora, self.base.params, host.batch, config=self.base.config, remat=self.base.remat
             )
             forwards.append((members, host, logprobs, pullback))
             for i, p in zip(members, host.placements, strict=True):
@@ -241,7 +255,15 @@ class Adapter:
                 cotangent[p.row, p.start : p.start + p.length] = np.asarray(grads[i])
             grad_acc = self.steps.accumulate_pullback(grad_acc, pullback, jnp.asarray(cotangent))
         self.grad_acc = grad_acc
-        outputs = [np.asarray(lp) for lp in logprobs_list]
+        if loss_type_input == "logits":  # report target logprobs, as every forward_backward does
+            outputs = []
+            for i, logits in enumerate(logprobs_list):
+                targets = np.asarray(data[i].loss_fn_inputs["target_tokens"].to_numpy(), np.int64)
+                lsm = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+                picked = np.take_along_axis(lsm, targets.reshape(len(lsm), -1), axis=-1)
+                outputs.append(picked[:, 0] if targets.ndim == 1 else picked)
+        else:
+            outputs = [np.asarray(lp) for lp in logprobs_list]
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         return loss_outputs(outputs), {"loss:sum": float(loss), **metrics}
 

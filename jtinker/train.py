@@ -19,7 +19,7 @@ import optax
 from flax import struct
 
 from jtinker import losses as losses_lib
-from jtinker.models import ModelConfig, hidden_states, token_logprobs
+from jtinker.models import ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models.lora import Lora
 
 
@@ -180,6 +180,22 @@ def logprobs_with_pullback(lora, params, batch, *, config, remat=True):
     return jax.vjp(lambda lo: target_logprobs(config, params, lo, batch, remat=remat), lora)
 
 
+def full_logits(
+    config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool = True
+):
+    """All logits ``[B, T, V]`` in f32, for custom losses that need the whole distribution."""
+    hidden, _ = hidden_states(
+        config, params, batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
+        lora=lora, remat=remat,
+    )  # fmt: skip
+    return unembed(params, hidden, lora)
+
+
+def logits_with_pullback(lora, params, batch, *, config, remat=True):
+    """Like :func:`logprobs_with_pullback`, for full logits (memory ``B·T·V`` floats)."""
+    return jax.vjp(lambda lo: full_logits(config, params, lo, batch, remat=remat), lora)
+
+
 def accumulate_pullback(grad_acc, pullback, cotangent):
     (grads,) = pullback(cotangent)
     return jax.tree.map(jnp.add, grad_acc, grads)
@@ -210,6 +226,7 @@ class CompiledSteps:
         )  # fmt: skip
         self.evaluate = jit(evaluate, static_argnames=_STATIC, out_shardings=(replicated, replicated, rows))
         self.logprobs_with_pullback = jit(logprobs_with_pullback, static_argnames=("config", "remat"))
+        self.logits_with_pullback = jit(logits_with_pullback, static_argnames=("config", "remat"))
         self.accumulate_pullback = jit(
             accumulate_pullback, donate_argnames=("grad_acc",), out_shardings=lora_sharding
         )

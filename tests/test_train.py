@@ -269,6 +269,44 @@ def test_custom_cross_entropy_equals_builtin(service, qwen3_dir):
     assert_trees_close(grads_np(custom), grads_np(builtin), rtol=1e-5, atol_scale=1e-6)
 
 
+def test_custom_loss_on_full_logits(service, qwen3_dir):
+    """The logits hook: a cross-entropy written on full logits equals the built-in one, and a
+    loss that needs the whole distribution (entropy bonus) changes the gradient."""
+
+    def ce_from_logits(data, logits_list):
+        loss = 0.0
+        for d, logits in zip(data, logits_list, strict=True):
+            targets = jnp.asarray(inputs_of(d, "target_tokens"), jnp.int32)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[:, None], -1)[:, 0]
+            loss = loss + jnp.sum(-lp * jnp.asarray(inputs_of(d, "weights")))
+        return loss, {"vocab:max": float(logits_list[0].shape[-1])}
+
+    def ce_minus_entropy(data, logits_list):
+        loss, _ = ce_from_logits(data, logits_list)
+        entropy = sum(-jnp.sum(jax.nn.softmax(x) * jax.nn.log_softmax(x)) for x in logits_list)
+        return loss - 0.1 * entropy, {}
+
+    data = make_data(seed=5)
+    logits_client, builtin = new_client(service, qwen3_dir, seed=5), new_client(service, qwen3_dir, seed=5)
+    got = logits_client.forward_backward_custom(data, ce_from_logits, loss_type_input="logits").result()
+    want = builtin.forward_backward(data, "cross_entropy").result()
+    assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-5)
+    assert got.metrics["vocab:max"] == service._base(str(qwen3_dir)).config.vocab_size
+    for a, b in zip(logprobs_of(got), logprobs_of(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_trees_close(grads_np(logits_client), grads_np(builtin), rtol=1e-4, atol_scale=1e-6)
+
+    entropy_client = new_client(service, qwen3_dir, seed=5)
+    entropy_client.forward_backward_custom(data, ce_minus_entropy, loss_type_input="logits").result()
+    a, b = grads_np(entropy_client), grads_np(builtin)
+    assert (
+        max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+        > 1e-4
+    )
+    with pytest.raises(ValueError, match="loss_type_input"):
+        builtin.forward_backward_custom(data, ce_from_logits, loss_type_input="probs")
+
+
 # --------------------------------------------------------------------------------------------------
 # training end to end; shared base model
 # --------------------------------------------------------------------------------------------------
