@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 runtime failure, 2 usage error. Failures print one line
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -39,32 +38,15 @@ def load_checkpoint_lora(store: Any, path: str, base_model: str | None = None) -
     The LoRA template is rebuilt from the checkpoint's metadata, as ``create_sampling_client``
     does, so only the small adapter is read; the base weights are not loaded.
     """
-    import jax
-
     from jtinker import registry
-    from jtinker.checkpoints import abstract
-    from jtinker.engine import check_compatible
+    from jtinker.engine import lora_from_checkpoint
     from jtinker.models import ModelConfig
-    from jtinker.models import lora as lora_lib
 
-    meta = store.read_meta(path)
-    name = base_model or meta["base_model"]
+    name = base_model or store.read_meta(path)["base_model"]
     model_dir = registry.resolve_base_model(name)
     config = ModelConfig.from_pretrained(model_dir)
-    spec = meta["lora"]
-    check_compatible(
-        meta, {"base_model": name, "model_config": dataclasses.asdict(config), "lora": spec}, path
-    )
-    template = lora_lib.init(
-        config,
-        spec["rank"],
-        jax.random.key(0),
-        alpha=spec["alpha"],
-        targets=lora_lib.targets_for(spec["train_attn"], spec["train_mlp"], spec["train_unembed"]),
-        use_rslora=spec.get("use_rslora", False),
-    )
-    restored, _ = store.restore(path, {"lora": abstract(template.weights)})
-    return template.replace(weights=restored["lora"]), config, model_dir, meta
+    lora, meta = lora_from_checkpoint(store, path, config, name)
+    return lora, config, model_dir, meta
 
 
 def _check_tinker_path(path: str) -> str:

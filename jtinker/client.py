@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import math
 import os
@@ -23,9 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jtinker import registry, sharding, train, types
-from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract, new_run_id, validate_name
-from jtinker.engine import Adapter, BaseModel, LoraSpec, check_compatible, get_base_model
-from jtinker.models import lora as lora_lib
+from jtinker.checkpoints import CheckpointPath, CheckpointStore, new_run_id, validate_name
+from jtinker.engine import Adapter, BaseModel, LoraSpec, get_base_model, lora_from_checkpoint
 from jtinker.sampling import SampleRequest, SampleResult
 
 log = logging.getLogger("jtinker")
@@ -433,10 +431,6 @@ def _mesh_from(mesh: Any) -> Mesh | None:
     )
 
 
-def _identity_of(base: BaseModel) -> dict:
-    return {"base_model": base.name, "model_config": dataclasses.asdict(base.config)}
-
-
 class ServiceClient:
     """Entry point. Accepts (and ignores) the SDK's connection arguments: everything runs in process.
 
@@ -585,19 +579,8 @@ class ServiceClient:
             return SamplingClient(self._base(base_model))
         meta = self.store.read_meta(model_path, "model_path")
         base = self._base(base_model or meta["base_model"])
-        check_compatible(meta, {**_identity_of(base), "lora": meta["lora"]}, model_path)
-        template = lora_lib.init(
-            base.config,
-            meta["lora"]["rank"],
-            jax.random.key(0),
-            alpha=meta["lora"]["alpha"],
-            targets=lora_lib.targets_for(
-                meta["lora"]["train_attn"], meta["lora"]["train_mlp"], meta["lora"]["train_unembed"]
-            ),
-            use_rslora=meta["lora"].get("use_rslora", False),
-        )
-        restored, _ = self.store.restore(model_path, {"lora": abstract(template.weights)}, "model_path")
-        return SamplingClient(base, template.replace(weights=restored["lora"]), model_path=model_path)
+        lora, _ = lora_from_checkpoint(self.store, model_path, base.config, base.name, "model_path")
+        return SamplingClient(base, lora, model_path=model_path)
 
     async def create_sampling_client_async(self, model_path=None, base_model=None, retry_config=None):
         return self.create_sampling_client(model_path, base_model, retry_config)

@@ -326,6 +326,29 @@ def check_compatible(meta: dict, identity: dict, path: str) -> None:
             )
 
 
+def lora_from_checkpoint(
+    store: CheckpointStore, path: str, config: ModelConfig, base_name: str, field: str = "path"
+) -> tuple[lora_lib.Lora, dict]:
+    """The adapter of a checkpoint (and its metadata), after checking it fits ``config``.
+
+    The LoRA layout is rebuilt from the metadata, so only the small adapter is read from disk.
+    """
+    meta = store.read_meta(path, field)
+    spec = meta["lora"]
+    identity = {"base_model": base_name, "model_config": dataclasses.asdict(config), "lora": spec}
+    check_compatible(meta, identity, path)
+    template = lora_lib.init(
+        config,
+        spec["rank"],
+        jax.random.key(0),
+        alpha=spec["alpha"],
+        targets=lora_lib.targets_for(spec["train_attn"], spec["train_mlp"], spec["train_unembed"]),
+        use_rslora=spec.get("use_rslora", False),
+    )
+    restored, meta = store.restore(path, {"lora": abstract(template.weights)}, field)
+    return template.replace(weights=restored["lora"]), meta
+
+
 def _scatter_outputs(outputs: list, members: list[int], host: HostBatch, logprobs: np.ndarray) -> None:
     for i, p in zip(members, host.placements, strict=True):
         outputs[i] = logprobs[p.row, p.start : p.start + p.length]

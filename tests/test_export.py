@@ -365,3 +365,54 @@ def test_export_merged_refuses_model_dir(qwen3_dir):
     config, params = load_pretrained(qwen3_dir)
     with pytest.raises(ValueError, match="model_dir"):
         export_merged(qwen3_dir, config, params, None, Path(qwen3_dir))
+
+
+def test_trained_adapter_exports_match_compute_logprobs(tmp_path, tiny_model_factory):
+    """Train through the Tinker API, then PEFT and merged exports reproduce compute_logprobs (1e-4)."""
+    import jtinker as tinker
+    from jtinker.cli import load_checkpoint_lora
+
+    model_dir = tiny_model_factory("qwen3")
+    service = tinker.ServiceClient(store_dir=str(tmp_path / "runs"))
+    training = service.create_lora_training_client(str(model_dir), rank=8, seed=0)
+    rng = np.random.default_rng(0)
+    data = []
+    for _ in range(4):
+        seq = rng.integers(0, 256, size=24).tolist()
+        data.append(tinker.Datum(
+            model_input=tinker.ModelInput.from_ints(seq[:-1]),
+            loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * 23},
+        ))  # fmt: skip
+    for _ in range(5):
+        training.forward_backward(data, "cross_entropy")
+        training.optim_step(tinker.AdamParams(learning_rate=1e-2))
+    state = training.save_state("trained").result().path
+    sampler_path = training.save_weights_for_sampler("trained").result().path
+
+    held_out = rng.integers(0, 256, size=32).tolist()
+    ours = (
+        service.create_sampling_client(model_path=sampler_path)
+        .compute_logprobs(tinker.ModelInput.from_ints(held_out))
+        .result()
+    )
+    assert ours[0] is None
+    ours = np.asarray(ours[1:])
+
+    lora, config, _, _ = load_checkpoint_lora(service.store, state, base_model=str(model_dir))
+    assert float(np.abs(np.asarray(lora.weights["layers"]["q_proj"]["b"])).max()) > 0  # really trained
+    ids = torch.tensor([held_out])
+
+    def reference(model) -> np.ndarray:
+        with torch.no_grad():
+            lsm = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1]
+        return lsm.gather(-1, ids[0, 1:, None])[:, 0].numpy()
+
+    adapter_dir = export_peft(config, lora, tmp_path / "peft", base_model_name_or_path=str(model_dir))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    np.testing.assert_allclose(reference(peft_model), ours, atol=1e-4)
+
+    _, params = load_pretrained(model_dir)
+    merged_dir = export_merged(model_dir, config, params, lora, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    np.testing.assert_allclose(reference(merged), ours, atol=1e-4)
