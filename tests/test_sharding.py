@@ -123,3 +123,25 @@ def test_two_process_launch_script(tmp_path):
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     assert "STEP 2" in single.stdout
+
+
+def test_greedy_sampling_on_a_mesh_matches_one_device(tiny_model_factory):
+    from jtinker.models import lora as lora_lib
+    from jtinker.sampling import SampleRequest
+
+    model_dir = tiny_model_factory("llama")
+    requests = [
+        SampleRequest(prompt=list(range(40, 40 + n)), num_samples=2, max_tokens=16, temperature=0.0)
+        for n in (3, 9, 17)
+    ]
+    tokens = {}
+    for mesh_config in (None, "fsdp=4,tp=2", "dp=2,fsdp=4"):
+        base = BaseModel("tiny", model_dir, mesh=sharding.make_mesh(mesh_config) if mesh_config else None)
+        adapter = lora_lib.init(base.config, 8, jax.random.key(1))
+        for i, ab in enumerate(adapter.targets_tree().values()):  # non-zero b: the adapter matters
+            ab["b"] = 0.3 * jax.random.normal(jax.random.key(i), ab["b"].shape)
+        results = base.sampler.sample(requests, base.place_lora_tree(adapter))
+        tokens[mesh_config] = [seq[0] for r in results for seq in r.sequences]
+    assert len({t for seq in tokens[None] for t in seq}) > 3  # the output is not degenerate
+    assert tokens["fsdp=4,tp=2"] == tokens[None]
+    assert tokens["dp=2,fsdp=4"] == tokens[None]
