@@ -106,7 +106,7 @@ class BaseModel:
                 tokenizer = self.tokenizer
             except Exception:  # a model dir without tokenizer files can still sample token ids
                 tokenizer = None
-            self._sampler = Sampler(self.config, self.params, tokenizer)
+            self._sampler = Sampler(self.config, self.params, tokenizer, mesh=self.mesh, rules=self.rules)
         return self._sampler
 
     # -- placement ----------------------------------------------------------------------------

@@ -46,7 +46,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jtinker import sharding
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
 
@@ -318,18 +320,44 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
 
 # Module-level jits with the config as a static argument: every Sampler over the same model shares
 # the compiled programs, so e.g. a new Sampler per saved adapter compiles nothing.
-_prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"))
-_expand_jit = jax.jit(_expand, static_argnames=("size",))
-_decode_jit = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",))
+# One set of programs per placement of the cache (``None``: let the compiler choose). The cache is
+# pinned by the sharding rules (rows over the batch axes, kv heads over ``tp``), so decode keeps the
+# donated cache's layout step after step.
+_PROGRAMS: dict[tuple, Any] = {}
+
+
+def _program(kind: str, cache: NamedSharding | None, replicated: NamedSharding | None, want_lp=False, topk=0):
+    key = (kind, cache, replicated, want_lp, topk)
+    if key not in _PROGRAMS:
+        kv = None if cache is None else KVCache(k=cache, v=cache)
+        if kind == "prefill":
+            outs = None
+            if kv is not None:
+                names = ["logits"] + ["prompt_lp"] * want_lp + ["topk_lp", "topk_ids"] * bool(topk)
+                outs = {"cache": kv, **{name: replicated for name in names}}
+            fn = jax.jit(
+                _prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"), out_shardings=outs
+            )
+        elif kind == "expand":
+            fn = jax.jit(
+                _expand, static_argnames=("size",), out_shardings=None if kv is None else (kv, replicated)
+            )
+        else:
+            outs = (
+                None if kv is None else _State(cache=kv, logits0=replicated, step=replicated, out=replicated)
+            )
+            fn = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",), out_shardings=outs)
+        _PROGRAMS[key] = fn
+    return _PROGRAMS[key]
 
 
 def compile_counts() -> dict[str, int]:
     """Programs compiled so far by each stage, process-wide (one per distinct bucketed shape,
     config and LoRA structure)."""
     return {
-        "prefill": _prefill_jit._cache_size(),
-        "expand": _expand_jit._cache_size(),
-        "decode": _decode_jit._cache_size(),
+        # Every jit of one Python function shares one compile cache: read it once per stage.
+        kind: max((f._cache_size() for key, f in _PROGRAMS.items() if key[0] == kind), default=0)
+        for kind in ("prefill", "expand", "decode")
     }
 
 
@@ -357,6 +385,8 @@ class Sampler:
         cache_dtype=None,
         max_batch: int = 64,
         stop_check_interval: int = 16,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.ShardingRules | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
@@ -366,7 +396,19 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
         self.max_batch = max_batch
         self.stop_check_interval = stop_check_interval
+        self.mesh = mesh
+        self.rules = rules or sharding.ShardingRules()
         self.last_stats: dict[str, int] = {}
+
+    def _placement(self, rows: int, slots: int) -> tuple[NamedSharding | None, NamedSharding | None]:
+        """(cache, replicated) shardings for a ``[L, rows, slots, nKV, D]`` cache on the mesh."""
+        if self.mesh is None:
+            return None, None
+        c = self.config
+        shape = (c.num_layers, rows, slots, c.num_kv_heads, c.head_dim)
+        axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
+        cache = sharding.fitted_sharding(self.mesh, self.rules, axes, shape)
+        return cache, NamedSharding(self.mesh, PartitionSpec())
 
     # ----------------------------------------------------------------------------- validation
 
@@ -497,7 +539,10 @@ class Sampler:
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids
         device_rows = _Rows(**{k: jnp.asarray(v) for k, v in host.items()})
 
-        cache, logits0 = _expand_jit(pre["cache"], pre["logits"], jnp.asarray(src), size=size)
+        placement = self._placement(b, size)
+        cache, logits0 = _program("expand", *placement)(
+            pre["cache"], pre["logits"], jnp.asarray(src), size=size
+        )
         del pre
         state = _State(
             cache=cache,
@@ -512,13 +557,21 @@ class Sampler:
                 count=jnp.zeros(b, jnp.int32),
             ),
         )
+        if placement[0] is not None:  # donated in place, so it must start in the layout decode keeps
+            cache_sharding, replicated = placement
+            kv = KVCache(k=cache_sharding, v=cache_sharding)
+            state = jax.device_put(
+                state, _State(cache=kv, logits0=replicated, step=replicated, out=replicated)
+            )
         stop_rows = [j for j, row in enumerate(rows) if requests[row.request].stop_strings]
         total = int(host["max_tokens"].max())
         chunk = self.stop_check_interval if stop_rows else total
         step = 0
         while True:
             step = min(step + chunk, total)
-            state = _decode_jit(self.config, self.params, lora, state, device_rows, jnp.int32(step))
+            state = _program("decode", *placement)(
+                self.config, self.params, lora, state, device_rows, jnp.int32(step)
+            )
             self.last_stats["decode_calls"] += 1
             if not stop_rows or step >= total:
                 break
@@ -559,7 +612,8 @@ class Sampler:
             tokens[i, : len(x)] = x
             lengths[i] = len(x)
         self.last_stats["prefill_prompts"] = self.last_stats.get("prefill_prompts", 0) + len(prompts)
-        return _prefill_jit(
+        program = _program("prefill", *self._placement(p, t), want_lp=want_lp, topk=topk)
+        return program(
             self.config,
             self.cache_dtype,
             self.params,

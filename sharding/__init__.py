@@ -144,6 +144,18 @@ def checked_sharding(mesh: Mesh, spec: PartitionSpec, shape: Sequence[int], what
     return NamedSharding(mesh, spec)
 
 
+def fitted_sharding(
+    mesh: Mesh, rules: ShardingRules, logical_axes: Sequence[str | None], shape: Sequence[int]
+) -> NamedSharding:
+    """For activations and caches: the rules' sharding, minus mesh axes on dims they do not divide."""
+    spec = rules.spec(logical_axes)
+    fitted = [
+        entry if size % _axis_size(mesh, entry) == 0 else None
+        for size, entry in zip(shape, spec, strict=False)
+    ]
+    return NamedSharding(mesh, PartitionSpec(*fitted))
+
+
 def param_sharding(
     mesh: Mesh, rules: ShardingRules, path: tuple[str, ...], shape: Sequence[int]
 ) -> NamedSharding:
@@ -217,6 +229,7 @@ __all__ = [
     "batch_multiple",
     "batch_sharding",
     "checked_sharding",
+    "fitted_sharding",
     "lora_shardings",
     "make_mesh",
     "param_sharding",
