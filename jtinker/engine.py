@@ -133,10 +133,11 @@ class BaseModel:
         if key not in self._steps:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             self._steps[key] = train.CompiledSteps(
-                lora_sharding=sharding.lora_shardings(self.mesh, self.rules, lora),
-                opt_sharding=sharding.lora_shardings(self.mesh, self.rules, opt_state),
+                lora=sharding.lora_shardings(self.mesh, self.rules, lora),
+                opt=sharding.lora_shardings(self.mesh, self.rules, opt_state),
+                params=sharding.params_shardings(self.mesh, self.rules, self.params),
+                batch=sharding.batch_sharding(self.mesh, self.rules, 1),
                 replicated=replicated,
-                rows=replicated,  # per-token logprobs go back to every host
             )
         return self._steps[key]
 

@@ -211,26 +211,57 @@ _STATIC = ("config", "loss_fn", "remat")
 
 
 class CompiledSteps:
-    """Jitted train entry points for one adapter layout on one mesh.
+    """Jitted train entry points for one adapter layout on one mesh, with explicit shardings.
 
-    ``lora_sharding``/``opt_sharding`` are pytrees of shardings for the LoRA (and anything that
-    mirrors it, like gradients) and the optimizer state; ``replicated`` and ``rows`` shard scalars
-    and batch-major outputs.
+    ``lora`` / ``opt`` / ``params`` are pytrees of shardings for the LoRA (and anything that mirrors
+    it, like gradients), the optimizer state and the base params; ``batch`` shards batch-major
+    arrays by rows; ``replicated`` is for scalars and per-token outputs. One program is compiled
+    per (entry point, model config, loss, remat) and shape bucket.
     """
 
-    def __init__(self, lora_sharding, opt_sharding, replicated, rows):
-        jit = jax.jit
-        self.accumulate = jit(
-            accumulate, static_argnames=_STATIC, donate_argnames=("grad_acc",),
-            out_shardings=(lora_sharding, replicated, replicated, rows),
-        )  # fmt: skip
-        self.evaluate = jit(evaluate, static_argnames=_STATIC, out_shardings=(replicated, replicated, rows))
-        self.logprobs_with_pullback = jit(logprobs_with_pullback, static_argnames=("config", "remat"))
-        self.logits_with_pullback = jit(logits_with_pullback, static_argnames=("config", "remat"))
-        self.accumulate_pullback = jit(
-            accumulate_pullback, donate_argnames=("grad_acc",), out_shardings=lora_sharding
+    def __init__(self, *, lora, opt, params, batch, replicated):
+        state_in = (lora, params, batch)
+        self._shardings = {  # (in_shardings, out_shardings, donated argument indices)
+            "accumulate": ((lora, *state_in, replicated), (lora, replicated, replicated, replicated), (0,)),
+            "evaluate": ((*state_in, replicated), (replicated, replicated, replicated), ()),
+            # A pullback's residuals have a layout only the compiler knows: it chooses them.
+            "logprobs_with_pullback": (state_in, None, ()),
+            "logits_with_pullback": (state_in, None, ()),
+            "accumulate_pullback": (None, lora, (0,)),
+            "optim_update": ((lora, opt, lora, replicated), (lora, opt, lora, replicated), (0, 1, 2)),
+        }
+        self._jitted: dict[tuple, Callable] = {}
+
+    def _program(self, name: str, **static) -> Callable:
+        key = (name, *sorted(static.items()))
+        if key not in self._jitted:
+            ins, outs, donate = self._shardings[name]
+            fn = functools.partial(globals()[name], **static)
+            kwargs = {"in_shardings": ins} if ins is not None else {}
+            self._jitted[key] = jax.jit(fn, out_shardings=outs, donate_argnums=donate, **kwargs)
+        return self._jitted[key]
+
+    def compile_count(self, name: str) -> int:
+        """Programs compiled so far for entry point ``name`` (all configs and losses)."""
+        return sum(f._cache_size() for key, f in self._jitted.items() if key[0] == name)
+
+    def accumulate(self, grad_acc, lora, params, batch, loss_config, *, config, loss_fn, remat=True):
+        program = self._program("accumulate", config=config, loss_fn=loss_fn, remat=remat)
+        return program(grad_acc, lora, params, batch, loss_config)
+
+    def evaluate(self, lora, params, batch, loss_config, *, config, loss_fn, remat=False):
+        return self._program("evaluate", config=config, loss_fn=loss_fn, remat=remat)(
+            lora, params, batch, loss_config
         )
-        self.optim_update = jit(
-            optim_update, donate_argnames=("lora", "opt_state", "grad_acc"),
-            out_shardings=(lora_sharding, opt_sharding, lora_sharding, replicated),
-        )  # fmt: skip
+
+    def logprobs_with_pullback(self, lora, params, batch, *, config, remat=True):
+        return self._program("logprobs_with_pullback", config=config, remat=remat)(lora, params, batch)
+
+    def logits_with_pullback(self, lora, params, batch, *, config, remat=True):
+        return self._program("logits_with_pullback", config=config, remat=remat)(lora, params, batch)
+
+    def accumulate_pullback(self, grad_acc, pullback, cotangent):
+        return self._program("accumulate_pullback")(grad_acc, pullback, cotangent)
+
+    def optim_update(self, lora, opt_state, grad_acc, hparams):
+        return self._program("optim_update")(lora, opt_state, grad_acc, hparams)

@@ -99,9 +99,9 @@ def new_client(service, model_dir, seed=0, *, random_b=True, rank=RANK):
     return tc
 
 
-def jitted(tc, name: str):
-    """The client's jitted train entry point ``name`` (compiled per base model and adapter layout)."""
-    return getattr(tc._adapter.steps, name)
+def compiled(tc, name: str) -> int:
+    """Programs compiled for the client's train entry point ``name`` (per base model and adapter layout)."""
+    return tc._adapter.steps.compile_count(name)
 
 
 def assert_trees_close(got, want, rtol=1e-4, atol_scale=1e-5):
@@ -205,7 +205,8 @@ def test_two_halves_accumulate_to_the_full_batch(service, qwen3_dir):
     halves.forward_backward(data[:2], "cross_entropy").result()
     halves.forward_backward(data[2:], "cross_entropy").result()
     full.forward_backward(data, "cross_entropy").result()
-    assert_trees_close(grads_np(halves), grads_np(full), rtol=1e-5, atol_scale=1e-6)
+    # Two programs sum the tokens in a different order: f32 round-off, not a semantic difference.
+    assert_trees_close(grads_np(halves), grads_np(full), rtol=1e-4, atol_scale=1e-6)
 
     before = flat(lora_np(full))
     adam = tinker.AdamParams(learning_rate=1e-3, eps=1e-3, weight_decay=0.1)  # eps: no sign(0 ± noise)
@@ -558,15 +559,14 @@ def test_a_stream_of_shapes_compiles_a_handful_of_programs(service, qwen3_dir):
     shapes = {b.batch.tokens.shape for r in requests for _, b in build_batches(r, "cross_entropy", config)}
     assert len(shapes) <= 3, shapes
 
-    before = jitted(tc, "accumulate")._cache_size()
+    before = compiled(tc, "accumulate")
     for data in requests:
         tc.forward_backward(data, "cross_entropy").result()
-    compiled = jitted(tc, "accumulate")._cache_size() - before
-    assert compiled <= len(shapes)
+    assert compiled(tc, "accumulate") - before <= len(shapes)
 
     # optimizer hyperparameters are traced: changing every one of them never recompiles
     tc.optim_step(ADAM).result()
-    before = jitted(tc, "optim_update")._cache_size()
+    before = compiled(tc, "optim_update")
     for i, (lr, b1, b2, eps, wd, clip) in enumerate(
         [
             (1e-3, 0.9, 0.95, 1e-12, 0.0, 0.0),
@@ -579,7 +579,7 @@ def test_a_stream_of_shapes_compiles_a_handful_of_programs(service, qwen3_dir):
             learning_rate=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, grad_clip_norm=clip
         )
         tc.optim_step(params).result()
-    assert jitted(tc, "optim_update")._cache_size() == before
+    assert compiled(tc, "optim_update") == before
 
 
 # --------------------------------------------------------------------------------------------------
