@@ -141,9 +141,13 @@ class TrainingClient:
         loss_fn: types.LossFnType,
         loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
+        """The loss and per-token logprobs, without gradients."""
+        return self._run_loss(data, loss_fn, loss_fn_config, backward=False)
+
+    def _run_loss(self, data, loss_fn, loss_fn_config, *, backward: bool) -> APIFuture:
         return self._submit(
             lambda: _forward_backward_output(
-                *self._adapter.forward_backward(data, loss_fn, loss_fn_config, backward=False)
+                *self._adapter.forward_backward(data, loss_fn, loss_fn_config, backward=backward)
             )
         )
 
@@ -154,11 +158,7 @@ class TrainingClient:
         loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Computes the loss and adds its gradient to the accumulator (applied by ``optim_step``)."""
-        return self._submit(
-            lambda: _forward_backward_output(
-                *self._adapter.forward_backward(data, loss_fn, loss_fn_config, backward=True)
-            )
-        )
+        return self._run_loss(data, loss_fn, loss_fn_config, backward=True)
 
     def forward_backward_custom(
         self, data: list[types.Datum], loss_fn: Callable, *, loss_type_input: str = "logprobs"
