@@ -29,7 +29,7 @@ from jtinker import losses as losses_lib
 from jtinker import sharding, train
 from jtinker.batching import HostBatch, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
-from jtinker.models import ModelConfig, load_params, param_shapes
+from jtinker.models import ModelConfig, load_pretrained
 from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
@@ -76,13 +76,7 @@ class BaseModel:
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         self.rules = rules or sharding.ShardingRules()
         self.config: ModelConfig = ModelConfig.from_pretrained(model_dir)
-        shapes = param_shapes(self.config)
-        for path, shape in shapes.items():  # a mesh that does not divide the model fails before loading
-            sharding.param_sharding(self.mesh, self.rules, path, shape)
-        self.params = load_params(
-            self.config, model_dir, dtype=dtype,
-            sharding_for=lambda path, shape: sharding.param_sharding(self.mesh, self.rules, path, shape),
-        )  # fmt: skip
+        _, self.params = load_pretrained(model_dir, dtype, mesh=self.mesh, rules=self.rules)
         self.max_tokens_per_batch = max_tokens_per_batch
         self._steps: dict[Any, train.CompiledSteps] = {}
         self._tokenizer = None

@@ -202,7 +202,20 @@ def load_pretrained(
     dtype=jnp.float32,
     *,
     sharding_for: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
 ) -> tuple[ModelConfig, dict]:
-    """``config, params = load_pretrained(hf_dir, dtype=jnp.bfloat16)``."""
+    """``config, params = load_pretrained(hf_dir, dtype=jnp.bfloat16[, mesh=mesh])``.
+
+    With ``mesh`` each param is loaded straight into its shards by ``rules`` (default
+    ``jtinker.sharding.ShardingRules()``); a mesh that does not divide the model fails first.
+    """
     config = ModelConfig.from_pretrained(path)
+    if mesh is not None:
+        from jtinker import sharding
+
+        rules = rules or sharding.ShardingRules()
+        for param_path, shape in param_shapes(config).items():
+            sharding.param_sharding(mesh, rules, param_path, shape)
+        sharding_for = lambda p, shape: sharding.param_sharding(mesh, rules, p, shape)  # noqa: E731
     return config, load_params(config, path, dtype=dtype, sharding_for=sharding_for)

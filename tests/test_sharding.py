@@ -81,6 +81,19 @@ def test_params_lora_and_adam_state_are_sharded(qwen3_dir):
     assert mu.sharding == b.sharding
 
 
+def test_functional_api_loads_sharded_params(qwen3_dir):
+    from jtinker.models import forward, load_pretrained
+
+    mesh = sharding.make_mesh("fsdp=4,tp=2")
+    config, params = load_pretrained(qwen3_dir, mesh=mesh)
+    assert params["layers"]["gate_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
+    _, local = load_pretrained(qwen3_dir)
+    tokens = jax.numpy.arange(16, dtype=jax.numpy.int32).reshape(2, 8)
+    np.testing.assert_allclose(forward(config, params, tokens), forward(config, local, tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="mesh: "):
+        load_pretrained(qwen3_dir, mesh=sharding.make_mesh("tp=3"))
+
+
 def test_rules_are_data_not_code(qwen3_dir):
     rules = sharding.ShardingRules().replace(embed=None, mlp=("fsdp", "tp"))
     spec = rules.spec(("layers", "embed", "mlp"))
