@@ -96,7 +96,7 @@ def quickstart_model_dir() -> Path:
     return out
 
 
-class _Codec:
+class Codec:
     """Prompt/answer tokens for one tokenizer, and the stop tokens that end an answer."""
 
     def __init__(self, tokenizer: Any, model_dir: Path):
@@ -132,7 +132,7 @@ def _eos_token_id(tokenizer: Any, model_dir: Path) -> int:
     return eos
 
 
-def _datum(codec: _Codec, example: Example):
+def sft_datum(codec: Codec, example: Example):
     """Next-token SFT datum: weight 0 on the prompt, 1 on the answer and its eos."""
     from jtinker import types
 
@@ -145,7 +145,7 @@ def _datum(codec: _Codec, example: Example):
     )
 
 
-def evaluate(sampling_client: Any, codec: _Codec, examples: Sequence[Example]) -> tuple[float, list[str]]:
+def evaluate(sampling_client: Any, codec: Codec, examples: Sequence[Example]) -> tuple[float, list[str]]:
     """Held-out exact match with greedy decoding; returns (accuracy, predictions)."""
     from jtinker import types
 
@@ -190,7 +190,7 @@ def run(config: QuickstartConfig, log: Callable[[str], None] = print) -> dict[st
     training = service.create_lora_training_client(
         base_model=str(model_dir), rank=config.rank, seed=config.seed
     )
-    codec = _Codec(training.get_tokenizer(), model_dir)
+    codec = Codec(training.get_tokenizer(), model_dir)
     train_dates, eval_dates = make_splits(config.seed, config.eval_size)
     eval_examples = [make_example(d) for d in eval_dates]
     example = eval_examples[0]
@@ -220,7 +220,7 @@ def run(config: QuickstartConfig, log: Callable[[str], None] = print) -> dict[st
     bar = tqdm(range(config.steps), desc="SFT", unit="step", disable=not config.progress, mininterval=0.25)
     for step in bar:
         batch = [make_example(d) for d in rng.sample(train_dates, config.batch_size)]
-        data = [_datum(codec, e) for e in batch]
+        data = [sft_datum(codec, e) for e in batch]
         n_tokens = sum(len(codec.answer(e)) for e in batch)  # weight-1 tokens: loss:sum -> per token
         fb = training.forward_backward(data, "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=_learning_rate(config, step)))
