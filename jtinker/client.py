@@ -234,26 +234,21 @@ class TrainingClient:
     ) -> APIFuture[types.LoadWeightsResponse]:
         """Loads weights only; the Adam state starts fresh."""
         del weights_access_token
-        store = self._service.store
-        return self._submit(
-            lambda: (
-                self._adapter.load(store, path, with_optimizer=False),
-                types.LoadWeightsResponse(path=path, model_id=self.model_id),
-            )[1]
-        )
+        return self._load(path, with_optimizer=False)
 
     def load_state_with_optimizer(
         self, path: str, weights_access_token: str | None = None
     ) -> APIFuture[types.LoadWeightsResponse]:
         """Loads weights and Adam state: training resumes bit-identically."""
         del weights_access_token
-        store = self._service.store
-        return self._submit(
-            lambda: (
-                self._adapter.load(store, path, with_optimizer=True),
-                types.LoadWeightsResponse(path=path, model_id=self.model_id),
-            )[1]
-        )
+        return self._load(path, with_optimizer=True)
+
+    def _load(self, path: str, *, with_optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
+        def load() -> types.LoadWeightsResponse:
+            self._adapter.load(self._service.store, path, with_optimizer=with_optimizer)
+            return types.LoadWeightsResponse(path=path, model_id=self.model_id)
+
+        return self._submit(load)
 
     def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
         return self._service.create_sampling_client(model_path=model_path, retry_config=retry_config)
