@@ -109,11 +109,9 @@ def validate_and_extract(
             elif k != multi_k:
                 raise ValueError(f"{_field(i, key)}: every input must be (N,) or share one (N, K) shape")
             arrays[key] = arr
-        targets = arrays.pop("target_tokens", None)
+        targets = arrays.pop("target_tokens")  # required by every loss, checked above
         multi_k = None if multi_k is _UNSET else multi_k
-        if targets is None:
-            targets = np.zeros((n,) if multi_k is None else (n, multi_k), np.int64)
-        elif not np.issubdtype(targets.dtype, np.integer) and not np.all(targets == np.round(targets)):
+        if not np.issubdtype(targets.dtype, np.integer) and not np.all(targets == np.round(targets)):
             raise ValueError(f"{_field(i, 'target_tokens')}: must be integer token ids")
         targets = targets.astype(np.int64)
         if targets.min() < 0 or targets.max() >= config.vocab_size:

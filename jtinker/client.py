@@ -513,9 +513,7 @@ class ServiceClient:
             alpha=lora["alpha"],
         )
         client = self._new_training_client(base_model or meta["base_model"], spec, model_id)
-        client.load_state_with_optimizer(path).result() if with_optimizer else client.load_state(
-            path
-        ).result()
+        client._load(path, with_optimizer=with_optimizer).result()
         return client
 
     def create_training_client_from_state(
