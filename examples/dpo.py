@@ -21,6 +21,7 @@ import jtinker as tinker
 from jtinker import types
 from jtinker.losses import dpo_loss
 from jtinker.quickstart import Codec, Example, make_example, make_splits, quickstart_model_dir
+from jtinker.trainer import full_sequence, sequence_logprob
 
 
 def pair_data(
@@ -40,17 +41,6 @@ def pair_data(
         )
         masks.append(mask)
     return data, masks
-
-
-def full_sequence(datum: types.Datum) -> types.ModelInput:
-    """The datum's whole token sequence: its inputs plus the final target."""
-    tokens = datum.model_input.to_ints() + [int(datum.loss_fn_inputs["target_tokens"].tolist()[-1])]
-    return types.ModelInput.from_ints(tokens)
-
-
-def answer_logprob(logprobs: list[float | None], mask: list[float]) -> float:
-    """``compute_logprobs`` gives one entry per token, the first None; the rest line up with ``mask``."""
-    return sum(lp * m for lp, m in zip(logprobs[1:], mask, strict=True))
 
 
 def make_dpo_loss(masks: list[list[float]], ref_chosen: jax.Array, ref_rejected: jax.Array, beta: float):
@@ -92,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             masks += m
         # Submit every reference request before waiting on any, so the engine batches them.
         futures = [reference.compute_logprobs(full_sequence(d)) for d in data]
-        ref = [answer_logprob(f.result(), m) for f, m in zip(futures, masks, strict=True)]
+        ref = [sequence_logprob(f.result(), m) for f, m in zip(futures, masks, strict=True)]
         ref_chosen, ref_rejected = jnp.array(ref[0::2]), jnp.array(ref[1::2])
 
         loss_fn = make_dpo_loss(masks, ref_chosen, ref_rejected, args.beta)

@@ -19,28 +19,13 @@ from typing import Any
 import jtinker as tinker
 from jtinker import types
 from jtinker.quickstart import Codec, Example, quickstart_model_dir, sft_datum
+from jtinker.trainer import group_advantages, rl_datum
 
 
 def make_task(rng: random.Random) -> Example:
     letters = "".join(rng.choices(string.ascii_lowercase, k=3))
     digit = rng.choice(string.digits)
     return Example(prompt=f"{letters}{digit}", answer=digit)
-
-
-def rl_datum(
-    prompt: list[int], completion: list[int], logprobs: list[float], advantage: float
-) -> types.Datum:
-    """Prompt positions get advantage 0 (no gradient); each completion token carries the advantage."""
-    tokens = prompt + completion
-    n_prompt = len(prompt) - 1  # targets are tokens[1:], so the first completion token is target n_prompt
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "logprobs": [0.0] * n_prompt + list(logprobs),
-            "advantages": [0.0] * n_prompt + [advantage] * len(completion),
-        },
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -81,12 +66,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for task, prompt, future in zip(tasks, prompts, futures, strict=True):
             sequences = future.result().sequences
             group = [float(codec.tokenizer.decode(list(s.tokens)) == task.answer) for s in sequences]
-            baseline = sum(group) / len(group)
             rewards += group
-            for seq, reward in zip(sequences, group, strict=True):
+            for seq, advantage in zip(sequences, group_advantages(group), strict=True):
                 # All-equal groups have zero advantage everywhere: no signal, so skip them.
-                if reward != baseline:
-                    data.append(rl_datum(prompt, list(seq.tokens), list(seq.logprobs), reward - baseline))
+                if advantage != 0:
+                    data.append(rl_datum(prompt, list(seq.tokens), list(seq.logprobs), advantage))
         mean_rewards.append(sum(rewards) / len(rewards))
         print(f"iter {it:2d}  mean reward {mean_rewards[-1]:.3f}  ({len(data)} trained sequences)")
         if data:

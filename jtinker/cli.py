@@ -1,4 +1,4 @@
-"""The ``jtinker`` command: quickstart, tiny models, checkpoints, export/import, sampling.
+"""The ``jtinker`` command: quickstart, train, serve, sample, tiny models, checkpoints, export, bench.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error. Failures print one line
 (``jtinker: error: ...``) unless ``--debug`` is given, which shows the full traceback.
@@ -287,9 +287,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_implemented(args: argparse.Namespace) -> int:
-    print(f"{PROG}: error: '{args.command}' is not implemented yet", file=sys.stderr)
-    return 2
+def cmd_train(args: argparse.Namespace) -> int:
+    from jtinker import trainer
+    from jtinker.configs import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    print(f"{config.kind} on {config.base_model} -> {Path(config.out_dir).resolve()}")
+    try:
+        trainer.run(config)
+    except ConfigError as e:  # e.g. an out_dir that holds another run
+        raise UsageError(str(e)) from None
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,15 +478,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=cmd_bench)
 
-    for name, what in (("train", "train from a config file"),):
-        p = sub.add_parser(
-            name,
-            parents=[common],
-            help=f"{what} (not implemented yet)",
-            description=f"{what}: not implemented yet.",
-        )
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=cmd_not_implemented)
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="run an SFT, RL or DPO job from a config file (resumable)",
+        description="Runs the job in CONFIG (YAML, TOML or JSON; see configs/). Rerunning a config "
+        "resumes from the last checkpoint in its out_dir, data position included. Writes "
+        "OUT/metrics.jsonl, OUT/checkpoints.jsonl, OUT/summary.json and a PEFT adapter.",
+        epilog="example: jtinker train configs/sft_tiny.yaml steps=50 optim.learning_rate=1e-3",
+    )
+    p.add_argument("config", metavar="CONFIG", help="a config file, e.g. configs/sft_tiny.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config keys (dotted, e.g. data.batch_size=8)",
+    )
+    p.add_argument("--out", metavar="DIR", help="output directory (same as out_dir=DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -506,7 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if getattr(args, "command", None) == "train":  # KEY=VALUE overrides may follow options too
+                args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+                extra = [x for x in extra if x not in args.overrides]
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as e:  # --help / --version
             return int(e.code or 0)
         if args.command is None:

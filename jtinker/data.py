@@ -39,6 +39,7 @@ __all__ = [
     "render_preference",
     "render_row",
     "to_datum",
+    "to_datums",
     "jsonl_dataset",
     "make_pipeline",
 ]
@@ -297,13 +298,22 @@ def to_datum(tokens: Sequence[int] | np.ndarray, weights: Sequence[float] | np.n
     )
 
 
-def jsonl_dataset(path: str | Path, tokenizer: Any, kind: RowKind | None = None) -> grain.MapDataset:
+def jsonl_dataset(
+    path: str | Path,
+    tokenizer: Any,
+    kind: RowKind | None = None,
+    *,
+    expect: Sequence[RowKind] | None = None,
+) -> grain.MapDataset:
     """A ``grain.MapDataset`` of rendered examples (numpy dicts) from a validated JSONL file.
 
     Rows are validated now; tokenisation runs lazily per element. ``make_pipeline`` tells the row
-    kinds apart by the example keys (``tokens`` vs ``chosen_tokens``).
+    kinds apart by the example keys (``tokens`` vs ``chosen_tokens``). ``expect`` lists the row
+    kinds the caller can train on (e.g. only ``preference`` for DPO).
     """
     row_kind, rows = load_jsonl(path, kind)
+    if expect is not None and row_kind not in expect:
+        raise DataError(f"{path}: has {row_kind} rows; this needs {' or '.join(expect)} rows")
     return grain.MapDataset.source(rows).map(lambda row: render_row(tokenizer, row_kind, row))
 
 
@@ -328,7 +338,8 @@ def _unpack_names(row: Example) -> Example:
     }
 
 
-def _datums(example: Example) -> list[Datum]:
+def to_datums(example: Example) -> list[Datum]:
+    """The ``Datum`` list of one rendered example (a preference pair gives chosen, then rejected)."""
     if "chosen_tokens" in example:  # DPO: a (chosen, rejected) pair, kept adjacent
         return [
             to_datum(example["chosen_tokens"], example["chosen_weights"]),
@@ -375,7 +386,9 @@ def make_pipeline(
         ds = ds.repeat(num_epochs)
     if pack_length is None:
         batched = ds.batch(
-            batch_size, drop_remainder=drop_remainder, batch_fn=lambda xs: [d for x in xs for d in _datums(x)]
+            batch_size,
+            drop_remainder=drop_remainder,
+            batch_fn=lambda xs: [d for x in xs for d in to_datums(x)],
         )
         return batched.to_iter_dataset()
     if pack_length < 1:

@@ -162,10 +162,16 @@ def evaluate(sampling_client: Any, codec: Codec, examples: Sequence[Example]) ->
 
 def _learning_rate(config: QuickstartConfig, step: int) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    from jtinker.configs import OptimSection
+    from jtinker.trainer import learning_rate_at
+
+    schedule = OptimSection(
+        learning_rate=config.learning_rate,
+        schedule="cosine",
+        warmup_steps=config.warmup_steps,
+        min_lr_ratio=0.1,
+    )
+    return learning_rate_at(schedule, step, config.steps)
 
 
 def run(config: QuickstartConfig, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A ``base_model`` is resolved, in order, as
 1. a local Hugging Face directory (it has a ``config.json``);
 2. a name from ``JTINKER_MODELS`` (``name=/path,other=/path``) or ``$JTINKER_HOME/models.json``
    (``{"name": "/path"}``);
-3. a built-in tiny model (``jtinker/tiny-qwen3``, ``jtinker/small-qwen3``, ...), made on first use.
+3. a built-in tiny model (``jtinker/tiny-qwen3``, ``jtinker/small-qwen3``, ...), made on first use;
+   ``jtinker/quickstart`` is the quickstart's model, shaped to learn its date task quickly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 BUILTIN_PREFIX = "jtinker/"
 BUILTIN_FAMILIES = ("llama", "qwen2", "qwen3")
 BUILTIN_SIZES = ("tiny", "small")
+QUICKSTART_NAME = f"{BUILTIN_PREFIX}quickstart"
 _MAKE_LOCK = threading.Lock()
 
 
@@ -26,7 +28,8 @@ def home() -> Path:
 
 
 def builtin_names() -> list[str]:
-    return [f"{BUILTIN_PREFIX}{size}-{family}" for size in BUILTIN_SIZES for family in BUILTIN_FAMILIES]
+    sized = [f"{BUILTIN_PREFIX}{size}-{family}" for size in BUILTIN_SIZES for family in BUILTIN_FAMILIES]
+    return [*sized, QUICKSTART_NAME]
 
 
 def registered_models() -> dict[str, str]:
@@ -56,6 +59,11 @@ def resolve_base_model(base_model: str) -> Path:
         if not (path / "config.json").is_file():
             raise ValueError(f"base_model: {base_model!r} is registered as {path}, which has no config.json")
         return path
+    if base_model == QUICKSTART_NAME:
+        from jtinker.quickstart import quickstart_model_dir
+
+        with _MAKE_LOCK:
+            return quickstart_model_dir()
     if base_model in builtin_names():
         size, family = base_model.removeprefix(BUILTIN_PREFIX).split("-")
         out = home() / "models" / base_model.removeprefix(BUILTIN_PREFIX)
