@@ -276,14 +276,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks live in the source tree (bench/), next to the package."""
+    """Benchmarks live in the source tree (bench/), next to the package. ``--all`` runs bench/report.py,
+    which runs each benchmark in its own process and regenerates BENCHMARKS.md."""
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.name}.py"
+    if args.all and args.name is not None:
+        raise UsageError(f"bench: give a benchmark name or --all, not both (got {args.name!r})")
+    if not args.all and args.name is None:
+        raise UsageError("bench: name a benchmark (train, sample, server, memory, compile) or pass --all")
+    name = "report" if args.all else args.name
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
     if not script.is_file():
-        raise ValueError(f"bench: no benchmark {args.name!r} at {script} (benchmarks need a source checkout)")
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+        raise ValueError(f"bench: no benchmark {name!r} at {script} (benchmarks need a source checkout)")
+    rest = list(args.rest)
+    if args.all:
+        rest += [x for skip in args.skip for x in ("--skip", skip)] + ["--reuse"] * args.reuse
+        rest += ["--command", " ".join(["jtinker bench --all", *rest])]
+    sys.argv = [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # a benchmark's argparse --help / error, or report.py's exit status
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     return 0
 
 
@@ -381,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
     p.add_argument(
-        "--family", choices=("llama", "qwen2", "qwen3"), default="qwen3", help="default: %(default)s"
+        "--family",
+        choices=("llama", "qwen2", "qwen3", "qwen3_moe"),
+        default="qwen3",
+        help="default: %(default)s",
     )
     p.add_argument("--size", choices=("tiny", "small"), default="tiny", help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="weight init seed (default: 0)")
@@ -471,10 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         parents=[common],
-        help="run a benchmark from bench/ (train, sample, server)",
-        description="Runs bench/NAME.py from the source checkout with the remaining arguments.",
+        help="run a benchmark from bench/, or all of them into BENCHMARKS.md (--all)",
+        description="Runs bench/NAME.py from the source checkout with the remaining arguments; with --all, "
+        "runs every benchmark (each in its own process, about 10-15 minutes on a small CPU machine) and "
+        "regenerates BENCHMARKS.md.",
+        epilog="examples: jtinker bench train --steps 3; jtinker bench --all --skip server",
     )
-    p.add_argument("name", help="benchmark: train, sample, server")
+    p.add_argument("--all", action="store_true", help="run every benchmark and regenerate BENCHMARKS.md")
+    p.add_argument(
+        "--skip", action="append", default=[], metavar="NAME", help="with --all: do not run NAME (repeatable)"
+    )
+    p.add_argument("--reuse", action="store_true", help="with --all: only re-render from bench_results/")
+    p.add_argument("name", nargs="?", help="benchmark: train, sample, server, memory, compile")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=cmd_bench)
 
@@ -482,18 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         parents=[common],
         help="run an SFT, RL or DPO job from a config file (resumable)",
+        usage=f"{PROG} train CONFIG [KEY=VALUE ...] [--out DIR] [--no-progress] [--debug]",
         description="Runs the job in CONFIG (YAML, TOML or JSON; see configs/). Rerunning a config "
         "resumes from the last checkpoint in its out_dir, data position included. Writes "
         "OUT/metrics.jsonl, OUT/checkpoints.jsonl, OUT/summary.json and a PEFT adapter.",
-        epilog="example: jtinker train configs/sft_tiny.yaml steps=50 optim.learning_rate=1e-3",
+        epilog="KEY=VALUE overrides a config key (dotted inside sections), e.g.\n"
+        "  jtinker train configs/sft_tiny.yaml steps=50 optim.learning_rate=1e-3 data.batch_size=8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", metavar="CONFIG", help="a config file, e.g. configs/sft_tiny.yaml")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="override config keys (dotted, e.g. data.batch_size=8)",
-    )
     p.add_argument("--out", metavar="DIR", help="output directory (same as out_dir=DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -533,8 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         try:
             args, extra = parser.parse_known_args(argv)
-            if getattr(args, "command", None) == "train":  # KEY=VALUE overrides may follow options too
-                args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+            if getattr(args, "command", None) == "train":  # KEY=VALUE overrides, anywhere after CONFIG
+                args.overrides = [x for x in extra if "=" in x and not x.startswith("-")]
                 extra = [x for x in extra if x not in args.overrides]
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -271,7 +271,7 @@ def test_usage_errors_exit_2(home, capsys):
     assert main(["no-such-command"]) == 2
     assert main(["train"]) == 2
     err = capsys.readouterr().err
-    assert "not implemented yet" in err
+    assert "required: CONFIG" in err
     assert all(line.startswith("jtinker: error:") for line in err.strip().splitlines()), err
     assert "Traceback" not in err
 
