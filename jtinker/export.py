@@ -9,6 +9,10 @@
 Layouts: our kernels and LoRA factors are ``[in, out]`` (``a [in, r]``, ``b [r, out]``); PyTorch and
 PEFT store ``[out, in]`` (``lora_A [r, in]``, ``lora_B [out, r]``), so every matrix is transposed
 on the way out and back in.
+
+Qwen3-MoE experts are written per expert, in the on-disk HF naming that PEFT (which fuses them for
+transformers v5 on load) and vLLM accept: ``...layers.L.mlp.experts.E.gate_proj.lora_A.weight``;
+merged exports likewise write ``model.layers.L.mlp.experts.E.gate_proj.weight``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from safetensors.numpy import load_file, save_file
 
 from .models import lora as lora_lib
 from .models.config import ModelConfig
-from .models.loading import param_layout
-from .models.lora import ALL_TARGETS, UNEMBED_TARGET, Lora, target_shape
+from .models.loading import hf_shape, param_layout
+from .models.lora import ALL_TARGETS, UNEMBED_TARGET, Lora, lead_shape, module_name, param_names, target_shape
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -73,22 +77,21 @@ _TORCH_DTYPE_NAMES = {
 # PEFT key naming
 
 
-def _module_path(config: ModelConfig, target: str) -> str:
-    """HF module path of a LoRA target, with ``{i}`` for the layer index."""
-    if target == UNEMBED_TARGET:
-        return "lm_head"
-    hf_name, _, _ = param_layout(config)[("layers", target)]
-    return hf_name.removesuffix(".weight")
+def _peft_keys(config: ModelConfig, param: str) -> list[tuple[tuple[int, ...], str, str]]:
+    """``(index into the stacked LoRA param, lora_A key, lora_B key)`` for every module it adapts.
 
-
-def _peft_keys(config: ModelConfig, target: str) -> list[tuple[int | None, str, str]]:
-    """``(layer index or None, lora_A key, lora_B key)`` for every module a target adapts."""
-    path = _module_path(config, target)
-    layers = [None] if target == UNEMBED_TARGET else list(range(config.num_layers))
+    The index is ``()`` for lm_head, ``(stack row,)`` per layer, ``(stack row, expert)`` per expert.
+    """
+    if param == UNEMBED_TARGET:
+        return [((), f"{PEFT_PREFIX}lm_head.lora_A.weight", f"{PEFT_PREFIX}lm_head.lora_B.weight")]
+    hf_name, _, _ = param_layout(config)[("layers", param)]
+    module = PEFT_PREFIX + hf_name.removesuffix(".weight")
     keys = []
-    for i in layers:
-        module = PEFT_PREFIX + (path if i is None else path.format(i=i))
-        keys.append((i, f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
+    for row, i in enumerate(config.stack_layers(param)):
+        experts = range(config.num_experts) if "{e}" in module else [None]
+        for e in experts:
+            name = module.format(i=i, e=e)
+            keys.append(((row,) if e is None else (row, e), f"{name}.lora_A.weight", f"{name}.lora_B.weight"))
     return keys
 
 
@@ -122,6 +125,11 @@ def export_peft(
 
     With ``vllm_compatible``, a rank outside vLLM's allowed set is zero-padded up to the next
     allowed rank and ``lora_alpha`` rescaled so that ``A @ B * scaling`` is unchanged.
+
+    MoE experts get per-expert keys and ``gate_proj``/``up_proj``/``down_proj`` in ``target_modules``;
+    PEFT (0.21, transformers v5) fuses them into ``target_parameters`` on load. That retargeting also
+    catches the dense MLP of a mixed dense/sparse model, whose MLP adapters PEFT then drops; vLLM
+    and :func:`import_peft` read them.
     """
     out = Path(out_dir)
     rank = lora.rank
@@ -134,12 +142,15 @@ def export_peft(
 
     tensors: dict[str, np.ndarray] = {}
     for target, ab in lora.targets_tree().items():
-        if target not in ALL_TARGETS:
-            raise ValueError(f"lora: unknown target {target!r}; expected one of {ALL_TARGETS}")
+        if module_name(target) not in ALL_TARGETS or target not in param_names(config, module_name(target)):
+            raise ValueError(
+                f"lora: unknown target {target!r} for this {config.model_type} model; "
+                f"expected one of {ALL_TARGETS}"
+            )
         a = np.asarray(jax.device_get(ab["a"]), dtype=np.float32)
         b = np.asarray(jax.device_get(ab["b"]), dtype=np.float32)
         fan_in, fan_out = target_shape(config, target)
-        lead = () if target == UNEMBED_TARGET else (config.num_layers,)
+        lead = lead_shape(config, target)
         if a.shape != (*lead, fan_in, rank) or b.shape != (*lead, rank, fan_out):
             raise ValueError(
                 f"lora[{target!r}]: a {a.shape} / b {b.shape} do not match the config "
@@ -149,10 +160,9 @@ def export_peft(
         if pad:
             a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
             b = np.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
-        for i, key_a, key_b in _peft_keys(config, target):
-            a_i, b_i = (a, b) if i is None else (a[i], b[i])
-            tensors[key_a] = np.ascontiguousarray(a_i.T)  # [r, in]
-            tensors[key_b] = np.ascontiguousarray(b_i.T)  # [out, r]
+        for index, key_a, key_b in _peft_keys(config, target):
+            tensors[key_a] = np.ascontiguousarray(a[index].T)  # [r, in]
+            tensors[key_b] = np.ascontiguousarray(b[index].T)  # [out, r]
 
     adapter_config = {
         "peft_type": "LORA",
@@ -264,12 +274,12 @@ def import_peft(adapter_dir: str | Path, config: ModelConfig) -> Lora:
     rank = cfg["r"]
     tensors = _read_adapter_tensors(adapter_dir)
 
-    # Every key we know how to read, for every target we support.
-    known: dict[str, tuple[str, int | None, str]] = {}
+    # Every key we know how to read, for every param stack a supported target covers.
+    known: dict[str, str] = {}
     for target in ALL_TARGETS:
-        for i, key_a, key_b in _peft_keys(config, target):
-            known[key_a] = (target, i, "a")
-            known[key_b] = (target, i, "b")
+        for param in param_names(config, target):
+            for _, key_a, key_b in _peft_keys(config, param):
+                known[key_a] = known[key_b] = param
     # PEFT's save_embedding_layers stores frozen base weights of embed/lm_head; like vLLM, skip them.
     present = {k for k in tensors if not k.endswith(".base_layer.weight")}
     unknown = sorted(present - known.keys())
@@ -285,18 +295,19 @@ def import_peft(adapter_dir: str | Path, config: ModelConfig) -> Lora:
         targets = _list_targets(list(target_modules))
     else:
         # "all-linear", a regex, or PEFT's per-architecture default: the weights say what was adapted.
-        targets = {known[k][0] for k in present}
+        targets = {module_name(known[k]) for k in present}
     if not targets:
         raise ValueError(f"{adapter_dir}: adapter has no LoRA weights")
-    stray = sorted(k for k in present if known[k][0] not in targets)
+    stray = sorted(k for k in present if module_name(known[k]) not in targets)
     if stray:
         raise ValueError(
             f"{adapter_dir}: tensors {stray[:5]} are not covered by target_modules={target_modules}"
         )
 
     weights: dict = {}
-    for target in (t for t in ALL_TARGETS if t in targets):
+    for target in (p for t in ALL_TARGETS if t in targets for p in param_names(config, t)):
         fan_in, fan_out = target_shape(config, target)
+        lead = lead_shape(config, target)
         a_list, b_list = [], []
         for _, key_a, key_b in _peft_keys(config, target):
             for key, want, out in ((key_a, (rank, fan_in), a_list), (key_b, (fan_out, rank), b_list)):
@@ -309,13 +320,14 @@ def import_peft(adapter_dir: str | Path, config: ModelConfig) -> Lora:
                         f"(r={rank})"
                     )
                 out.append(np.asarray(t, dtype=np.float32).T)
+        ab = {  # _peft_keys lists modules in stacking order (layer-major, then expert)
+            "a": jnp.asarray(np.stack(a_list).reshape(*lead, fan_in, rank)),
+            "b": jnp.asarray(np.stack(b_list).reshape(*lead, rank, fan_out)),
+        }
         if target == UNEMBED_TARGET:
-            weights[target] = {"a": jnp.asarray(a_list[0]), "b": jnp.asarray(b_list[0])}
+            weights[target] = ab
         else:
-            weights.setdefault("layers", {})[target] = {
-                "a": jnp.asarray(np.stack(a_list)),
-                "b": jnp.asarray(np.stack(b_list)),
-            }
+            weights.setdefault("layers", {})[target] = ab
     return Lora(
         weights=weights, alpha=float(cfg["lora_alpha"]), use_rslora=bool(cfg.get("use_rslora", False))
     )
@@ -396,19 +408,20 @@ def export_merged(
     layout = param_layout(dataclasses.replace(config, tie_word_embeddings=False) if untie else config)
     out_dtype = np.dtype(dtype) if dtype is not None else None
 
-    def produce(path: tuple[str, ...], i: int | None, transposed: bool) -> np.ndarray:
+    def produce(path: tuple[str, ...], index: tuple[int, ...], transposed: bool) -> np.ndarray:
         if path[0] == "layers":
-            name = path[1]
-            w = params["layers"][name][i : i + 1]
+            # index = (stack row,) or (stack row, expert): merge just that one matrix
+            name, keep = path[1], tuple(slice(j, j + 1) for j in index)
+            w = params["layers"][name][keep]
             if name in lora_layers:
                 ab = lora_layers[name]
                 one = Lora(
-                    weights={"layers": {name: {"a": ab["a"][i : i + 1], "b": ab["b"][i : i + 1]}}},
+                    weights={"layers": {name: {"a": ab["a"][keep], "b": ab["b"][keep]}}},
                     alpha=lora.alpha,
                     use_rslora=lora.use_rslora,
                 )
                 w = lora_lib.merge(config, {"layers": {name: w}}, one)["layers"][name]
-            w = w[0]
+            w = w.reshape(w.shape[len(index) :])
         elif path == ("lm_head",) and adapt_head:
             base = {k: params[k] for k in ("embed", "lm_head") if k in params}
             head = Lora(
@@ -431,18 +444,26 @@ def export_merged(
         leaf = params["layers"][path[1]] if path[0] == "layers" else params[path[0]]
         return np.dtype(leaf.dtype)
 
-    # HF order: embeddings, then layer by layer, then the final norm and head.
-    def plan(path: tuple[str, ...], i: int | None) -> _Planned:
+    # HF order: embeddings, then layer by layer (expert by expert), then the final norm and head.
+    def plan(path: tuple[str, ...], name: str, index: tuple[int, ...] = ()) -> _Planned:
         hf_name, transposed, shape = layout[path]
-        hf_shape = tuple(reversed(shape)) if transposed else tuple(shape)
-        name = hf_name if i is None else hf_name.format(i=i)
-        return _Planned(name, hf_shape, param_dtype(path), lambda: produce(path, i, transposed))
+        shape_on_disk = hf_shape(hf_name, transposed, shape)
+        return _Planned(name, shape_on_disk, param_dtype(path), lambda: produce(path, index, transposed))
+
+    def plan_layer(path: tuple[str, ...], i: int) -> list[_Planned]:
+        layers = config.stack_layers(path[1])
+        if i not in layers:  # the dense MLP of a sparse layer, or the experts of a dense one
+            return []
+        hf_name, row = layout[path][0], layers.index(i)
+        if "{e}" not in hf_name:
+            return [plan(path, hf_name.format(i=i), (row,))]
+        return [plan(path, hf_name.format(i=i, e=e), (row, e)) for e in range(config.num_experts)]
 
     top = [p for p in layout if p[0] != "layers"]
     per_layer = [p for p in layout if p[0] == "layers"]
-    entries = [plan(p, None) for p in top if p == ("embed",)]
-    entries += [plan(p, i) for i in range(config.num_layers) for p in per_layer]
-    entries += [plan(p, None) for p in top if p != ("embed",)]
+    entries = [plan(p, layout[p][0]) for p in top if p == ("embed",)]
+    entries += [e for i in range(config.num_layers) for p in per_layer for e in plan_layer(p, i)]
+    entries += [plan(p, layout[p][0]) for p in top if p != ("embed",)]
     unsupported = {e.dtype for e in entries} - _NP_TO_SAFETENSORS.keys()
     if unsupported:
         raise ValueError(f"params: dtypes {sorted(map(str, unsupported))} cannot be written to safetensors")

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 BUILTIN_PREFIX = "jtinker/"
-BUILTIN_FAMILIES = ("llama", "qwen2", "qwen3")
+BUILTIN_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 BUILTIN_SIZES = ("tiny", "small")
 QUICKSTART_NAME = f"{BUILTIN_PREFIX}quickstart"
 _MAKE_LOCK = threading.Lock()

@@ -1,7 +1,7 @@
 """Pure-function models over plain pytrees: ``config, params = load_pretrained(dir)``,
 ``logits = forward(config, params, tokens, lora=lora)``."""
 
-from . import lora
+from . import lora, moe
 from .config import ModelConfig
 from .llama import KVCache, forward, hidden_states, token_logprobs, unembed
 from .loading import SafetensorsReader, load_params, load_pretrained, param_layout, param_shapes
@@ -17,6 +17,7 @@ __all__ = [
     "load_pretrained",
     "lora",
     "make_tiny",
+    "moe",
     "param_layout",
     "param_shapes",
     "token_logprobs",

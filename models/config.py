@@ -14,8 +14,14 @@ SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Per-layer weights that only some layers of a mixture-of-experts model carry (see ``stack_layers``):
+# dense layers hold the SwiGLU MLP, sparse layers the router and the stacked experts.
+DENSE_MLP_PARAMS = ("gate_proj", "up_proj", "down_proj")
+ROUTER_PARAM = "router"
+EXPERTS_PREFIX = "experts_"  # experts_gate_proj [L, E, H, Im], experts_up_proj, experts_down_proj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,13 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    # Qwen3-MoE (num_experts == 0: every layer is dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -55,6 +68,53 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def is_sparse(self, layer: int) -> bool:
+        """transformers' rule: layer ``i`` is a MoE layer unless listed in ``mlp_only_layers``
+        or off the ``decoder_sparse_step`` grid."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_sparse(i))
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if not self.is_sparse(i))
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.sparse_layers)
+
+    def stack_layers(self, name: str) -> tuple[int, ...]:
+        """The layers whose weights the stacked param ``params["layers"][name]`` holds, in order.
+
+        Attention and norms exist in every layer; the dense MLP only in dense layers, the router
+        and experts only in sparse ones, so those stacks are shorter than ``num_layers``.
+        """
+        if name in DENSE_MLP_PARAMS:
+            return self.dense_layers
+        if name == ROUTER_PARAM or name.startswith(EXPERTS_PREFIX):
+            return self.sparse_layers
+        return tuple(range(self.num_layers))
+
+    def layer_segments(self) -> tuple[tuple[int, int, bool], ...]:
+        """Maximal runs ``(start, end, sparse)`` of consecutive layers of one kind.
+
+        The decoder runs one ``lax.scan`` per run: a single one for dense and all-sparse models.
+        """
+        runs: list[tuple[int, int, bool]] = []
+        for i in range(self.num_layers):
+            sparse = self.is_sparse(i)
+            if runs and runs[-1][2] == sparse:
+                runs[-1] = (runs[-1][0], i + 1, sparse)
+            else:
+                runs.append((i, i + 1, sparse))
+        return tuple(runs)
 
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies in f32, with the configured scaling (as transformers does)."""
@@ -77,8 +137,11 @@ class ModelConfig:
     def param_count(self) -> int:
         h, i, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        per_layer = attn + 3 * h * i + 2 * h
-        return v * h * (1 if self.tie_word_embeddings else 2) + n * per_layer + h
+        attn += (self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
+        attn += 2 * self.head_dim * self.qk_norm
+        mlp = len(self.dense_layers) * 3 * h * i
+        moe = len(self.sparse_layers) * self.num_experts * h * (3 * self.moe_intermediate_size + 1)
+        return v * h * (1 if self.tie_word_embeddings else 2) + n * (attn + 2 * h) + mlp + moe + h
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -112,11 +175,13 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")
+        moe = _moe_fields(hf) if model_type == "qwen3_moe" else {}
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
+            # an all-sparse MoE config may leave out the (unused) dense width
+            intermediate_size=int(hf.get("intermediate_size") or 0) if moe else hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
@@ -133,10 +198,12 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type == "llama" and attention_bias,
-            qk_norm=model_type == "qwen3",
+            # Qwen2 hard-codes o_proj without bias; Llama and Qwen3(-MoE) follow attention_bias.
+            o_bias=model_type != "qwen2" and attention_bias,
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            **moe,
         )
 
     @classmethod
@@ -145,3 +212,47 @@ class ModelConfig:
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
         return cls.from_hf_dict(json.loads(config_file.read_text()))
+
+
+def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Validated Qwen3-MoE fields of an HF config dict (transformers' defaults where absent)."""
+
+    def integer(key: str, value: Any, minimum: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"config.json: {key}={value!r} must be an int >= {minimum}")
+        return value
+
+    # transformers maps num_experts to num_local_experts; either may be on disk
+    key = "num_experts" if "num_experts" in hf else "num_local_experts"
+    num_experts = integer(key, hf.get(key, 128), 1)
+    top_k = integer("num_experts_per_tok", hf.get("num_experts_per_tok", 8), 1)
+    if top_k > num_experts:
+        raise ValueError(f"config.json: num_experts_per_tok={top_k} exceeds {key}={num_experts}")
+    norm_topk_prob = hf.get("norm_topk_prob", False)
+    if not isinstance(norm_topk_prob, bool):
+        raise ValueError(f"config.json: norm_topk_prob={norm_topk_prob!r} must be true or false")
+    num_layers = hf["num_hidden_layers"]
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list | tuple) or any(
+        not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers for i in only
+    ):
+        raise ValueError(
+            f"config.json: mlp_only_layers={only!r} must be a list of layer indices in [0, {num_layers})"
+        )
+    fields = dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=integer("moe_intermediate_size", hf.get("moe_intermediate_size", 768), 1),
+        norm_topk_prob=norm_topk_prob,
+        decoder_sparse_step=integer("decoder_sparse_step", hf.get("decoder_sparse_step", 1), 1),
+        mlp_only_layers=tuple(sorted(set(only))),
+    )
+    # Only dense layers use intermediate_size; a stand-in config applies the one sparsity rule.
+    dense = ModelConfig("qwen3_moe", 1, 1, 0, num_layers, 1, 1, 1, **fields).dense_layers
+    width = hf.get("intermediate_size")
+    if dense and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+        raise ValueError(
+            f"config.json: intermediate_size={width!r} must be a positive int: layers {list(dense)} "
+            "are dense (mlp_only_layers / decoder_sparse_step)"
+        )
+    return fields

@@ -12,6 +12,10 @@ decoder runs as one ``lax.scan``)::
             q_bias / k_bias / v_bias (Qwen2), o_bias (Llama attention_bias),
             q_norm / k_norm [L, D] (Qwen3),
             gate_proj / up_proj [L, H, I], down_proj [L, I, H]
+
+Qwen3-MoE swaps the MLP of its sparse layers for the block in ``models/moe.py``; the dense MLP and
+the expert weights are then stacked over only the layers that carry them (``config.stack_layers``),
+and the decoder runs one scan per run of same-kind layers (a single scan when all are sparse).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import lora as lora_lib
+from . import moe
 from .config import ModelConfig
 
 Params = dict
@@ -124,7 +129,7 @@ def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
     return out.astype(v.dtype).reshape(b, t, num_heads * d)
 
 
-def _decoder_layer(config: ModelConfig, scale: float, carry, xs):
+def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
     x, cos, sin, mask, positions = carry
     layer, lora_layer, cache_k, cache_v = xs
     b, t, _ = x.shape
@@ -149,19 +154,40 @@ def _decoder_layer(config: ModelConfig, scale: float, carry, xs):
     x = x + _linear(attn, layer, lora_layer, "o_proj", scale, "o_bias")
 
     h = rms_norm(x, layer["post_norm"], config.rms_norm_eps)
-    gate = _linear(h, layer, lora_layer, "gate_proj", scale)
-    up = _linear(h, layer, lora_layer, "up_proj", scale)
-    x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
+    if sparse:
+        x = x + moe.moe_block(config, h, layer, lora_layer, scale)
+    else:
+        gate = _linear(h, layer, lora_layer, "gate_proj", scale)
+        up = _linear(h, layer, lora_layer, "up_proj", scale)
+        x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
     return (x, cos, sin, mask, positions), new_kv
 
 
 @functools.lru_cache(maxsize=64)
-def _layer_body(config: ModelConfig, scale: float, remat: bool):
-    """One cached scan body per (config, scale, remat), so eager calls reuse scan's compile cache."""
-    body = functools.partial(_decoder_layer, config, scale)
+def _layer_body(config: ModelConfig, scale: float, remat: bool, sparse: bool = False):
+    """One cached scan body per (config, scale, remat, kind), so eager calls reuse scan's compile cache."""
+    body = functools.partial(_decoder_layer, config, scale, sparse)
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     return body
+
+
+def _segment(config: ModelConfig, stacks: dict | None, start: int, end: int) -> dict | None:
+    """The slices of stacked layer weights (params or LoRA) that layers ``[start, end)`` use.
+
+    Stacks cover only the layers that carry them (``config.stack_layers``), so e.g. the expert
+    stack's row for layer ``start`` is its position among the sparse layers.
+    """
+    if stacks is None:
+        return None
+    out = {}
+    for name, stack in stacks.items():
+        layers = config.stack_layers(name)
+        if start not in layers:  # e.g. the dense MLP in a run of sparse layers
+            continue
+        first, n = layers.index(start), end - start
+        out[name] = stack if n == len(layers) else jax.tree.map(lambda w, f=first, n=n: w[f : f + n], stack)
+    return out
 
 
 def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array | None:
@@ -196,12 +222,25 @@ def hidden_states(
 
     scale = lora.scale if lora is not None else 1.0
     lora_layers = lora.weights.get("layers") if lora is not None else None
-    body = _layer_body(config, scale, remat)
-    xs = (params["layers"], lora_layers, cache.k if cache else None, cache.v if cache else None)
-    (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions), xs)
+    new_ks, new_vs = [], []
+    # One scan per run of same-kind layers: dense and all-sparse models have exactly one.
+    for start, end, sparse in config.layer_segments():
+        whole = end - start == config.num_layers
+        kv = (None, None) if cache is None else (cache.k, cache.v)
+        xs = (
+            _segment(config, params["layers"], start, end),
+            _segment(config, lora_layers, start, end),
+            *(c if c is None or whole else c[start:end] for c in kv),
+        )
+        body = _layer_body(config, scale, remat, sparse)
+        (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions), xs)
+        new_ks.append(new_k)
+        new_vs.append(new_v)
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
     if cache is None:
         return x, None
+    new_k = new_ks[0] if len(new_ks) == 1 else jnp.concatenate(new_ks)
+    new_v = new_vs[0] if len(new_vs) == 1 else jnp.concatenate(new_vs)
     rows = jnp.arange(b)[:, None]  # one scatter for all layers: slot == position
     return x, KVCache(
         k=cache.k.at[:, rows, positions].set(new_k), v=cache.v.at[:, rows, positions].set(new_v)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .config import ModelConfig
+from .config import EXPERTS_PREFIX, ROUTER_PARAM, ModelConfig
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -80,13 +80,30 @@ class SafetensorsReader:
         return raw.view(_SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
 
-def hf_names(hf_name: str, num_layers: int) -> list[str]:
-    """Expands a ``{i}`` layer template into one name per layer."""
-    return [hf_name.format(i=i) for i in range(num_layers)] if "{i}" in hf_name else [hf_name]
+def hf_names(config: ModelConfig, path: tuple[str, ...]) -> list[str]:
+    """Every on-disk tensor name of a param, in stacking order (layer-major, then expert)."""
+    hf_name = param_layout(config)[path][0]
+    if path[0] != "layers":
+        return [hf_name]
+    layers = config.stack_layers(path[1])
+    if "{e}" in hf_name:
+        return [hf_name.format(i=i, e=e) for i in layers for e in range(config.num_experts)]
+    return [hf_name.format(i=i) for i in layers]
+
+
+def hf_shape(hf_name: str, transposed: bool, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one on-disk tensor of a param whose per-layer shape (ours) is ``shape``.
+
+    Per-expert names (``{e}``) hold one expert each: our leading expert axis is not on disk.
+    """
+    if "{e}" in hf_name:
+        shape = shape[1:]
+    return tuple(reversed(shape)) if transposed else tuple(shape)
 
 
 def param_layout(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool, tuple[int, ...]]]:
-    """Our param path → (HF name, with ``{i}`` for the layer; transposed?; our shape per layer)."""
+    """Our param path → (HF name, with ``{i}`` for the layer and ``{e}`` for the expert;
+    transposed?; our shape per layer)."""
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.q_size, config.kv_size
     layer = "model.layers.{i}."
@@ -99,10 +116,18 @@ def param_layout(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool, 
         ("layers", "k_proj"): (layer + "self_attn.k_proj.weight", True, (h, kv)),
         ("layers", "v_proj"): (layer + "self_attn.v_proj.weight", True, (h, kv)),
         ("layers", "o_proj"): (layer + "self_attn.o_proj.weight", True, (q, h)),
-        ("layers", "gate_proj"): (layer + "mlp.gate_proj.weight", True, (h, i)),
-        ("layers", "up_proj"): (layer + "mlp.up_proj.weight", True, (h, i)),
-        ("layers", "down_proj"): (layer + "mlp.down_proj.weight", True, (i, h)),
     }
+    if config.dense_layers:
+        layout[("layers", "gate_proj")] = (layer + "mlp.gate_proj.weight", True, (h, i))
+        layout[("layers", "up_proj")] = (layer + "mlp.up_proj.weight", True, (h, i))
+        layout[("layers", "down_proj")] = (layer + "mlp.down_proj.weight", True, (i, h))
+    if config.sparse_layers:
+        e, im = config.num_experts, config.moe_intermediate_size
+        expert = layer + "mlp.experts.{e}."
+        layout[("layers", ROUTER_PARAM)] = (layer + "mlp.gate.weight", True, (h, e))
+        layout[("layers", EXPERTS_PREFIX + "gate_proj")] = (expert + "gate_proj.weight", True, (e, h, im))
+        layout[("layers", EXPERTS_PREFIX + "up_proj")] = (expert + "up_proj.weight", True, (e, h, im))
+        layout[("layers", EXPERTS_PREFIX + "down_proj")] = (expert + "down_proj.weight", True, (e, im, h))
     if not config.tie_word_embeddings:
         layout[("lm_head",)] = ("lm_head.weight", True, (h, config.vocab_size))
     if config.qkv_bias:
@@ -120,7 +145,7 @@ def param_layout(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool, 
 def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Full (stacked) shape of every param path."""
     return {
-        path: ((config.num_layers, *shape) if path[0] == "layers" else shape)
+        path: ((len(config.stack_layers(path[1])), *shape) if path[0] == "layers" else shape)
         for path, (_, _, shape) in param_layout(config).items()
     }
 
@@ -149,14 +174,14 @@ def load_params(
     reader = SafetensorsReader(model_dir)
     layout = param_layout(config)
     expected: set[str] = set()
-    for hf_name, _, _ in layout.values():
-        for name in hf_names(hf_name, config.num_layers):
+    for path in layout:
+        for name in hf_names(config, path):
             expected.add(name)
             if name not in reader.keys():  # noqa: SIM118 (reader is not a mapping)
                 raise ValueError(f"{model_dir}: checkpoint tensor {name!r} is missing")
-    for hf_name, transposed, shape in layout.values():
-        want = tuple(reversed(shape)) if transposed else shape
-        for check in hf_names(hf_name, config.num_layers):
+    for path, (hf_name, transposed, shape) in layout.items():
+        want = hf_shape(hf_name, transposed, shape)
+        for check in hf_names(config, path):
             if reader.shape(check) != want:
                 raise ValueError(
                     f"{model_dir}: checkpoint tensor {check!r} has shape {reader.shape(check)}, "
@@ -173,22 +198,27 @@ def load_params(
         )
 
     np_dtype = np.dtype(dtype)
+    shapes = param_shapes(config)
     flat = {}
     for path, (hf_name, transposed, _) in layout.items():
-        stacked = path[0] == "layers"
-        full_shape = param_shapes(config)[path]
 
-        def read(index: tuple, hf_name=hf_name, transposed=transposed, stacked=stacked) -> np.ndarray:
+        def read(index: tuple, path=path, hf_name=hf_name, transposed=transposed) -> np.ndarray:
             def one(name: str, idx: tuple) -> np.ndarray:
                 t = reader.get(name)
                 t = t.T if transposed else t
                 return np.asarray(t[idx], dtype=np_dtype)
 
-            if not stacked:
+            if path[0] != "layers":
                 return one(hf_name, index)
-            layers = range(config.num_layers)[index[0]]
+            layers = config.stack_layers(path[1])[index[0]]
+            if "{e}" in hf_name:  # one tensor per (layer, expert): stack both axes
+                experts = range(config.num_experts)[index[1]]
+                return np.stack(
+                    [np.stack([one(hf_name.format(i=i, e=e), index[2:]) for e in experts]) for i in layers]
+                )
             return np.stack([one(hf_name.format(i=i), index[1:]) for i in layers])
 
+        full_shape = shapes[path]
         if sharding_for is None:
             flat[path] = jnp.asarray(read(tuple(slice(None) for _ in full_shape)))
         else:

@@ -5,6 +5,12 @@
 of shape ``[L, in, out]``; ``weights["lm_head"]`` adapts the unembedding. The update to a kernel
 ``W`` is ``a @ b * scale`` with ``scale = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), exactly
 PEFT's convention with PEFT's ``A = a.T`` and ``B = b.T``.
+
+Targets are module names, as in PEFT's ``target_modules``. On a Qwen3-MoE model ``gate_proj``,
+``up_proj`` and ``down_proj`` adapt the dense MLP of dense layers (``weights["layers"]["gate_proj"]``,
+stacked over those layers) and every expert of the sparse layers
+(``weights["layers"]["experts_gate_proj"]``: ``{"a": [Ls, E, in, r], "b": [Ls, E, r, out]}``).
+The router is never adapted.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .config import ModelConfig
+from .config import EXPERTS_PREFIX, ModelConfig
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -44,7 +50,9 @@ class Lora:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(name for name in ALL_TARGETS if name in self.targets_tree())
+        """Module names adapted (``experts_gate_proj`` counts as ``gate_proj``)."""
+        modules = {module_name(name) for name in self.targets_tree()}
+        return tuple(name for name in ALL_TARGETS if name in modules)
 
     def targets_tree(self) -> dict:
         """Flat ``{target_name: {"a", "b"}}`` view (layer weights stay stacked)."""
@@ -54,9 +62,24 @@ class Lora:
         return flat
 
 
+def module_name(param: str) -> str:
+    """The module a LoRA param stack adapts: ``experts_gate_proj`` → ``gate_proj``."""
+    return param.removeprefix(EXPERTS_PREFIX)
+
+
+def param_names(config: ModelConfig, target: str) -> tuple[str, ...]:
+    """The param stacks a target module name adapts on this model."""
+    if target not in MLP_TARGETS:
+        return (target,)
+    dense = (target,) if config.dense_layers else ()
+    return dense + ((EXPERTS_PREFIX + target,) if config.sparse_layers else ())
+
+
 def target_shape(config: ModelConfig, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of a LoRA target."""
-    h, i = config.hidden_size, config.intermediate_size
+    """(in_features, out_features) of a LoRA target (a module name or an ``experts_*`` stack)."""
+    h, i, im = config.hidden_size, config.intermediate_size, config.moe_intermediate_size
+    if target.startswith(EXPERTS_PREFIX):
+        return {"gate_proj": (h, im), "up_proj": (h, im), "down_proj": (im, h)}[module_name(target)]
     return {
         "q_proj": (h, config.q_size),
         "k_proj": (h, config.kv_size),
@@ -69,8 +92,19 @@ def target_shape(config: ModelConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
+def lead_shape(config: ModelConfig, param: str) -> tuple[int, ...]:
+    """Leading (stacking) dims of a LoRA param: ``[n_layers]``, ``[Ls, E]`` for experts, none for lm_head."""
+    if param == UNEMBED_TARGET:
+        return ()
+    experts = (config.num_experts,) if param.startswith(EXPERTS_PREFIX) else ()
+    return (len(config.stack_layers(param)), *experts)
+
+
 def targets_for(train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = True) -> tuple:
-    """Tinker's ``train_attn``/``train_mlp``/``train_unembed`` flags as a target list."""
+    """Tinker's ``train_attn``/``train_mlp``/``train_unembed`` flags as a target list.
+
+    ``train_mlp`` names the MLP modules; on a MoE model they cover the experts (see module doc).
+    """
     targets = (ATTN_TARGETS if train_attn else ()) + (MLP_TARGETS if train_mlp else ())
     return targets + ((UNEMBED_TARGET,) if train_unembed else ())
 
@@ -96,19 +130,23 @@ def init(
         raise ValueError(f"rank: must be a positive int, got {rank!r}")
     keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))
 
-    def make(target: str, layers: int | None) -> dict:
-        fan_in, fan_out = target_shape(config, target)
-        lead = () if layers is None else (layers,)
+    def make(param: str, key: jax.Array) -> dict:
+        fan_in, fan_out = target_shape(config, param)
+        lead = lead_shape(config, param)
         bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(keys[target], (*lead, fan_in, rank), dtype, -bound, bound)
+        a = jax.random.uniform(key, (*lead, fan_in, rank), dtype, -bound, bound)
         return {"a": a, "b": jnp.zeros((*lead, rank, fan_out), dtype)}
 
     weights: dict = {}
-    layer_targets = [t for t in targets if t != UNEMBED_TARGET]
-    if layer_targets:
-        weights["layers"] = {t: make(t, config.num_layers) for t in layer_targets}
-    if UNEMBED_TARGET in targets:
-        weights[UNEMBED_TARGET] = make(UNEMBED_TARGET, None)
+    for target in targets:
+        if target == UNEMBED_TARGET:
+            weights[UNEMBED_TARGET] = make(UNEMBED_TARGET, keys[target])
+            continue
+        params = param_names(config, target)
+        # A dense model keeps its one draw per target (same adapters as before MoE support).
+        subkeys = [keys[target]] if len(params) == 1 else list(jax.random.split(keys[target], len(params)))
+        for param, subkey in zip(params, subkeys, strict=True):
+            weights.setdefault("layers", {})[param] = make(param, subkey)
     return Lora(weights=weights, alpha=float(alpha), use_rslora=use_rslora)
 
 

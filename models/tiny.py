@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
-from .loading import hf_names, param_layout
+from .config import EXPERTS_PREFIX, ROUTER_PARAM, SUPPORTED_ARCHITECTURES, ModelConfig
+from .loading import hf_names, hf_shape, param_layout
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 CHAT_TEMPLATE = (
@@ -60,6 +60,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "qwen2": dict(tie_word_embeddings=True, rope_theta=1000000.0),
     "qwen3": dict(tie_word_embeddings=True, rope_theta=1000000.0),
+    # Like Qwen3-30B-A3B (untied, renormalised top-k), with 8 experts, top-2.
+    "qwen3_moe": dict(
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        output_router_logits=False,
+        router_aux_loss_coef=0.001,
+    ),
 }
 
 
@@ -108,10 +120,12 @@ def hf_config(family: str, size: str = "tiny", **overrides: Any) -> dict[str, An
     if family == "llama":
         cfg["attention_bias"] = False
         cfg["mlp_bias"] = False
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         cfg["head_dim"] = 2 * cfg["hidden_size"] // cfg["num_attention_heads"] if size == "tiny" else 64
         cfg["attention_bias"] = False
-    if family in ("qwen2", "qwen3"):
+    if family == "qwen3_moe":
+        cfg["moe_intermediate_size"] = cfg["intermediate_size"] // 4
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         cfg["use_sliding_window"] = False
         cfg["sliding_window"] = None
     cfg.update(overrides)
@@ -119,18 +133,25 @@ def hf_config(family: str, size: str = "tiny", **overrides: Any) -> dict[str, An
 
 
 def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
-    """HF-named f32 tensors: normal(0, std) matrices, unit norms, small random biases."""
+    """HF-named f32 tensors: normal(0, std) matrices, unit norms, small random biases.
+
+    Router and expert matrices are drawn at ``1/sqrt(fan_in)`` instead, so routing is decisive
+    (no near-ties in top-k) and the experts move the output well beyond test tolerances.
+    """
     rng = np.random.default_rng(seed)
     tensors = {}
     for path, (hf_name, transposed, shape) in param_layout(config).items():
-        hf_shape = tuple(reversed(shape)) if transposed else shape
-        for name in hf_names(hf_name, config.num_layers):
+        one_shape = hf_shape(hf_name, transposed, shape)
+        moe = path[-1] == ROUTER_PARAM or path[-1].startswith(EXPERTS_PREFIX)
+        for name in hf_names(config, path):
             if path[-1].endswith("norm"):
-                value = 1.0 + 0.1 * rng.standard_normal(hf_shape)
+                value = 1.0 + 0.1 * rng.standard_normal(one_shape)
             elif path[-1].endswith("bias"):
-                value = 0.1 * rng.standard_normal(hf_shape)
+                value = 0.1 * rng.standard_normal(one_shape)
+            elif moe:
+                value = rng.standard_normal(one_shape) / np.sqrt(one_shape[-1])
             else:
-                value = std * rng.standard_normal(hf_shape)
+                value = std * rng.standard_normal(one_shape)
             tensors[name] = value.astype(np.float32)
     return tensors
 

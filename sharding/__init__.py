@@ -34,8 +34,9 @@ DEFAULT_RULES: tuple[tuple[str, AxisRule], ...] = (
     ("lora_rank", None),
 )
 
-# Logical axes of every base param (see models/llama.py for the layout).
-PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+# Logical axes of every base param (see models/llama.py and models/moe.py for the layout). Experts
+# are split over ``ep``; the router's expert dim stays whole, since every token scores every expert.
+PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("embed",): ("vocab", "embed"),
     ("norm",): ("norm",),
     ("lm_head",): ("embed", "vocab"),
@@ -54,6 +55,10 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("layers", "gate_proj"): ("layers", "embed", "mlp"),
     ("layers", "up_proj"): ("layers", "embed", "mlp"),
     ("layers", "down_proj"): ("layers", "mlp", "embed"),
+    ("layers", "router"): ("layers", "embed", None),
+    ("layers", "experts_gate_proj"): ("layers", "experts", "embed", "mlp"),
+    ("layers", "experts_up_proj"): ("layers", "experts", "embed", "mlp"),
+    ("layers", "experts_down_proj"): ("layers", "experts", "mlp", "embed"),
 }
 
 

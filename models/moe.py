@@ -1,0 +1,111 @@
+"""Qwen3-MoE sparse block: a top-k router and SwiGLU experts computed as grouped matmuls.
+
+Params of a sparse layer (kernels ``[in, out]``, stacked over the sparse layers ``Ls``)::
+
+    router [Ls, H, E]; experts_gate_proj / experts_up_proj [Ls, E, H, Im]; experts_down_proj [Ls, E, Im, H]
+
+LoRA on the experts mirrors them: ``{"a": [Ls, E, in, r], "b": [Ls, E, r, out]}``.
+
+Every (token, choice) pair is one row; rows are sorted by expert so that each expert's rows are
+contiguous, and ``jax.lax.ragged_dot`` multiplies each group by its own expert's matrix. No token
+is dropped (there is no capacity), so results never depend on what else is in the batch.
+
+``jax.lax.ragged_dot`` cannot be vmapped unless every argument is batched, and not at all once
+differentiated (jax 0.10), while the engine vmaps the whole model over adapters. So the grouped
+matmul carries its own VJP and, under ``vmap``, loops over the batch (the base experts are shared,
+never broadcast).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import EXPERTS_PREFIX, ROUTER_PARAM, ModelConfig
+
+
+def route(config: ModelConfig, x: jax.Array, router: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top-k expert ids ``[N, k]`` and their weights ``[N, k]`` (in ``x``'s dtype) for ``x [N, H]``.
+
+    As transformers 5.24's ``Qwen3MoeTopKRouter``: logits in the activation dtype, softmax in f32,
+    top-k, optional renormalisation, then cast back.
+    """
+    logits = x @ router.astype(x.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
+    if config.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(x.dtype), experts.astype(jnp.int32)
+
+
+@jax.custom_batching.sequential_vmap
+def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+# dx and dw are separate programs so that an unused one (dw of the frozen base experts) is dead
+# code even inside the loop ``vmap`` turns them into.
+@jax.custom_batching.sequential_vmap
+def _ragged_dot_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot(g, jnp.swapaxes(w, -1, -2), group_sizes)
+
+
+@jax.custom_batching.sequential_vmap
+def _ragged_dot_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    _, pullback = jax.vjp(lambda w: jax.lax.ragged_dot(x, w, group_sizes), w)
+    return pullback(g)[0]
+
+
+@jax.custom_vjp
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``x [M, in]`` with rows grouped by expert (``group_sizes [E]``) times ``w [E, in, out]``."""
+    return _ragged_dot(x, w, group_sizes)
+
+
+def _grouped_matmul_fwd(x, w, group_sizes):
+    return _ragged_dot(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _grouped_matmul_bwd(residuals, g):
+    x, w, group_sizes = residuals
+    return _ragged_dot_dx(w, group_sizes, g), _ragged_dot_dw(x, w, group_sizes, g), None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def _grouped(
+    x: jax.Array, layer: dict, lora_layer: dict | None, name: str, scale: float, group_sizes: jax.Array
+) -> jax.Array:
+    """``x [M, in]`` (rows sorted by expert) times each row's expert kernel, plus its LoRA branch."""
+    key = EXPERTS_PREFIX + name
+    y = grouped_matmul(x, layer[key].astype(x.dtype), group_sizes)
+    if lora_layer is not None and key in lora_layer:
+        ab = lora_layer[key]
+        low = grouped_matmul(x, ab["a"].astype(x.dtype), group_sizes)  # [M, r]
+        y = y + grouped_matmul(low, ab["b"].astype(x.dtype), group_sizes) * jnp.asarray(scale, x.dtype)
+    return y
+
+
+def moe_block(
+    config: ModelConfig, x: jax.Array, layer: dict, lora_layer: dict | None, scale: float
+) -> jax.Array:
+    """The sparse MLP of one layer for ``x [..., H]`` (already post-attention-normed)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    n, k = x.shape[0], config.num_experts_per_tok
+    weights, experts = route(config, x, layer[ROUTER_PARAM])
+
+    flat = experts.reshape(-1)  # row j = token j // k, choice j % k
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=config.num_experts).astype(jnp.int32)
+    rows = x[order // k]  # [N*k, H], grouped by expert
+
+    gate = _grouped(rows, layer, lora_layer, "gate_proj", scale, group_sizes)
+    up = _grouped(rows, layer, lora_layer, "up_proj", scale, group_sizes)
+    out = _grouped(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale, group_sizes)
+
+    # Back to (token, choice) order with a gather (cheaper to differentiate than a scatter-add).
+    out = out[jnp.argsort(order)].reshape(n, k, -1)
+    y = jnp.sum(out * weights[..., None], axis=1)
+    return y.reshape(shape)
