@@ -1,0 +1,227 @@
+"""Performance regressions that need no clock (issue #9).
+
+* A stream of ``forward_backward`` / ``optim_step`` calls whose shapes vary within one bucket compiles
+  each train entry point once, a new bucket adds exactly one program, and steady-state steps lower
+  nothing at all (no stray eager op recompiling per call).
+* No program jtinker compiles for training or sampling calls back into the host (``pure_callback``,
+  ``io_callback``, ``jax.debug.print``/``callback``, host send/recv, in/outfeed): a callback serialises
+  the device with Python on every step.
+
+Every program JAX lowers while a test runs is captured as StableHLO text through ``jax_dump_ir_to``,
+so the checks see exactly what the engine compiles. The tiny model has a config no other test uses
+(``rms_norm_eps``), so the process-wide jit caches cannot hold its programs already and each one is
+lowered, and seen, here.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import io_callback
+
+import jtinker as tinker
+from jtinker import batching, losses, train
+from jtinker.models import load_pretrained, make_tiny
+from jtinker.models import lora as lora_lib
+
+UNIQUE_CONFIG = {"rms_norm_eps": 1.5e-6}  # no other test's model has it: fresh jit cache entries
+ADAM = tinker.AdamParams(learning_rate=1e-3)
+
+_CUSTOM_CALL = re.compile(
+    r'custom_call\s*@([\w.$-]+)|call_target_name\s*=\s*"([^"]+)"|custom_call_target="([^"]+)"'
+)
+_HOST_TRANSFER = re.compile(
+    r"\bstablehlo\.(?:send|recv|infeed|outfeed)\b|\s(?:send|recv|infeed|outfeed)(?:-done)?\(|"
+    r"is_host_transfer\s*=\s*true"
+)
+
+
+def host_callbacks(ir: str) -> list[str]:
+    """Host round trips in StableHLO or compiled-HLO text: custom calls whose target is a Python
+    callback (``xla_ffi_python_cpu_callback``, ``xla_python_gpu_callback``, ...), host send/recv and
+    in/outfeed (the legacy ``host_callback``)."""
+    found = []
+    for match in _CUSTOM_CALL.finditer(ir):
+        target = next(group for group in match.groups() if group)
+        if "callback" in target.lower():
+            found.append(target)
+    return found + [m.group(0).strip() for m in _HOST_TRANSFER.finditer(ir)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The checker itself: a deliberately callback-ful program must be flagged
+
+
+def _pure(x):
+    return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1
+
+
+def _io(x):
+    return io_callback(np.cos, jax.ShapeDtypeStruct(x.shape, x.dtype), x, ordered=True)
+
+
+def _debug_print(x):
+    jax.debug.print("x = {}", x)
+    return x * 2
+
+
+def _debug_callback(x):
+    jax.debug.callback(lambda v: None, x)
+    return x + 1
+
+
+@pytest.mark.parametrize("fn", [_pure, _io, _debug_print, _debug_callback])
+def test_checker_flags_host_callbacks(fn):
+    lowered = jax.jit(fn).lower(jnp.ones(3))
+    assert host_callbacks(lowered.as_text())
+    assert host_callbacks(lowered.compile().as_text())
+
+
+def test_checker_passes_a_plain_program():
+    lowered = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(-1)).lower(jnp.ones((4, 4)))
+    assert host_callbacks(lowered.as_text()) == []
+    assert host_callbacks(lowered.compile().as_text()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("perf") / "qwen3", family="qwen3", size="tiny", **UNIQUE_CONFIG)
+
+
+class IRDump:
+    """Every module JAX lowers while the fixture is active, as ``{file name: StableHLO text}``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def files(self) -> set[str]:
+        return {p.name for p in self.path.iterdir()}
+
+    def read(self, names) -> dict[str, str]:
+        return {name: (self.path / name).read_text() for name in names}
+
+
+@pytest.fixture(scope="module")
+def ir_dump(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ir")
+    previous = jax.config.values["jax_dump_ir_to"]
+    jax.config.update("jax_dump_ir_to", str(path))  # global, so the engine's worker thread dumps too
+    try:
+        yield IRDump(path)
+    finally:
+        jax.config.update("jax_dump_ir_to", previous)
+
+
+def test_dump_sees_a_callback_program(ir_dump):
+    """The capture path itself can fail: a callback-ful jit lowered now is dumped and flagged."""
+    before = ir_dump.files()
+    jax.jit(_pure)(jnp.ones(5)).block_until_ready()  # dumped when compiled
+    new = ir_dump.read(ir_dump.files() - before)
+    assert any("_pure" in name and host_callbacks(text) for name, text in new.items())
+
+
+def _datum(n: int, rng: np.random.Generator, **extra) -> tinker.Datum:
+    seq = rng.integers(0, 256, n + 1)
+    inputs = {"target_tokens": seq[1:].astype(np.int64), "weights": np.ones(n, np.float32), **extra}
+    return tinker.Datum(model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()), loss_fn_inputs=inputs)
+
+
+def _flagged(programs: dict[str, str]) -> dict[str, list[str]]:
+    return {name: found for name, text in programs.items() if (found := host_callbacks(text))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_step_compiles_once_per_bucket_and_has_no_host_callbacks(model_dir, ir_dump, tmp_path):
+    start = ir_dump.files()
+    service = tinker.ServiceClient(store_dir=str(tmp_path))
+    training = service.create_lora_training_client(str(model_dir), rank=4, seed=0)
+    steps = training._adapter.steps  # shared by every adapter of this layout on this base model
+    rng = np.random.default_rng(0)
+
+    def step(lengths):
+        fb = training.forward_backward([_datum(n, rng) for n in lengths], "cross_entropy")
+        training.optim_step(ADAM).result()
+        assert np.isfinite(fb.result().metrics["loss:sum"])
+
+    # Bucket A: 3-4 datums of 17-24 tokens; none fit two to a row, so always [4 rows, 24 tokens].
+    step([24, 17, 20, 19])
+    warm = ir_dump.files()
+    for lengths in ([17, 18, 19, 20], [21, 22, 23]):
+        step(lengths)
+    assert steps.compile_count("accumulate") == 1
+    assert steps.compile_count("optim_update") == 1
+    assert ir_dump.files() == warm, "steady-state steps in one bucket lowered new programs"
+
+    # Bucket B: 25-32 tokens -> rows of 32. One more forward_backward program; optim_step is shape-free.
+    step([30, 25, 32, 27])
+    warm = ir_dump.files()
+    step([26, 31, 29])
+    assert steps.compile_count("accumulate") == 2
+    assert steps.compile_count("optim_update") == 1
+    assert ir_dump.files() == warm
+
+    programs = ir_dump.read(ir_dump.files() - start)
+    names = " ".join(programs)
+    assert "jit_accumulate" in names and "jit_optim_update" in names, sorted(programs)
+    assert _flagged(programs) == {}
+
+
+@pytest.mark.parametrize("loss_name", sorted(losses.LOSSES))
+def test_train_programs_lower_without_host_callbacks(model_dir, loss_name):
+    """``train.accumulate`` for every built-in loss, and ``optim_update``, lowered directly."""
+    config, params = load_pretrained(model_dir)
+    lora = lora_lib.init(config, 4, jax.random.key(0), targets=lora_lib.targets_for(True, True, True))
+    rng = np.random.default_rng(1)
+    rl = {
+        "logprobs": rng.normal(-2.0, 0.5, 12).astype(np.float32),
+        "advantages": rng.normal(0.0, 1.0, 12).astype(np.float32),
+    }
+    extra = rl if loss_name != "cross_entropy" else {}
+    data = [_datum(12, rng, **extra) for _ in range(2)]
+    if loss_name != "cross_entropy":
+        for d in data:
+            d.loss_fn_inputs.pop("weights")
+    loss_fn, loss_config = losses.resolve(loss_name, {"beta": 0.1} if loss_name == "dro" else None)
+    [(_, host)] = batching.build_batches(data, loss_name, config)
+    accumulate = jax.jit(functools.partial(train.accumulate, config=config, loss_fn=loss_fn, remat=False))
+    grads = jax.tree.map(jnp.zeros_like, lora)
+    args = (grads, lora, params, host.batch, {k: jnp.float32(v) for k, v in loss_config.items()})
+    assert host_callbacks(accumulate.lower(*args).as_text()) == []
+    if loss_name == "cross_entropy":  # and the optimizer update, lowered and compiled (it is small)
+        opt_state = train.optimizer().init(lora)
+        update = jax.jit(train.optim_update).lower(lora, opt_state, grads, train.AdamHyperparams.create())
+        assert host_callbacks(update.as_text()) == []
+        assert host_callbacks(update.compile().as_text()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
+    service = tinker.ServiceClient(store_dir=str(tmp_path))
+    training = service.create_lora_training_client(str(model_dir), rank=4, seed=0)
+    sampler = training.save_weights_and_get_sampling_client("perf")
+    before = ir_dump.files()
+    params = tinker.SamplingParams(max_tokens=5, temperature=1.0, stop=[], seed=0)
+    response = sampler.sample(tinker.ModelInput.from_ints([1, 2, 3, 4]), 2, params).result()
+    assert [len(s.tokens) for s in response.sequences] == [5, 5]
+
+    programs = ir_dump.read(ir_dump.files() - before)
+    names = " ".join(programs)
+    for stage in ("jit__prefill", "jit__expand", "jit__decode"):
+        assert stage in names, f"{stage} was not lowered by this sample call: {sorted(programs)}"
+    assert _flagged(programs) == {}
