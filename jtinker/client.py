@@ -416,6 +416,18 @@ class SamplingClient:
         return self._base.name
 
 
+def enable_compile_cache() -> None:
+    """Keeps compiled programs under ``$JTINKER_HOME/xla_cache``, so a second run of the same job starts
+    in about a second instead of recompiling (~8 s for the small model's train step).
+
+    Left alone if the user set ``jax_compilation_cache_dir`` (or ``JAX_COMPILATION_CACHE_DIR``) or
+    ``JTINKER_COMPILE_CACHE=0``.
+    """
+    if os.environ.get("JTINKER_COMPILE_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(registry.home() / "xla_cache"))
+
+
 def _mesh_from(mesh: Any) -> Mesh | None:
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
@@ -445,6 +457,7 @@ class ServiceClient:
         mesh: Any = None,
         **connection_kwargs: Any,
     ):
+        enable_compile_cache()
         self.user_metadata = dict(user_metadata or {})
         self.project_id = project_id
         self.dtype = dtype
