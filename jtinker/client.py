@@ -132,7 +132,8 @@ class TrainingClient:
         return self._adapter.base
 
     def _submit(self, fn: Callable[[], Any]) -> APIFuture:
-        return APIFuture(self._base.worker.submit(fn))
+        # Tagged with this adapter: other clients' loss requests may run alongside, never this one's.
+        return APIFuture(self._base.worker.submit(fn, adapter=self._adapter))
 
     # -- forward / backward -------------------------------------------------------------------
     def forward(
@@ -145,11 +146,11 @@ class TrainingClient:
         return self._run_loss(data, loss_fn, loss_fn_config, backward=False)
 
     def _run_loss(self, data, loss_fn, loss_fn_config, *, backward: bool) -> APIFuture:
-        return self._submit(
-            lambda: _forward_backward_output(
-                *self._adapter.forward_backward(data, loss_fn, loss_fn_config, backward=backward)
-            )
+        # The worker batches loss requests of several adapters that arrive together into one step.
+        future = self._base.worker.submit_loss(
+            self._adapter, data, loss_fn, loss_fn_config, backward=backward
         )
+        return APIFuture(_chain(future, lambda result: _forward_backward_output(*result)))
 
     def forward_backward(
         self,
@@ -209,7 +210,8 @@ class TrainingClient:
         path = CheckpointPath(self.model_id, kind, validate_name(name))
         store = self._service.store
         saving = self._base.worker.submit(
-            lambda: self._adapter.save(store, path, with_optimizer=with_optimizer, overwrite=overwrite)
+            lambda: self._adapter.save(store, path, with_optimizer=with_optimizer, overwrite=overwrite),
+            adapter=self._adapter,
         )
         return APIFuture(_chain(saving, lambda written: written))  # resolves once durable
 

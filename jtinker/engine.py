@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +34,8 @@ from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
 SAMPLE_GATHER_SECONDS = 0.002
+LOSS_GATHER_MAX_SECONDS = 0.1  # longest wait for other adapters' forward_backward to arrive
+LOSS_ACTIVE_SECONDS = 60.0  # forget the rhythm of an adapter idle this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,7 @@ class BaseModel:
         _, self.params = load_pretrained(model_dir, dtype, mesh=self.mesh, rules=self.rules)
         self.max_tokens_per_batch = max_tokens_per_batch
         self._steps: dict[Any, train.CompiledSteps] = {}
+        self._zero_pool: dict[tuple, list] = {}  # layout -> zero grad trees for dummy adapter slots
         self._tokenizer = None
         self._sampler = None
         self.worker = Worker(self, name=f"jtinker-{self.config.model_type}")
@@ -108,11 +111,19 @@ class BaseModel:
         """Puts a LoRA-shaped tree (weights, grads, Adam state) on the mesh by the rules."""
         return jax.device_put(tree, sharding.lora_shardings(self.mesh, self.rules, tree))
 
-    def place_batch(self, batch):
-        """Every process holds the whole host batch; each reads only the rows its devices own."""
+    def place_batch(self, batch, *, stacked_adapters: bool = False):
+        """Every process holds the whole host batch; each reads only the rows its devices own.
+
+        ``stacked_adapters``: arrays are ``[K, B, ...]`` (one sub-batch per adapter); rows still split
+        over the batch axes, the adapter axis stays whole.
+        """
 
         def place(x: np.ndarray) -> jax.Array:
-            target = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
+            if stacked_adapters:
+                spec = sharding.batch_sharding(self.mesh, self.rules, x.ndim - 1).spec
+                target = NamedSharding(self.mesh, PartitionSpec(None, *spec))
+            else:
+                target = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
             return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
         return jax.tree.map(place, batch)
@@ -120,6 +131,27 @@ class BaseModel:
     @property
     def row_multiple(self) -> int:
         return sharding.batch_multiple(self.mesh, self.rules)
+
+    @staticmethod
+    def layout_key(lora: lora_lib.Lora, opt_state) -> tuple:
+        """Adapters with equal keys share compiled programs and can be stacked into one step."""
+        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(lora))
+        return jax.tree.structure(lora), jax.tree.structure(opt_state), shapes
+
+    def zero_grads(self, adapter: Adapter, n: int) -> list:
+        """``n`` distinct zero gradient trees for the dummy slots of a multi-adapter step.
+
+        They are donated like real accumulators and come back unchanged, so the pool is reused.
+        """
+        pool = self._zero_pool.setdefault(self.layout_key(adapter.lora, adapter.opt_state), [])
+        taken = [pool.pop() for _ in range(min(n, len(pool)))]
+        fresh = [
+            self.place_lora_tree(jax.tree.map(jnp.zeros_like, adapter.lora)) for _ in range(n - len(taken))
+        ]
+        return taken + fresh
+
+    def return_zero_grads(self, adapter: Adapter, trees: list) -> None:
+        self._zero_pool.setdefault(self.layout_key(adapter.lora, adapter.opt_state), []).extend(trees)
 
     def steps(self, lora: lora_lib.Lora, opt_state) -> train.CompiledSteps:
         """Compiled steps for this adapter layout (shared by every adapter with the same layout)."""
@@ -175,17 +207,33 @@ class Adapter:
             for members, host in batches
         ]
 
+    def prepare_loss(self, data: Sequence, loss_name: str, loss_fn_config: dict | None) -> PreparedLoss:
+        """Validates a ``forward``/``forward_backward`` request into host micro-batches (no device work)."""
+        loss_fn, loss_config = losses_lib.resolve(loss_name, loss_fn_config)
+        batches = build_batches(
+            data,
+            loss_name,
+            self.base.config,
+            max_tokens_per_batch=self.base.max_tokens_per_batch,
+            row_multiple=self.base.row_multiple,
+        )
+        return PreparedLoss(loss_name, loss_fn, loss_config, batches, len(data))
+
     def forward_backward(
         self, data: Sequence, loss_name: str, loss_fn_config: dict | None, *, backward: bool
     ):
         """Tinker's ``forward``/``forward_backward``: per-datum logprobs, summed loss metrics."""
-        loss_fn, loss_config = losses_lib.resolve(loss_name, loss_fn_config)
-        batches = self._batches(data, loss_name)  # validates everything before touching state
-        config_arrays = {k: jnp.float32(v) for k, v in loss_config.items()}
-        outputs: list[np.ndarray | None] = [None] * len(data)
+        return self.run_loss(self.prepare_loss(data, loss_name, loss_fn_config), backward=backward)
+
+    def run_loss(self, prepared: PreparedLoss, *, backward: bool):
+        """Runs a validated request on this adapter alone, one program call per micro-batch."""
+        loss_fn = prepared.loss_fn
+        config_arrays = {k: jnp.float32(v) for k, v in prepared.loss_config.items()}
+        outputs: list[np.ndarray | None] = [None] * prepared.num_data
         metric_parts = []
         grad_acc = self.grad_acc
-        for members, host in batches:
+        for members, host in prepared.batches:
+            host = dataclasses.replace(host, batch=self.base.place_batch(host.batch))
             if backward:
                 grad_acc, loss, metrics, logprobs = self.steps.accumulate(
                     grad_acc,
@@ -305,6 +353,93 @@ class Adapter:
         return {k: float(v) for k, v in metrics.items()}
 
 
+@dataclasses.dataclass
+class PreparedLoss:
+    """A validated ``forward``/``forward_backward`` request: resolved loss and host micro-batches."""
+
+    loss_name: str
+    loss_fn: Callable
+    loss_config: dict[str, float]
+    batches: list[tuple[list[int], HostBatch]]
+    num_data: int
+
+    def group_key(self, adapter: Adapter, backward: bool) -> tuple | None:
+        """Requests with equal keys can run as one multi-adapter step; None: runs alone."""
+        if len(self.batches) != 1:
+            return None  # already split to the token budget: nothing to gain from grouping
+        batch = self.batches[0][1].batch
+        return (
+            adapter.base.layout_key(adapter.lora, adapter.opt_state),
+            self.loss_name,
+            backward,
+            batch.targets.shape[2:],  # Tinker's (N, K) multi-target form, or ()
+            tuple(sorted(batch.loss_inputs)),
+        )
+
+
+def adapter_bucket(k: int) -> int:
+    """Adapter slots of a multi-adapter step: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5×).
+
+    A dummy slot costs a whole sub-batch of compute, so the buckets are finer than powers of two.
+    """
+    power = 1 << max(0, (k - 1).bit_length())  # smallest power of two >= k
+    return power * 3 // 4 if power >= 4 and k <= power * 3 // 4 else power
+
+
+def _pad_to(x: np.ndarray, rows: int, length: int) -> np.ndarray:
+    return np.pad(x, [(0, rows - x.shape[0]), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def run_loss_group(
+    base: BaseModel, items: list[tuple[Adapter, PreparedLoss]], *, backward: bool
+) -> list[tuple[list, dict]]:
+    """One jitted step for several adapters' single-micro-batch requests (equal ``group_key``).
+
+    Each adapter's batch is padded to the group's ``[B, T]`` (rows and lengths are already
+    bucketed) and the adapter count to its :func:`adapter_bucket` with fully masked dummy slots, so a
+    varying number of clients reuses one program per bucket. Returns ``(outputs, metrics)`` per item.
+    """
+    k = len(items)
+    slots = adapter_bucket(k)
+    hosts = [prepared.batches[0][1] for _, prepared in items]
+    rows = max(h.batch.tokens.shape[0] for h in hosts)
+    length = max(h.batch.tokens.shape[1] for h in hosts)
+    dummy = jax.tree.map(np.zeros_like, hosts[0].batch)
+    stacked = jax.tree.map(
+        lambda *xs: np.stack([_pad_to(x, rows, length) for x in xs]),
+        *[h.batch for h in hosts],
+        *[dummy] * (slots - k),
+    )
+    configs = [prepared.loss_config for _, prepared in items]
+    configs += [configs[0]] * (slots - k)
+    loss_config = {name: jnp.asarray([c[name] for c in configs], jnp.float32) for name in configs[0]}
+    first, prepared0 = items[0]
+    loras = [adapter.lora for adapter, _ in items] + [first.lora] * (slots - k)
+    steps = first.steps
+    static = {"config": base.config, "loss_fn": prepared0.loss_fn, "remat": base.remat}
+    batch = base.place_batch(stacked, stacked_adapters=True)
+    if backward:
+        dummies = base.zero_grads(first, slots - k)
+        active = jnp.asarray(np.arange(slots) < k)
+        grad_accs = [adapter.grad_acc for adapter, _ in items] + dummies
+        new_accs, loss, metrics, logprobs = steps.accumulate_many(
+            grad_accs, loras, base.params, batch, loss_config, active, **static
+        )
+        for (adapter, _), acc in zip(items, new_accs, strict=False):
+            adapter.grad_acc = acc
+        base.return_zero_grads(first, list(new_accs[k:]))  # inactive slots come back unchanged
+    else:
+        loss, metrics, logprobs = steps.evaluate_many(loras, base.params, batch, loss_config, **static)
+    logprobs, metrics = np.asarray(logprobs), jax.device_get(metrics)
+    results = []
+    for i, (_, prepared) in enumerate(items):
+        outputs: list[np.ndarray | None] = [None] * prepared.num_data
+        members, host = prepared.batches[0]
+        _scatter_outputs(outputs, members, host, logprobs[i])
+        results.append((loss_outputs(outputs), {key: float(v[i]) for key, v in metrics.items()}))
+    return results
+
+
 def check_compatible(meta: dict, identity: dict, path: str) -> None:
     """Refuses a checkpoint made on another base model or with another LoRA shape."""
     identity = json.loads(json.dumps(identity))  # compare as stored (tuples become lists)
@@ -371,64 +506,215 @@ def combine_metrics(parts: list[tuple[int, dict]]) -> dict[str, float]:
 
 
 @dataclasses.dataclass
+class _LossCall:
+    """A ``forward``/``forward_backward`` task, which may run together with other adapters'."""
+
+    data: Sequence
+    loss_name: str
+    loss_fn_config: dict | None
+    backward: bool
+
+
+@dataclasses.dataclass
 class _Task:
     fn: Callable[[], Any]
     future: Future
+    adapter: Adapter | None = None  # the only state it touches; None: any state (a barrier)
     sample: Any = None  # (request, lora) for sampling tasks, batched together
+    loss: _LossCall | None = None
 
 
 class Worker:
-    """Runs one base model's device work on a single thread, in submission order.
+    """Runs one base model's device work on a single thread, in submission order per adapter.
 
-    Sampling tasks waiting in the queue are drained and run as one batch: a sampling client
-    reads a fixed snapshot of weights, so it need not wait behind training work.
+    * Sampling tasks waiting in the queue are drained and run as one batch: a sampling client
+      reads a fixed snapshot of weights, so it need not wait behind training work.
+    * ``forward``/``forward_backward`` tasks of *different* adapters waiting together run as one
+      jitted step (:func:`run_loss_group`). A task is only taken ahead of tasks of other adapters,
+      never ahead of an earlier task of its own adapter nor of an untagged task (which may touch
+      any adapter), so every adapter sees its requests in submission order.
     """
 
     def __init__(self, base: BaseModel, name: str):
         self.base = base
-        self._queue: queue.Queue[_Task] = queue.Queue()
+        self._tasks: collections.deque[_Task] = collections.deque()
+        self._cond = threading.Condition()
+        # id(adapter) -> (when it last submitted a loss task, mean time between its loss tasks)
+        self._loss_clock: dict[int, tuple[float, float | None]] = {}
+        self._loss_seconds = 0.0  # duration of the last loss step, bounds the gather window
+        self.loss_steps = 0  # loss steps run (one jitted step per group): for tests and the status page
+        self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        future: Future = Future()
-        self._queue.put(_Task(fn, future))
-        return future
+    def _put(self, task: _Task) -> Future:
+        with self._cond:
+            self._tasks.append(task)
+            self._cond.notify_all()
+        return task.future
+
+    def submit(self, fn: Callable[[], Any], *, adapter: Adapter | None = None) -> Future:
+        """Runs ``fn()`` on the worker. ``adapter``: the only adapter ``fn`` reads or writes, so
+        other adapters' loss tasks may run before it; None orders it after everything before it."""
+        return self._put(_Task(fn, Future(), adapter=adapter))
+
+    def submit_loss(
+        self,
+        adapter: Adapter,
+        data: Sequence,
+        loss_name: str,
+        loss_fn_config: dict | None = None,
+        *,
+        backward: bool,
+    ) -> Future:
+        """``adapter.forward_backward(...)`` as a task: resolves to ``(outputs, metrics)``."""
+        call = _LossCall(data, loss_name, loss_fn_config, backward)
+        now = time.monotonic()
+        with self._cond:
+            last, interval = self._loss_clock.get(id(adapter), (None, None))
+            if last is not None:
+                gap = now - last
+                interval = gap if interval is None else 0.5 * interval + 0.5 * gap
+            self._loss_clock[id(adapter)] = (now, interval)
+        return self._put(_Task(lambda: None, Future(), adapter=adapter, loss=call))
 
     def submit_sample(self, request, lora) -> Future:
-        future: Future = Future()
-        self._queue.put(_Task(lambda: None, future, sample=(request, lora)))
-        return future
+        return self._put(_Task(lambda: None, Future(), sample=(request, lora)))
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._tasks)
 
     def _run(self) -> None:
         while True:
-            task = self._queue.get()
+            with self._cond:
+                while not self._tasks:
+                    self._cond.wait()
+                task = self._tasks.popleft()
             if task.sample is not None:
                 self._run_samples(task)
-                continue
+            elif task.loss is not None:
+                self._run_losses(task)
+            elif task.future.set_running_or_notify_cancel():
+                try:
+                    task.future.set_result(task.fn())
+                except BaseException as e:  # the worker must survive any request
+                    log.debug("request failed", exc_info=True)
+                    task.future.set_exception(e)
+
+    # -- forward / forward_backward across adapters ----------------------------------------------
+    def _take_losses(self, first: _Task) -> list[_Task]:
+        """Removes (under the lock) the loss tasks that may run together with ``first``."""
+        taken, seen = [first], {id(first.adapter)}
+        kept: list[_Task] = []
+        while self._tasks:
+            task = self._tasks.popleft()
+            if task.adapter is None and task.sample is None:
+                kept.append(task)  # a barrier: nothing after it may move ahead of it
+                break
+            owner = id(task.adapter) if task.adapter is not None else None
+            if task.loss is not None and owner not in seen:
+                taken.append(task)
+            else:
+                kept.append(task)  # samples stay put; so does any later task of a seen adapter
+            if owner is not None:
+                seen.add(owner)
+        self._tasks.extendleft(reversed(kept))
+        return taken
+
+    def _gather_window(self, first: _Task) -> None:
+        """Waits briefly for the loss tasks of other adapters that are due (clients in lock step
+        submit their next requests a few ms apart), at most half the last step: a straggler that
+        misses the group costs a step of its own. An adapter is due when its usual interval since
+        its last loss task has (nearly) passed; one overdue by a whole interval has gone quiet."""
+        now = time.monotonic()
+        deadline = now + min(LOSS_GATHER_MAX_SECONDS, 0.5 * self._loss_seconds)
+        with self._cond:
+            for key in [k for k, (last, _) in self._loss_clock.items() if now - last > LOSS_ACTIVE_SECONDS]:
+                del self._loss_clock[key]
+            due = {
+                key
+                for key, (last, interval) in self._loss_clock.items()
+                if key != id(first.adapter)
+                and interval is not None
+                and last + interval <= deadline
+                and now <= last + 2 * interval + LOSS_GATHER_MAX_SECONDS
+            }
+            while due:
+                queued = {id(t.adapter) for t in self._tasks if t.loss is not None}
+                if due <= queued or any(t.adapter is None and t.sample is None for t in self._tasks):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def _run_losses(self, first: _Task) -> None:
+        self._gather_window(first)
+        with self._cond:
+            tasks = self._take_losses(first)
+        started = time.monotonic()
+        # Validate every request before any device work: bad input fails that request alone.
+        groups: dict[Any, list[tuple[_Task, PreparedLoss]]] = {}
+        alone: list[tuple[_Task, PreparedLoss]] = []
+        for task in tasks:
             if not task.future.set_running_or_notify_cancel():
                 continue
+            call = task.loss
             try:
-                task.future.set_result(task.fn())
-            except BaseException as e:  # the worker must survive any request
-                log.debug("request failed", exc_info=True)
+                prepared = task.adapter.prepare_loss(call.data, call.loss_name, call.loss_fn_config)
+            except BaseException as e:
                 task.future.set_exception(e)
+                continue
+            key = prepared.group_key(task.adapter, call.backward)
+            (alone if key is None else groups.setdefault(key, [])).append((task, prepared))
+        runs = [[item] for item in alone]
+        for items in groups.values():
+            runs.extend(self._split_to_budget(items))
+        for items in runs:
+            self.loss_steps += 1
+            self.loss_requests += len(items)
+            backward = items[0][0].loss.backward
+            try:
+                if len(items) == 1:
+                    task, prepared = items[0]
+                    results = [task.adapter.run_loss(prepared, backward=backward)]
+                else:
+                    pairs = [(task.adapter, prepared) for task, prepared in items]
+                    results = run_loss_group(self.base, pairs, backward=backward)
+            except BaseException as e:
+                log.debug("loss step failed", exc_info=True)
+                for task, _ in items:
+                    task.future.set_exception(e)
+                continue
+            for (task, _), result in zip(items, results, strict=True):
+                task.future.set_result(result)
+        self._loss_seconds = time.monotonic() - started
 
+    def _split_to_budget(self, items: list) -> list[list]:
+        """Groups whose stacked ``[K_bucket, B, T]`` batch fits the base's token budget."""
+        runs: list[list] = []
+        for item in items:
+            batch = item[1].batches[0][1].batch
+            if runs:
+                group = runs[-1] + [item]
+                rows = max(i[1].batches[0][1].batch.tokens.shape[0] for i in group)
+                length = max(i[1].batches[0][1].batch.tokens.shape[1] for i in group)
+                slots = adapter_bucket(len(group))
+                if slots * rows * length <= max(self.base.max_tokens_per_batch, batch.tokens.size):
+                    runs[-1] = group
+                    continue
+            runs.append([item])
+        return runs
+
+    # -- sampling ----------------------------------------------------------------------------------
     def _run_samples(self, first: _Task) -> None:
         time.sleep(SAMPLE_GATHER_SECONDS)  # let a burst of concurrent requests arrive: one batch
-        tasks, deferred = [first], []
-        while True:  # drain every sampling request already queued; keep the rest in order
-            try:
-                task = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            (tasks if task.sample is not None else deferred).append(task)
-        for task in deferred:
-            self._queue.put(task)
+        with self._cond:  # take every queued sampling request; everything else keeps its order
+            tasks = [first] + [t for t in self._tasks if t.sample is not None]
+            rest = [t for t in self._tasks if t.sample is None]
+            self._tasks.clear()
+            self._tasks.extend(rest)
         groups: dict[int, list[_Task]] = {}
         for task in tasks:
             if task.future.set_running_or_notify_cancel():

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import losses as losses_lib
 from jtinker.models import ModelConfig, hidden_states, token_logprobs, unembed
@@ -196,6 +197,45 @@ def logits_with_pullback(lora, params, batch, *, config, remat=True):
     return jax.vjp(lambda lo: full_logits(config, params, lo, batch, remat=remat), lora)
 
 
+def stack_trees(trees):
+    """K pytrees of one structure → one pytree whose leaves have a leading ``[K]`` axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _per_adapter(fn, loras, params, batch, loss_config):
+    """``fn(lora_k, params, batch[k], loss_config[k])`` for every k in one program.
+
+    ``jax.vmap`` over the adapters with the base params broadcast: every base matmul becomes one
+    matmul over all ``K·B·T`` rows (one read of the shared weights), the LoRA matmuls become batched
+    matmuls, and each adapter's loss, metrics and gradients come out separately.
+    """
+    return jax.vmap(fn, in_axes=(0, None, 0, 0))(stack_trees(loras), params, batch, loss_config)
+
+
+def accumulate_many(grad_accs, loras, params, batch, loss_config, active, *, config, loss_fn, remat=True):
+    """:func:`accumulate` for ``K`` adapters at once (Tinker's multi-client ``forward_backward``).
+
+    ``grad_accs`` and ``loras`` are tuples of ``K`` per-adapter trees (one layout), ``batch`` is a
+    :class:`TrainBatch` whose arrays have a leading ``[K]`` axis, ``loss_config`` maps names to ``[K]``
+    values and ``active`` is ``[K]`` bool: inactive slots (padding ``K`` up to its bucket) keep their
+    accumulator unchanged. Returns the K new accumulators, ``[K]`` losses, ``[K]`` metrics and
+    ``[K, B, T]`` logprobs.
+    """
+    fn = functools.partial(grads_and_logprobs, config=config, loss_fn=loss_fn, remat=remat)
+    grads, loss, metrics, logprobs = _per_adapter(fn, loras, params, batch, loss_config)
+    new_accs = tuple(
+        jax.tree.map(lambda acc, g, k=k: jnp.where(active[k], acc + g[k], acc), grad_acc, grads)
+        for k, grad_acc in enumerate(grad_accs)
+    )
+    return new_accs, loss, metrics, logprobs
+
+
+def evaluate_many(loras, params, batch, loss_config, *, config, loss_fn, remat=False):
+    """:func:`evaluate` for ``K`` adapters at once (shapes as in :func:`accumulate_many`)."""
+    fn = functools.partial(evaluate, config=config, loss_fn=loss_fn, remat=remat)
+    return _per_adapter(fn, loras, params, batch, loss_config)
+
+
 def accumulate_pullback(grad_acc, pullback, cotangent):
     (grads,) = pullback(cotangent)
     return jax.tree.map(jnp.add, grad_acc, grads)
@@ -220,6 +260,9 @@ class CompiledSteps:
     """
 
     def __init__(self, *, lora, opt, params, batch, replicated):
+        self._lora, self._params, self._replicated = lora, params, replicated
+        # Stacked ``[K, B, ...]`` batches: adapters unsplit, rows over the batch axes as before.
+        self._batch_many = NamedSharding(batch.mesh, PartitionSpec(None, *batch.spec))
         state_in = (lora, params, batch)
         self._shardings = {  # (in_shardings, out_shardings, donated argument indices)
             "accumulate": ((lora, *state_in, replicated), (lora, replicated, replicated, replicated), (0,)),
@@ -232,10 +275,18 @@ class CompiledSteps:
         }
         self._jitted: dict[tuple, Callable] = {}
 
-    def _program(self, name: str, **static) -> Callable:
-        key = (name, *sorted(static.items()))
+    def _many_shardings(self, name: str, k: int) -> tuple:
+        """Shardings of the K-adapter entry points: one per-adapter LoRA sharding per slot."""
+        loras, rep = (self._lora,) * k, self._replicated
+        if name == "accumulate_many":
+            ins = (loras, loras, self._params, self._batch_many, rep, rep)
+            return ins, (loras, rep, rep, rep), (0,)
+        return (loras, self._params, self._batch_many, rep), (rep, rep, rep), ()
+
+    def _program(self, name: str, k: int | None = None, **static) -> Callable:
+        key = (name, k, *sorted(static.items()))
         if key not in self._jitted:
-            ins, outs, donate = self._shardings[name]
+            ins, outs, donate = self._shardings[name] if k is None else self._many_shardings(name, k)
             fn = functools.partial(globals()[name], **static)
             kwargs = {"in_shardings": ins} if ins is not None else {}
             self._jitted[key] = jax.jit(fn, out_shardings=outs, donate_argnums=donate, **kwargs)
@@ -248,6 +299,17 @@ class CompiledSteps:
     def accumulate(self, grad_acc, lora, params, batch, loss_config, *, config, loss_fn, remat=True):
         program = self._program("accumulate", config=config, loss_fn=loss_fn, remat=remat)
         return program(grad_acc, lora, params, batch, loss_config)
+
+    def accumulate_many(
+        self, grad_accs, loras, params, batch, loss_config, active, *, config, loss_fn, remat=True
+    ):
+        """K adapters in one program (see :func:`accumulate_many`); one compile per K and bucket."""
+        program = self._program("accumulate_many", len(loras), config=config, loss_fn=loss_fn, remat=remat)
+        return program(tuple(grad_accs), tuple(loras), params, batch, loss_config, active)
+
+    def evaluate_many(self, loras, params, batch, loss_config, *, config, loss_fn, remat=False):
+        program = self._program("evaluate_many", len(loras), config=config, loss_fn=loss_fn, remat=remat)
+        return program(tuple(loras), params, batch, loss_config)
 
     def evaluate(self, lora, params, batch, loss_config, *, config, loss_fn, remat=False):
         return self._program("evaluate", config=config, loss_fn=loss_fn, remat=remat)(

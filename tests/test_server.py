@@ -42,8 +42,9 @@ def _free_port() -> int:
 class ServerProcess:
     """A ``python -m jtinker.server`` subprocess; ``restart`` keeps its home, port and database."""
 
-    def __init__(self, home: Path, model_dir: Path):
+    def __init__(self, home: Path, model_dir: Path, extra_args: tuple[str, ...] = ()):
         self.home = home
+        self.extra_args = list(extra_args)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / "server.log"
@@ -62,7 +63,7 @@ class ServerProcess:
         cmd = [
             sys.executable, "-m", "jtinker.server", "--port", str(self.port), "--home", str(self.home),
             "--base-model", BASE, "--fwdbwd-max-chunk-len", "4", "--max-body-mb", "4",
-            "--poll-timeout", "1", "--log-level", "warning",
+            "--poll-timeout", "1", "--log-level", "warning", *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for its whole life
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
@@ -620,3 +621,201 @@ def test_restart_resumes_from_saved_state(server, service):
     for x, y in zip(forward_logprobs(resumed, data), expected, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
     assert server.alive()
+
+
+def test_concurrent_models_share_one_step(server, service):
+    """forward_backward of four models waiting together runs as one jitted step, and each model gets
+    its own outputs: the logprobs a later forward (same weights) returns."""
+    clients = [service.create_lora_training_client(BASE, rank=RANK, seed=70 + i).result() for i in range(4)]
+    datas = [sft_batch(70 + i, n=2, length=37) for i in range(4)]  # a new length bucket: a compile
+    before = server.get("/status").json()["base_models"][0]
+    futures = [tc.forward_backward(d, "cross_entropy") for tc, d in zip(clients, datas, strict=True)]
+    results = [f.result() for f in futures]
+    after = server.get("/status").json()["base_models"][0]
+    assert after["loss_requests"] - before["loss_requests"] == 4
+    # The first request may start alone; the rest queue behind its compile and run together.
+    assert after["loss_steps"] - before["loss_steps"] <= 2
+    for tc, data, result in zip(clients, datas, results, strict=True):
+        got = [np.asarray(o["logprobs"].data, np.float32) for o in result.loss_fn_outputs]
+        for x, y in zip(got, forward_logprobs(tc, data), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metadata database: one set of queries on SQLite and PostgreSQL
+
+
+def _pg_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return versions[-1] if versions else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1; yields ``new_db() -> url``. Skipped only when
+    the PostgreSQL server binaries are not installed."""
+    import pwd
+    import shutil
+    import tempfile
+
+    pytest.importorskip("psycopg")
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    user = None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        for name in ("postgres", "nobody"):
+            try:
+                user = pwd.getpwnam(name)
+                break
+            except KeyError:
+                continue
+    root = Path(tempfile.mkdtemp(prefix="jtinker-pg-"))
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
+    port = _free_port()
+    run = {"user": user.pw_uid, "group": user.pw_gid} if user is not None else {}
+    data = root / "data"
+    subprocess.run(
+        [initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"],
+        check=True, capture_output=True, **run,
+    )  # fmt: skip
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+        check=True, capture_output=True, **run,
+    )  # fmt: skip
+    import psycopg
+
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    counter = iter(range(1000))
+
+    def new_db() -> str:
+        name = f"jtinker_{next(counter)}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    yield new_db
+    subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, **run)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/meta.db"
+    return request.getfixturevalue("postgres")()
+
+
+def test_database_queries_on_both_backends(db_url, tmp_path):
+    from jtinker.server.state.db import open_database
+
+    db = open_database(db_url, tmp_path)
+    assert db.dialect.name == db_url.split(":")[0]
+    db.add_session("s1", "alice", "0.38.0", {"k": "v"}, "run one", "inst-0")
+    db.add_session("s2", "bob", None, None, None, "inst-0")
+    assert db.session("s1")["user_metadata"] == {"k": "v"} and db.session("nope") is None
+    assert db.sessions_of("alice", 10, 0) == (["s1"], 1)
+    assert set(db.stale_sessions(time.time() + 1)) == {"s1", "s2"}
+    db.heartbeat("s1")
+    db.finish_session("s2", "user")
+    db.finish_session("s2", "again")  # only the first finish counts
+    assert db.session("s2")["finish_reason"] == "user"
+    assert db.stale_sessions(time.time() + 1) == ["s1"]
+
+    lora = {"rank": 8, "train_mlp": True, "train_attn": False, "train_unembed": True}
+    db.add_run("r1", "alice", "s1", "tiny", lora, {"x": "1"}, "inst-0")
+    db.mark_run_corrupted("r1")
+    db.add_run("r1", "alice", "s1", "tiny", {**lora, "rank": 16}, None, "inst-0")  # an upsert
+    run = db.run("r1")
+    assert run["lora_rank"] == 16 and run["train_attn"] == 0 and not run["corrupted"]
+    assert run["user_metadata"] is None and isinstance(run["created_at"], float)
+    assert abs(run["created_at"] - time.time()) < 60  # timestamps keep full precision
+    db.add_run("r2", "alice", "s1", "tiny", lora, None, "inst-0")
+    db.touch_run("r2")
+    rows, total = db.runs_of("alice", limit=1)
+    assert total == 2 and len(rows) == 1
+    assert db.run_ids_of_session("s1") == ["r1", "r2"] and db.runs_of("bob") == ([], 0)
+
+    path = "tinker://r1/weights/a"
+    db.add_checkpoint(path, "r1", "alice", {"step": "1"}, None)
+    db.add_checkpoint(path, "r1", "alice", {"step": "2"}, 60)  # upsert: new metadata and TTL
+    row = db.checkpoint_rows("r1")[path]
+    assert row["user_metadata"] == {"step": "2"} and row["expires_at"] > time.time()
+    db.delete_checkpoint(path)
+    assert db.checkpoint_rows("r1") == {}
+
+    db.add_sampler("sa", "alice", "s1", "tiny", None, "inst-0")
+    db.add_sampler("sa", "alice", "s1", "tiny", "tinker://r1/sampler_weights/x", "inst-0")
+    assert db.sampler("sa")["model_path"] == "tinker://r1/sampler_weights/x"
+    assert db.sampler_ids_of_session("s1") == ["sa"]
+
+    db.add_future("f1", "alice", "OptimStep", "r1", "inst-0")
+    db.add_future("f2", "alice", "Sample", None, "inst-0")
+    db.add_future("f3", "alice", "Sample", None, "inst-1")
+    db.finish_future("f1", result={"metrics": {"loss:sum": 1.5}})
+    db.finish_future("f2", error="bad input", category="user")
+    assert db.future("f1")["result_json"] == {"metrics": {"loss:sum": 1.5}}
+    assert db.future("f2")["status"] == "failed" and db.future("f2")["category"] == "user"
+    assert db.fail_orphaned_futures("inst-1", "lost") == 0  # f3 belongs to the live instance
+    assert db.fail_orphaned_futures("inst-2", "lost") == 1
+    assert db.future("f3")["error"] == "lost"
+    assert db.future_counts() == {"complete": 1, "failed": 2}
+    db.prune_futures(older_than_s=-60)
+    assert db.future_counts() == {}
+    db.close()
+
+    again = open_database(db_url, tmp_path)  # the schema exists: opening again changes nothing
+    assert again.run("r2")["owner"] == "alice"
+    again.close()
+
+
+def test_database_dialect_layer():
+    from jtinker.server.state import db as dbmod
+
+    pg = dbmod.PostgresDialect("postgresql+psycopg://me:s3cret@db.internal:5433/meta")
+    assert pg.url == "postgresql://me:s3cret@db.internal:5433/meta"
+    assert "s3cret" not in pg.location and pg.location == "postgresql://me:***@db.internal:5433/meta"
+    assert pg.sql("SELECT * FROM t WHERE a=? AND b='?' AND c=?") == (
+        "SELECT * FROM t WHERE a=%s AND b='?' AND c=%s"
+    )
+    assert dbmod.SqliteDialect(Path("x.db")).sql("a=?") == "a=?"
+    with pytest.raises(ValueError, match="unsupported URL"):
+        dbmod.open_database("mysql://x", Path("."))
+
+
+def test_postgres_url_without_psycopg_names_the_fix(monkeypatch, tmp_path):
+    from jtinker.server.state.db import open_database
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"psycopg.*pip install 'jtinker\[postgres\]'"):
+        open_database("postgresql://localhost/meta", tmp_path)
+
+
+def test_server_on_postgres(postgres, tmp_path_factory, qwen3_dir):
+    """``jtinker serve --db postgresql://...``: runs and checkpoints are recorded in PostgreSQL."""
+    import psycopg
+
+    url = postgres()
+    proc = ServerProcess(tmp_path_factory.mktemp("pg_home"), qwen3_dir, ("--db", url))
+    proc.start()
+    try:
+        service = tinker.ServiceClient(base_url=proc.url, api_key=KEY_A)
+        tc = service.create_lora_training_client(BASE, rank=RANK, seed=9).result()
+        train_step(tc, sft_batch(9, n=2))
+        state = tc.save_state("on-pg").result().path
+        runs = rest(proc).list_training_runs().result().training_runs
+        assert [r.training_run_id for r in runs] == [tc.model_id]
+        with psycopg.connect(url) as conn:
+            owner, base = conn.execute("SELECT owner, base_model FROM runs").fetchone()
+            paths = [r[0] for r in conn.execute("SELECT tinker_path FROM checkpoints").fetchall()]
+        assert base == BASE and owner and paths == [state]
+    finally:
+        proc.stop()

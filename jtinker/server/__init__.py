@@ -9,7 +9,9 @@ then, unchanged SDK code::
     training = service.create_lora_training_client("jtinker/tiny-qwen3", rank=8).result()
 
 Checkpoints go to ``<home>/runs`` (the same store the in-process API and ``jtinker checkpoints`` use)
-and metadata (owners, sessions, futures) to ``<home>/server.db``. One server process per home.
+and metadata (owners, sessions, futures) to ``<home>/server.db``, or to PostgreSQL with
+``--db postgresql://user:password@host/dbname`` (needs the ``postgres`` extra). One server process
+per home. ``forward_backward`` requests of different models that wait together run as one jitted step.
 Needs the ``server`` extra (fastapi, uvicorn, tinker==0.38.0); the core library never imports
 ``tinker``, and importing this package stays cheap until :func:`main` or :func:`serve` runs.
 """

@@ -42,10 +42,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "(default $JTINKER_HOME or ~/.jtinker)"
     )  # fmt: skip
     parser.add_argument(
+        "--db",
         "--db-url",
+        dest="db_url",
         default=None,
-        help="metadata database: sqlite:///path.db (default HOME/server.db); postgresql:// is not "
-        "implemented",
+        help="metadata database: sqlite:///path.db (default HOME/server.db) or "
+        "postgresql://user:password@host:port/dbname (needs psycopg: pip install 'jtinker[postgres]')",
     )
     parser.add_argument(
         "--max-body-mb", type=float, default=256.0, help="largest accepted request body, MiB (default 256)"
@@ -177,7 +179,7 @@ def serve(
         host,
         port,
         home_dir,
-        db.path,
+        db.location,
         len(keys),
         ", any tml- key accepted" if allow_any_key else "",
     )

@@ -31,7 +31,8 @@ from tinker.types.try_again_response import TryAgainResponse
 from jtinker import registry
 from jtinker import types as jt
 from jtinker.checkpoints import CheckpointPath
-from jtinker.client import ServiceClient, TrainingClient
+from jtinker.client import ServiceClient, TrainingClient, _adam_hyperparams
+from jtinker.engine import Adapter
 from jtinker.server import wire
 from jtinker.server.state.db import Database
 from jtinker.server.wire import UserError
@@ -57,6 +58,13 @@ def classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, concurrent.futures.CancelledError | asyncio.CancelledError):
         return "request was cancelled", "user"
     return f"{type(exc).__name__}: {exc}", "server"
+
+
+def _adapter(client: TrainingClient) -> Adapter:
+    """The engine adapter behind a training client. Forward/backward and optim steps go to the
+    worker directly, tagged with their adapter, so that requests of different models waiting
+    together run as one jitted step (the in-process client submits untagged closures)."""
+    return client._adapter
 
 
 def _clean_metrics(metrics: dict) -> dict[str, float]:
@@ -656,14 +664,17 @@ class Runtime:
             error = UserError("data: empty batch; forward_backward needs at least one Datum")
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
-            method = client.forward if call.forward_only else client.forward_backward
-            return method(call.data, call.loss_fn, call.loss_fn_config).future()
+            adapter = _adapter(client)
+            return adapter.base.worker.submit_loss(
+                adapter, call.data, call.loss_fn, call.loss_fn_config, backward=not call.forward_only
+            )
 
-        def on_result(out: jt.ForwardBackwardOutput) -> jt.ForwardBackwardOutput:
+        def on_result(result: tuple[list, dict]) -> jt.ForwardBackwardOutput:
+            outputs, metrics = result
             return jt.ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",
-                loss_fn_outputs=out.loss_fn_outputs,
-                metrics=_clean_metrics(out.metrics),
+                loss_fn_outputs=[{k: jt.TensorData.from_numpy(v) for k, v in o.items()} for o in outputs],
+                metrics=_clean_metrics(metrics),
             )
 
         kind = "Forward" if call.forward_only else "ForwardBackward"
@@ -682,10 +693,14 @@ class Runtime:
             error = e
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
-            return client.optim_step(params).future()
+            adapter = _adapter(client)  # tagged: other adapters' forward_backward may run first
+            # The hyperparameters become device scalars on the worker, not on the event loop.
+            return adapter.base.worker.submit(
+                lambda: adapter.optim_step(_adam_hyperparams(params)), adapter=adapter
+            )
 
-        def on_result(resp: jt.OptimStepResponse) -> sdk.OptimStepResponse:
-            return sdk.OptimStepResponse(metrics=_clean_metrics(resp.metrics or {}))
+        def on_result(metrics: dict) -> sdk.OptimStepResponse:
+            return sdk.OptimStepResponse(metrics=_clean_metrics(metrics))
 
         return self.submit_ordered(owner, model_id, seq_id, "OptimStep", op, on_result, error)
 
@@ -899,6 +914,10 @@ class Runtime:
                 {
                     "name": name,
                     "queue_depth": base.worker.queue_depth,
+                    # forward/forward_backward requests and the jitted steps they ran in (batched
+                    # across models: requests / steps is the mean number of models per step)
+                    "loss_requests": base.worker.loss_requests,
+                    "loss_steps": base.worker.loss_steps,
                     "training_models": sum(1 for m in self.models.values() if m.base_model == name),
                     "samplers": sum(1 for s in self.samplers.values() if s.base_model == name),
                 }

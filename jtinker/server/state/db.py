@@ -1,17 +1,27 @@
-"""Durable server metadata in SQLite: sessions, training runs, checkpoints, samplers, futures.
+"""Durable server metadata: sessions, training runs, checkpoints, samplers, futures.
 
 Checkpoint *contents* live in the :class:`jtinker.checkpoints.CheckpointStore`; this database records
 who owns what (an API key's owner id per run) and what the checkpoint listing cannot derive from disk
 (user metadata, TTLs, session bookkeeping, the state of every future).
 
-One connection, guarded by a lock, in WAL mode with ``synchronous=NORMAL``: a commit does not wait for
-fsync, so the HTTP loop can write small rows inline. Only ``sqlite:///path`` URLs are implemented;
-``postgresql://`` is recognised and refused with a clear message.
+Two backends behind one set of queries, which are written once in the SQL both accept (``?``
+placeholders, ``INSERT ... ON CONFLICT DO UPDATE`` upserts, ``DOUBLE PRECISION`` timestamps):
+
+* ``sqlite:///path`` (the default, ``<home>/server.db``): one connection in WAL mode with
+  ``synchronous=NORMAL``, so a commit does not wait for fsync and the HTTP loop can write small rows
+  inline.
+* ``postgresql://user:pass@host:port/db``: one autocommit connection through ``psycopg`` (version 3,
+  an optional dependency: ``pip install 'jtinker[postgres]'``), imported only when such a URL is used.
+
+A :class:`Dialect` holds what differs: connecting, the placeholder style and session set-up. The
+schema has no auto-increment keys (every id is made by the server), so there is no per-dialect
+column type either. Both connections are guarded by one lock: the server's writes are small and rare.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -25,9 +35,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    last_heartbeat REAL NOT NULL,
-    finished_at REAL,
+    created_at DOUBLE PRECISION NOT NULL,
+    last_heartbeat DOUBLE PRECISION NOT NULL,
+    finished_at DOUBLE PRECISION,
     finish_reason TEXT,
     sdk_version TEXT,
     user_metadata TEXT,
@@ -45,8 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     train_attn INTEGER,
     train_unembed INTEGER,
     user_metadata TEXT,
-    created_at REAL NOT NULL,
-    last_request_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    last_request_at DOUBLE PRECISION NOT NULL,
     corrupted INTEGER NOT NULL DEFAULT 0,
     instance_id TEXT
 );
@@ -55,9 +65,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     tinker_path TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
     owner TEXT NOT NULL,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     user_metadata TEXT,
-    expires_at REAL
+    expires_at DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints(run_id);
 CREATE TABLE IF NOT EXISTS samplers (
@@ -66,7 +76,7 @@ CREATE TABLE IF NOT EXISTS samplers (
     session_id TEXT,
     base_model TEXT NOT NULL,
     model_path TEXT,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     instance_id TEXT
 );
 CREATE TABLE IF NOT EXISTS futures (
@@ -78,25 +88,117 @@ CREATE TABLE IF NOT EXISTS futures (
     result_json TEXT,
     error TEXT,
     category TEXT,
-    created_at REAL NOT NULL,
-    finished_at REAL,
+    created_at DOUBLE PRECISION NOT NULL,
+    finished_at DOUBLE PRECISION,
     instance_id TEXT NOT NULL
 );
 """
 
 
+POSTGRES_PREFIXES = ("postgresql://", "postgres://", "postgresql+")
+
+
 def open_database(db_url: str | None, home: Path) -> Database:
-    """``None`` means ``sqlite:///<home>/server.db``."""
+    """``None`` means ``sqlite:///<home>/server.db``; else a ``sqlite:///`` or ``postgresql://`` URL."""
     if db_url is None:
-        return Database(home / "server.db")
-    if db_url.startswith(("postgresql://", "postgres://", "postgresql+")):
-        raise ValueError(
-            "--db-url: PostgreSQL is not implemented in this jtinker version; use sqlite:///path/to/file.db "
-            "(or leave --db-url out for <home>/server.db)"
-        )
+        return Database(SqliteDialect(home / "server.db"))
+    if db_url.startswith(POSTGRES_PREFIXES):
+        return Database(PostgresDialect(db_url))
     if db_url.startswith("sqlite:///"):
-        return Database(Path(db_url.removeprefix("sqlite:///")).expanduser())
-    raise ValueError(f"--db-url: unsupported URL {db_url!r}; expected sqlite:///path/to/file.db")
+        return Database(SqliteDialect(Path(db_url.removeprefix("sqlite:///")).expanduser()))
+    raise ValueError(
+        f"--db: unsupported URL {db_url!r}; expected sqlite:///path/to/file.db or "
+        "postgresql://user:password@host:port/dbname"
+    )
+
+
+class Dialect:
+    """What differs between backends; the queries themselves are shared."""
+
+    name = "?"
+    location = "?"  # where the data lives, for logs (no password)
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def prepare(self, conn: Any) -> None:
+        """Session settings before the schema is created."""
+
+    def sql(self, query: str) -> str:
+        """A shared query (``?`` placeholders) in this backend's placeholder style."""
+        return query
+
+    def create_schema(self, conn: Any, schema: str) -> None:
+        for statement in filter(str.strip, schema.split(";")):
+            conn.execute(statement)
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.location = str(self.path)
+
+    def connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+
+
+_PLACEHOLDER = re.compile(r"'[^']*'|\?")  # a quoted literal (kept as is) or a placeholder
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+
+    def __init__(self, url: str):
+        # SQLAlchemy-style ``postgresql+psycopg://`` names a driver; libpq wants the plain scheme.
+        self.url = re.sub(r"^postgresql\+[a-z0-9_]+://", "postgresql://", url)
+        self.location = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", self.url)
+
+    def connect(self) -> Any:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise ValueError(
+                "--db: a postgresql:// URL needs psycopg 3, which is not installed; "
+                "pip install 'jtinker[postgres]' (or psycopg[binary])"
+            ) from None
+        try:
+            return psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        except psycopg.Error as e:
+            raise ValueError(f"--db: cannot connect to {self.location}: {str(e).strip()}") from None
+
+    def prepare(self, conn: Any) -> None:
+        conn.execute("SET lock_timeout = '5s'")
+
+    def sql(self, query: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: "%s" if m.group() == "?" else m.group(), query)
+
+    def create_schema(self, conn: Any, schema: str) -> None:
+        # One server creates the schema at a time (two starting together would race on IF NOT EXISTS).
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(7426011)")
+            super().create_schema(conn, schema)
+
+
+def _upsert(key: str, columns: tuple[str, ...]) -> str:
+    """``ON CONFLICT`` clause replacing ``columns`` of the row with this ``key`` (SQLite and PostgreSQL)."""
+    return f"ON CONFLICT({key}) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in columns)
+
+
+_RUN_COLUMNS = (
+    "owner", "session_id", "base_model", "lora_rank", "train_mlp", "train_attn", "train_unembed",
+    "user_metadata", "created_at", "last_request_at", "corrupted", "instance_id",
+)  # fmt: skip
 
 
 def _dumps(value: Any) -> str | None:
@@ -108,42 +210,55 @@ def _loads(text: str | None) -> Any:
 
 
 class Database:
-    """Thread-safe access to the server's SQLite file."""
+    """Thread-safe access to the server's metadata (SQLite or PostgreSQL, see :class:`Dialect`)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, dialect: Dialect | Path | str):
+        if not isinstance(dialect, Dialect):  # a path: SQLite, as before dialects existed
+            dialect = SqliteDialect(Path(dialect))
+        self.dialect = dialect
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self._conn = dialect.connect()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.executescript(_SCHEMA)
-            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            dialect.prepare(self._conn)
+            dialect.create_schema(self._conn, _SCHEMA)
+            row = self._one_locked("SELECT value FROM meta WHERE key='schema_version'")
             if row is None:
                 self._conn.execute(
-                    "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    dialect.sql(
+                        "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT DO NOTHING"
+                    ),
+                    (str(SCHEMA_VERSION),),
                 )
             elif int(row["value"]) > SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"{self.path}: schema version {row['value']} is newer than this jtinker's "
+                    f"{dialect.location}: schema version {row['value']} is newer than this jtinker's "
                     f"({SCHEMA_VERSION})"
                 )
 
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    @property
+    def location(self) -> str:
+        return self.dialect.location
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file (None on PostgreSQL)."""
+        return getattr(self.dialect, "path", None)
+
+    def _one_locked(self, sql: str, args: tuple = ()) -> dict | None:
+        row = self._conn.execute(self.dialect.sql(sql), args).fetchone()
+        return None if row is None else dict(row)
+
+    def _exec(self, sql: str, args: tuple = ()) -> Any:
         with self._lock:
-            return self._conn.execute(sql, args)
+            return self._conn.execute(self.dialect.sql(sql), args)
 
     def _one(self, sql: str, args: tuple = ()) -> dict | None:
         with self._lock:
-            row = self._conn.execute(sql, args).fetchone()
-        return None if row is None else dict(row)
+            return self._one_locked(sql, args)
 
     def _all(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._lock:
-            return [dict(r) for r in self._conn.execute(sql, args).fetchall()]
+            return [dict(r) for r in self._conn.execute(self.dialect.sql(sql), args).fetchall()]
 
     def close(self) -> None:
         with self._lock:
@@ -221,10 +336,9 @@ class Database:
     ) -> None:
         now = time.time()
         self._exec(
-            "INSERT OR REPLACE INTO runs(run_id, owner, session_id, base_model, lora_rank, train_mlp, "
-            "train_attn, "
+            "INSERT INTO runs(run_id, owner, session_id, base_model, lora_rank, train_mlp, train_attn, "
             "train_unembed, user_metadata, created_at, last_request_at, instance_id) "
-            "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+            "VALUES(?,?,?,?,?,?,?,?,?,?,?,?) " + _upsert("run_id", _RUN_COLUMNS),
             (
                 run_id,
                 owner,
@@ -280,9 +394,9 @@ class Database:
     ) -> None:
         now = time.time()
         self._exec(
-            "INSERT OR REPLACE INTO checkpoints(tinker_path, run_id, owner, created_at, user_metadata, "
-            "expires_at) "
-            "VALUES(?,?,?,?,?,?)",
+            "INSERT INTO checkpoints(tinker_path, run_id, owner, created_at, user_metadata, expires_at) "
+            "VALUES(?,?,?,?,?,?) "
+            + _upsert("tinker_path", ("run_id", "owner", "created_at", "user_metadata", "expires_at")),
             (
                 tinker_path,
                 run_id,
@@ -313,9 +427,11 @@ class Database:
         instance_id: str,
     ) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO samplers(sampler_id, owner, session_id, base_model, model_path, "
-            "created_at, "
-            "instance_id) VALUES(?,?,?,?,?,?,?)",
+            "INSERT INTO samplers(sampler_id, owner, session_id, base_model, model_path, created_at, "
+            "instance_id) VALUES(?,?,?,?,?,?,?) "
+            + _upsert(
+                "sampler_id", ("owner", "session_id", "base_model", "model_path", "created_at", "instance_id")
+            ),
             (sampler_id, owner, session_id, base_model, model_path, time.time(), instance_id),
         )
 

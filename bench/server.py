@@ -1,0 +1,250 @@
+"""The HTTP server's cost: the real tinker SDK against ``jtinker serve`` vs the in-process API.
+
+    python bench/server.py [--model DIR] [--batch 8] [--seq 128] [--rank 32] [--steps 6] [--clients 4]
+                           [--out FILE]
+
+One step is ``forward_backward`` + ``optim_step`` on the same model, LoRA and batch, measured three ways
+in the same run:
+
+* ``inprocess``: ``import jtinker as tinker`` (no HTTP);
+* ``sdk``: ``tinker.ServiceClient(base_url=...)`` against a ``jtinker serve`` subprocess on 127.0.0.1;
+* ``sdk_multi``: ``--clients`` SDK clients (one ServiceClient each, one thread each, starting each
+  round together), each with ``batch / clients`` sequences, vs the one SDK client with the whole
+  batch. The server runs the clients' concurrent ``forward_backward`` requests as one jitted step.
+
+The setups take turns in blocks of back-to-back steps (so a drift in machine load affects all three
+alike). Reported: median step time over the timed steps (warm-up steps, which compile, and the first
+step of each block excluded), tokens/s, and the ratios sdk / inprocess and multi / single (targets:
+>= 0.85 and >= 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+WARMUP = 2
+BLOCK = 3  # timed steps in a row per setup
+API_KEY = "tml-jtinker-bench-key-0000"
+
+
+def make_rows(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, min(vocab, 256), size=(batch, seq + 1))
+
+
+def make_data(ns, rows: np.ndarray) -> list:
+    """``ns``: ``jtinker.types`` or the SDK's ``tinker.types`` (same constructors)."""
+    return [
+        ns.Datum(
+            model_input=ns.ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={
+                "target_tokens": ns.TensorData.from_numpy(row[1:].astype(np.int64)),
+                "weights": ns.TensorData.from_numpy(np.ones(len(row) - 1, np.float32)),
+            },
+        )
+        for row in rows
+    ]
+
+
+def step(training, adam, data) -> None:
+    """One training step: ``forward_backward`` + ``optim_step`` submitted back to back, both awaited."""
+    fb = training.forward_backward(data, "cross_entropy")
+    opt = training.optim_step(adam)
+    fb.result()
+    opt.result()
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m jtinker.server`` on a free loopback port, preloading ``model_dir``."""
+
+    def __init__(self, model_dir: Path, home: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        home.mkdir(parents=True, exist_ok=True)
+        self.log = home / "server.log"
+        env = {**os.environ, "JTINKER_API_KEYS": API_KEY, "TINKER_TELEMETRY": "0"}
+        cmd = [
+            sys.executable, "-m", "jtinker.server", "--port", str(self.port), "--home", str(home),
+            "--base-model", str(model_dir), "--log-level", "warning",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not come up")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def sdk_client(url: str, model_dir: Path, rank: int, seed: int):
+    import tinker
+
+    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    return service.create_lora_training_client(str(model_dir), rank=rank, seed=seed).result()
+
+
+def setups(url: str, model_dir: Path, rows: np.ndarray, rank: int, clients: int, store: Path) -> dict:
+    """name -> a callable running one step (or one lock-step round of ``clients`` SDK clients)."""
+    import tinker
+
+    import jtinker
+    from jtinker import types as jt
+
+    local = jtinker.ServiceClient(store_dir=str(store)).create_lora_training_client(
+        str(model_dir), rank=rank, seed=0
+    )
+    local_data, local_adam = make_data(jt, rows), jt.AdamParams(learning_rate=1e-4)
+    remote, data = sdk_client(url, model_dir, rank, 0), make_data(tinker.types, rows)
+    adam = tinker.types.AdamParams(learning_rate=1e-4)
+    many = [sdk_client(url, model_dir, rank, seed) for seed in range(1, clients + 1)]
+    shares = [make_data(tinker.types, part) for part in np.array_split(rows, clients)]
+    pool = ThreadPoolExecutor(clients)  # one thread per client: they submit at the same time
+
+    def round_of_clients() -> None:
+        for f in [pool.submit(step, tc, adam, d) for tc, d in zip(many, shares, strict=True)]:
+            f.result()
+
+    return {
+        "inprocess": lambda: step(local, local_adam, local_data),
+        "sdk": lambda: step(remote, adam, data),
+        "sdk_multi": round_of_clients,
+    }
+
+
+def server_stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/status", timeout=10).json()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=None, help="HF model dir (default: the small Qwen3)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/server.json"))
+    args = parser.parse_args(argv)
+    if args.batch % args.clients:
+        parser.error("--batch must be a multiple of --clients")
+
+    # The SDK would post its telemetry to this server, which drops it: do not spend the client's time.
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    import jax
+
+    from jtinker import registry
+    from jtinker.models import ModelConfig
+
+    model_dir = (args.model or registry.resolve_base_model("jtinker/small-qwen3")).resolve()
+    config = ModelConfig.from_pretrained(model_dir)
+    rows = make_rows(config.vocab_size, args.batch, args.seq)
+    tokens = args.batch * args.seq
+
+    with tempfile.TemporaryDirectory(prefix="jtinker-bench-server-") as tmp:
+        home = Path(tmp)
+        server = Server(model_dir, home / "server")
+        try:
+            server.wait()
+            runs = setups(server.url, model_dir, rows, args.rank, args.clients, home / "store")
+            # Blocks of back-to-back steps interleave the three setups, so a drift in machine load
+            # hits all of them; each block's first step only wakes that process up (not timed).
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for _ in range(WARMUP):
+                for run in runs.values():
+                    run()
+            while len(times["inprocess"]) < args.steps:
+                for name, run in runs.items():
+                    run()
+                    times[name] += [timed(run) for _ in range(min(BLOCK, args.steps - len(times[name])))]
+            status = server_stats(server.url)
+        finally:
+            server.stop()
+    inprocess, sdk, multi = times["inprocess"], times["sdk"], times["sdk_multi"]
+
+    med = {
+        name: statistics.median(t) for name, t in (("inprocess", inprocess), ("sdk", sdk), ("multi", multi))
+    }
+    result = {
+        "benchmark": "server",
+        "model": str(model_dir),
+        "params": config.param_count(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "clients": args.clients,
+        "device": jax.devices()[0].device_kind,
+        "inprocess_step_s": med["inprocess"],
+        "sdk_step_s": med["sdk"],
+        "sdk_multi_round_s": med["multi"],
+        "inprocess_tokens_per_s": tokens / med["inprocess"],
+        "sdk_tokens_per_s": tokens / med["sdk"],
+        "sdk_multi_tokens_per_s": tokens / med["multi"],
+        "sdk_over_inprocess": med["inprocess"] / med["sdk"],
+        "multi_over_single": med["sdk"] / med["multi"],
+        "step_times": {"inprocess": inprocess, "sdk": sdk, "sdk_multi": multi},
+        "server_status": status,
+    }
+    print(
+        f"model {model_dir.name} ({config.param_count() / 1e6:.1f}M params), batch {args.batch} x {args.seq}"
+    )
+    print(
+        f"in-process: {med['inprocess'] * 1e3:.1f} ms/step, {result['inprocess_tokens_per_s']:.0f} tokens/s"
+    )
+    print(f"SDK over HTTP: {med['sdk'] * 1e3:.1f} ms/step, {result['sdk_tokens_per_s']:.0f} tokens/s")
+    print(
+        f"{args.clients} SDK clients x batch {args.batch // args.clients}: "
+        f"{med['multi'] * 1e3:.1f} ms/round, {result['sdk_multi_tokens_per_s']:.0f} tokens/s"
+    )
+    print(f"SDK / in-process throughput: {result['sdk_over_inprocess']:.2f} (target >= 0.85)")
+    print(f"{args.clients} clients / 1 client throughput: {result['multi_over_single']:.2f} (target >= 0.90)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Cross-adapter batching: ``forward``/``forward_backward`` of several LoRA clients waiting together on
+one base model run as one jitted step (``jax.vmap`` over the adapters, base weights shared), and give
+what each would get alone."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+import jtinker as tinker
+from jtinker import engine, train
+from jtinker.engine import LoraSpec
+
+VOCAB = 320
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def base(qwen3_dir):
+    return engine.BaseModel("tiny", qwen3_dir)
+
+
+def make_data(seed: int, lengths) -> list[tinker.Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        seq = rng.integers(0, VOCAB, n + 1)
+        weights = np.ones(n, np.float32)
+        weights[: n // 3] = 0.0
+        out.append(
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()),
+                loss_fn_inputs={"target_tokens": seq[1:], "weights": weights},
+            )
+        )
+    return out
+
+
+def rl_data(seed: int, lengths) -> list[tinker.Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        seq = rng.integers(0, VOCAB, n + 1)
+        out.append(
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()),
+                loss_fn_inputs={
+                    "target_tokens": seq[1:],
+                    "logprobs": rng.normal(-3.0, 0.5, n).astype(np.float32),
+                    "advantages": rng.normal(0.0, 1.0, n).astype(np.float32),
+                },
+            )
+        )
+    return out
+
+
+# Different lengths and counts per adapter: the group pads each to a common [B, T] bucket.
+DATA_LENGTHS = [(12, 9, 14, 7), (5, 30), (20,), (3, 4, 5, 6, 7, 8, 9, 10)]
+
+
+def new_adapters(base, n: int, seed0: int = 0) -> list[engine.Adapter]:
+    return [
+        base.worker.submit(lambda s=s: base.new_adapter(LoraSpec(rank=RANK, seed=s))).result()
+        for s in range(seed0, seed0 + n)
+    ]
+
+
+class Paused:
+    """Holds the worker on a barrier task so that requests submitted meanwhile arrive together."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.release = threading.Event()
+
+    def __enter__(self):
+        started = threading.Event()
+
+        def hold():
+            started.set()
+            self.release.wait(30)
+
+        self.done = self.worker.submit(hold)
+        started.wait(30)
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.done.result(30)
+
+
+def submit_all(base, adapters, datas, loss="cross_entropy", configs=None, backward=True):
+    configs = configs or [None] * len(adapters)
+    with Paused(base.worker):
+        return [
+            base.worker.submit_loss(a, d, loss, c, backward=backward)
+            for a, d, c in zip(adapters, datas, configs, strict=True)
+        ]
+
+
+def alone(base, adapter, data, loss="cross_entropy", config=None, backward=True):
+    return base.worker.submit(
+        lambda: adapter.forward_backward(data, loss, config, backward=backward), adapter=adapter
+    ).result()
+
+
+def assert_results_equal(got, want):
+    (got_out, got_metrics), (want_out, want_metrics) = got, want
+    assert got_metrics.keys() == want_metrics.keys()
+    for key in want_metrics:
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=2e-6, atol=1e-5)
+    for g, w in zip(got_out, want_out, strict=True):
+        np.testing.assert_allclose(g["logprobs"], w["logprobs"], rtol=1e-6, atol=2e-6)
+
+
+def assert_trees_close(a, b, tol=5e-6):
+    """Equal to ``tol`` of each leaf's scale (f32 sums over differently batched matmuls)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        y = np.asarray(y)
+        np.testing.assert_allclose(np.asarray(x), y, rtol=0, atol=tol * max(1.0, float(np.abs(y).max())))
+
+
+def test_four_adapters_in_one_step_equal_each_alone(base):
+    datas = [make_data(10 + i, lengths) for i, lengths in enumerate(DATA_LENGTHS)]
+    grouped, single = new_adapters(base, 4), new_adapters(base, 4)
+    steps = grouped[0].steps
+    before = base.worker.loss_steps
+    futures = submit_all(base, grouped, datas)
+    results = [f.result(120) for f in futures]
+    assert base.worker.loss_steps - before == 1  # four requests, one jitted step
+    assert steps.compile_count("accumulate_many") == 1
+    for adapter, data, result in zip(single, datas, results, strict=True):
+        assert_results_equal(result, alone(base, adapter, data))
+    for g, s in zip(grouped, single, strict=True):
+        assert_trees_close(g.grad_acc, s.grad_acc)
+
+    adam = train.AdamHyperparams.create(learning_rate=1e-3)  # Adam amplifies float noise of tiny grads by lr
+    for adapter in grouped + single:
+        base.worker.submit(lambda a=adapter: a.optim_step(adam), adapter=adapter).result()
+    for g, s in zip(grouped, single, strict=True):
+        assert_trees_close(g.lora, s.lora)
+        assert_trees_close(g.opt_state, s.opt_state)
+
+    # Six and then five adapters (one dummy slot) share a bucket: one more program, not two.
+    more, more_single = new_adapters(base, 2, seed0=4), new_adapters(base, 2, seed0=4)
+    for n in (6, 5):
+        datas = [make_data(20 + n + i, DATA_LENGTHS[i % 4]) for i in range(n)]
+        futures = submit_all(base, (grouped + more)[:n], datas)
+        for adapter, data, future in zip((single + more_single)[:n], datas, futures, strict=True):
+            assert_results_equal(future.result(120), alone(base, adapter, data))
+    assert steps.compile_count("accumulate_many") == 2
+    # The dummy slot's accumulator came back untouched: it is reused as zeros.
+    pools = list(base._zero_pool.values())
+    assert sum(len(pool) for pool in pools) == 1
+    for pool in pools:
+        for tree in pool:
+            assert all(not np.asarray(x).any() for x in jax.tree.leaves(tree))
+
+
+def test_adapter_buckets():
+    assert [engine.adapter_bucket(k) for k in range(1, 18)] == [
+        1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
+    ]  # fmt: skip
+
+
+def test_forward_only_and_per_adapter_loss_configs(base):
+    adapters = new_adapters(base, 2, seed0=40)
+    datas = [rl_data(1, (9, 11)), rl_data(2, (13,))]
+    configs = [{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, None]
+    before = base.worker.loss_steps
+    futures = submit_all(base, adapters, datas, "ppo", configs, backward=False)
+    results = [f.result(120) for f in futures]
+    assert base.worker.loss_steps - before == 1
+    for adapter, data, config, result in zip(adapters, datas, configs, results, strict=True):
+        assert_results_equal(result, alone(base, adapter, data, "ppo", config, backward=False))
+    # forward_backward with different clip thresholds per adapter, in one step
+    fresh = new_adapters(base, 2, seed0=40)
+    futures = submit_all(base, adapters, datas, "ppo", configs)
+    for adapter, data, config, future in zip(fresh, datas, configs, futures, strict=True):
+        assert_results_equal(future.result(120), alone(base, adapter, data, "ppo", config))
+    for a, f in zip(adapters, fresh, strict=True):
+        assert_trees_close(a.grad_acc, f.grad_acc)
+
+
+def test_bad_request_fails_alone(base):
+    adapters = new_adapters(base, 3, seed0=60)
+    bad = make_data(3, (8,))
+    bad[0] = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints([1, 2, VOCAB + 5]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
+    datas = [make_data(4, (10,)), bad, make_data(5, (6, 6))]
+    futures = submit_all(base, adapters, datas)
+    with pytest.raises(ValueError, match=r"data\[0\]\.model_input"):
+        futures[1].result(120)
+    assert not any(np.asarray(x).any() for x in jax.tree.leaves(adapters[1].grad_acc))
+    fresh = new_adapters(base, 3, seed0=60)
+    for i in (0, 2):
+        assert_results_equal(futures[i].result(120), alone(base, fresh[i], datas[i]))
+
+
+def test_order_per_adapter_is_kept(base):
+    """A's second forward_backward must not join A's first; B's may jump A's optim_step."""
+    a, b = new_adapters(base, 2, seed0=80)
+    a_ref, b_ref = new_adapters(base, 2, seed0=80)
+    d1, d2, d3 = make_data(7, (10,)), make_data(8, (10,)), make_data(9, (10,))
+    adam = train.AdamHyperparams.create(learning_rate=0.05)
+    with Paused(base.worker):
+        f1 = base.worker.submit_loss(a, d1, "cross_entropy", backward=True)
+        opt = base.worker.submit(lambda: a.optim_step(adam), adapter=a)
+        f2 = base.worker.submit_loss(a, d2, "cross_entropy", backward=True)
+        f3 = base.worker.submit_loss(b, d3, "cross_entropy", backward=True)
+    r1, _, r2, r3 = f1.result(120), opt.result(120), f2.result(120), f3.result(120)
+    assert_results_equal(r1, alone(base, a_ref, d1))
+    base.worker.submit(lambda: a_ref.optim_step(adam), adapter=a_ref).result()
+    assert_results_equal(r2, alone(base, a_ref, d2))  # ran after the optim_step
+    assert_results_equal(r3, alone(base, b_ref, d3))
+    assert_trees_close(a.lora, a_ref.lora)
+    assert_trees_close(a.grad_acc, a_ref.grad_acc)
