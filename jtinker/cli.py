@@ -111,7 +111,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = _check_tinker_path(args.checkpoint_path)
     lora, config, model_dir, meta = load_checkpoint_lora(CheckpointStore(), path, args.base_model)
-    if args.format == "peft":
+    full = meta["lora"].get("full_finetune", False)
+    if full and args.format == "peft":
+        raise ValueError(f"{path} is a full fine-tune, not an adapter: export it with --format merged")
+    if full:
+        out = export_merged(model_dir, config, lora.weights, None, args.out_dir, dtype=args.dtype)
+        print(f"wrote merged model (full fine-tune, {args.dtype or meta.get('dtype', 'float32')}) to {out}")
+    elif args.format == "peft":
         # A built-in name means nothing outside jtinker; its directory does. Registered names stay.
         name = args.base_model or meta["base_model"]
         base_name = str(model_dir) if name in registry.builtin_names() else name

@@ -23,7 +23,14 @@ from jax.sharding import Mesh
 
 from jtinker import registry, sharding, train, types
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, new_run_id, validate_name
-from jtinker.engine import Adapter, BaseModel, LoraSpec, get_base_model, lora_from_checkpoint
+from jtinker.engine import (
+    Adapter,
+    BaseModel,
+    FullSpec,
+    LoraSpec,
+    get_base_model,
+    lora_from_checkpoint,
+)
 from jtinker.sampling import SampleRequest, SampleResult
 
 log = logging.getLogger("jtinker")
@@ -197,8 +204,8 @@ class TrainingClient:
                 arch=self._base.config.model_type, model_name=self._base.name, tokenizer_id=self._base.name
             ),
             model_id=self.model_id,
-            is_lora=True,
-            lora_rank=spec.rank,
+            is_lora=not self._adapter.is_full,
+            lora_rank=None if self._adapter.is_full else spec.rank,
             model_name=self._base.name,
         )
 
@@ -507,11 +514,27 @@ class ServiceClient:
         )
         return self._new_training_client(base_model, spec, model_id)
 
+    def create_full_training_client(
+        self, base_model: str, user_metadata: dict[str, str] | None = None, *, model_id: str | None = None
+    ) -> TrainingClient:
+        """Full fine-tuning (beyond Tinker): every weight trains, embeddings included, behind the same
+        verbs as a LoRA client (``forward_backward``, ``optim_step``, ``sample``, ``save_state``).
+
+        The client trains its own copy of the weights, sharded like the base (with its Adam state)
+        over the service's mesh; other clients keep sharing the frozen base. Memory is about four
+        times the weights (weights, gradients, two Adam moments). Export with
+        ``jtinker export PATH OUT --format merged``. Over HTTP, the SDK reaches it through
+        ``create_lora_training_client(base_model, user_metadata={"jtinker_full_finetune": "true"})``.
+        """
+        del user_metadata
+        return self._new_training_client(base_model, FullSpec(), model_id)
+
     def _new_training_client(
-        self, base_model: str, spec: LoraSpec, model_id: str | None = None
+        self, base_model: str, spec: LoraSpec | FullSpec, model_id: str | None = None
     ) -> TrainingClient:
         base = self._base(base_model)
-        adapter = base.worker.submit(lambda: base.new_adapter(spec)).result()
+        make = base.new_full_adapter if isinstance(spec, FullSpec) else lambda: base.new_adapter(spec)
+        adapter = base.worker.submit(make).result()
         return TrainingClient(self, adapter, model_id=model_id or new_run_id())
 
     def _client_from_state(
@@ -519,13 +542,17 @@ class ServiceClient:
     ) -> TrainingClient:
         meta = self.store.read_meta(path)
         lora = meta["lora"]
-        spec = LoraSpec(
-            rank=lora["rank"],
-            seed=0,
-            train_attn=lora["train_attn"],
-            train_mlp=lora["train_mlp"],
-            train_unembed=lora["train_unembed"],
-            alpha=lora["alpha"],
+        spec = (
+            FullSpec()
+            if lora.get("full_finetune")
+            else LoraSpec(
+                rank=lora["rank"],
+                seed=0,
+                train_attn=lora["train_attn"],
+                train_mlp=lora["train_mlp"],
+                train_unembed=lora["train_unembed"],
+                alpha=lora["alpha"],
+            )
         )
         client = self._new_training_client(base_model or meta["base_model"], spec, model_id)
         client._load(path, with_optimizer=with_optimizer).result()
@@ -587,7 +614,9 @@ class ServiceClient:
             return SamplingClient(self._base(base_model))
         meta = self.store.read_meta(model_path, "model_path")
         base = self._base(base_model or meta["base_model"])
-        lora, _ = lora_from_checkpoint(self.store, model_path, base.config, base.name, "model_path")
+        lora, _ = lora_from_checkpoint(
+            self.store, model_path, base.config, base.name, "model_path", params=base.params
+        )
         return SamplingClient(base, lora, model_path=model_path)
 
     async def create_sampling_client_async(self, model_path=None, base_model=None, retry_config=None):

@@ -23,13 +23,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtinker import losses as losses_lib
 from jtinker import sharding, train
 from jtinker.batching import HostBatch, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
-from jtinker.models import ModelConfig, load_pretrained
+from jtinker.models import ModelConfig, load_pretrained, param_shapes
 from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
@@ -52,6 +53,16 @@ class LoraSpec:
     @property
     def targets(self) -> tuple[str, ...]:
         return lora_lib.targets_for(self.train_attn, self.train_mlp, self.train_unembed)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullSpec:
+    """Full fine-tuning: every weight trains (embeddings included); nothing to configure."""
+
+    rank: int = 0  # reported as Tinker's ``lora_rank``: no adapter
+
+    def identity(self) -> dict:
+        return {"full_finetune": True}
 
 
 class BaseModel:
@@ -174,6 +185,10 @@ class BaseModel:
         )
         return Adapter(self, spec, lora)
 
+    def new_full_adapter(self) -> Adapter:
+        """A client that trains its own copy of every weight; the shared base stays frozen."""
+        return Adapter(self, FullSpec(), train.FullWeights(jax.tree.map(jnp.copy, self.params)))
+
 
 class Adapter:
     """A LoRA being trained: its weights, Adam state, gradient accumulator and step count.
@@ -181,7 +196,7 @@ class Adapter:
     Methods run on the base model's worker thread (see :class:`Worker`); none is thread-safe.
     """
 
-    def __init__(self, base: BaseModel, spec: LoraSpec, lora: lora_lib.Lora):
+    def __init__(self, base: BaseModel, spec: LoraSpec | FullSpec, lora: lora_lib.Lora | train.FullWeights):
         self.base = base
         self.spec = spec
         self.lora = base.place_lora_tree(lora)
@@ -316,14 +331,25 @@ class Adapter:
         return {
             "base_model": self.base.name,
             "model_config": dataclasses.asdict(self.base.config),
-            "lora": {**dataclasses.asdict(self.spec), "use_rslora": self.lora.use_rslora},
+            "lora": self.spec.identity()
+            if isinstance(self.spec, FullSpec)
+            else {**dataclasses.asdict(self.spec), "use_rslora": self.lora.use_rslora},
         }
+
+    @property
+    def is_full(self) -> bool:
+        return isinstance(self.spec, FullSpec)
 
     def save(self, store: CheckpointStore, path: CheckpointPath, *, with_optimizer: bool, overwrite: bool):
         items = {"lora": self.lora.weights}
         if with_optimizer:
             items["optimizer"] = self.opt_state
-        meta = {**self.identity(), "step": self.step, "with_optimizer": with_optimizer}
+        meta = {
+            **self.identity(),
+            "step": self.step,
+            "with_optimizer": with_optimizer,
+            "dtype": jnp.dtype(self.base.dtype).name,
+        }
         return store.save(path, items, meta, overwrite=overwrite)
 
     def load(self, store: CheckpointStore, path: str, *, with_optimizer: bool) -> None:
@@ -449,6 +475,10 @@ def check_compatible(meta: dict, identity: dict, path: str) -> None:
             f"{identity['base_model']!r} (architecture or sizes do not match)"
         )
     saved, ours = meta.get("lora", {}), identity["lora"]
+    if bool(saved.get("full_finetune")) != bool(ours.get("full_finetune")):
+        what = "a full fine-tune" if saved.get("full_finetune") else "a LoRA"
+        other = "a full fine-tuning" if ours.get("full_finetune") else "a LoRA"
+        raise ValueError(f"path: {path} holds {what} checkpoint, and this is {other} client")
     for key in ("rank", "train_attn", "train_mlp", "train_unembed", "alpha", "use_rslora"):
         if saved.get(key) != ours.get(key):
             raise ValueError(
@@ -457,16 +487,33 @@ def check_compatible(meta: dict, identity: dict, path: str) -> None:
 
 
 def lora_from_checkpoint(
-    store: CheckpointStore, path: str, config: ModelConfig, base_name: str, field: str = "path"
-) -> tuple[lora_lib.Lora, dict]:
-    """The adapter of a checkpoint (and its metadata), after checking it fits ``config``.
+    store: CheckpointStore,
+    path: str,
+    config: ModelConfig,
+    base_name: str,
+    field: str = "path",
+    *,
+    params: dict | None = None,
+) -> tuple[lora_lib.Lora | train.FullWeights, dict]:
+    """The adapter (or a full fine-tune's weights) of a checkpoint and its metadata, after checking
+    it fits ``config``.
 
-    The LoRA layout is rebuilt from the metadata, so only the small adapter is read from disk.
+    The LoRA layout is rebuilt from the metadata, so only the small adapter is read from disk. Full
+    weights are restored into ``params``' layout (shardings included) when given, else onto the host.
     """
     meta = store.read_meta(path, field)
     spec = meta["lora"]
     identity = {"base_model": base_name, "model_config": dataclasses.asdict(config), "lora": spec}
     check_compatible(meta, identity, path)
+    if spec.get("full_finetune"):
+        if params is not None:
+            skeleton = abstract(params)
+        else:
+            dtype = jnp.dtype(meta.get("dtype", "float32"))
+            flat = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in param_shapes(config).items()}
+            skeleton = traverse_util.unflatten_dict(flat)
+        restored, meta = store.restore(path, {"lora": skeleton}, field)
+        return train.FullWeights(restored["lora"]), meta
     template = lora_lib.init(
         config,
         spec["rank"],

@@ -51,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jtinker import sharding
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
+from jtinker.train import model_weights
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
@@ -246,6 +247,7 @@ def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: 
 
 def _prefill(config: ModelConfig, cache_dtype, params, lora, tokens, lengths, *, want_lp: bool, topk: int):
     """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits and prompt logprobs."""
+    params, lora = model_weights(params, lora)  # a full fine-tune's weights replace the base
     p, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
     cache = KVCache.zeros(config, p, t, cache_dtype)
@@ -298,6 +300,7 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
     finished rows feed into it, so every step runs the same body and the sampling code is
     compiled once.
     """
+    params, lora = model_weights(params, lora)
     keys = _row_keys(rows)
     scratch = state.cache.size - 1
 

@@ -72,10 +72,34 @@ def optimizer() -> optax.GradientTransformation:
     )
 
 
+@struct.dataclass
+class FullWeights:
+    """Full fine-tuning's trainable tree: every base weight, standing where a :class:`Lora` would.
+
+    Gradients, Adam moments and checkpoints mirror it exactly as they mirror a LoRA, so every train
+    entry point and the whole engine serve both; the model sees these weights and no adapter.
+    """
+
+    weights: dict
+
+
+def model_weights(params: dict, trainable: Lora | FullWeights | None) -> tuple[dict, Lora | None]:
+    """``(params, lora)`` to run the model with: full weights replace the base and carry no LoRA."""
+    if isinstance(trainable, FullWeights):
+        return trainable.weights, None
+    return params, trainable
+
+
 def target_logprobs(
-    config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool = True
+    config: ModelConfig,
+    params: dict,
+    lora: Lora | FullWeights | None,
+    batch: TrainBatch,
+    *,
+    remat: bool = True,
 ) -> jax.Array:
     """Learner logprobs of ``batch.targets`` (f32), never materialising all ``[B, T, V]`` logits."""
+    params, lora = model_weights(params, lora)
     hidden, _ = hidden_states(
         config,
         params,
@@ -185,6 +209,7 @@ def full_logits(
     config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool = True
 ):
     """All logits ``[B, T, V]`` in f32, for custom losses that need the whole distribution."""
+    params, lora = model_weights(params, lora)
     hidden, _ = hidden_states(
         config, params, batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
         lora=lora, remat=remat,

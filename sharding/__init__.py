@@ -194,14 +194,18 @@ def params_shardings(mesh: Mesh, rules: ShardingRules, params: Mapping) -> Any:
 def lora_shardings(mesh: Mesh, rules: ShardingRules, tree: Any) -> Any:
     """Shardings for a LoRA pytree, or any tree that mirrors it (gradients, Adam moments).
 
-    Leaves are recognised by their path ending in ``.../<target>/a`` or ``.../<target>/b``; any other
-    leaf (step counts, hyperparameters) is replicated.
+    Leaves are recognised by their path ending in ``.../<target>/a`` or ``.../<target>/b``. A full
+    fine-tune's trainable tree (``weights/<param path>``, and Adam moments mirroring it) is sharded like
+    the base params. Any other leaf (step counts, hyperparameters) is replicated.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     out = []
     for path, leaf in tree_paths(tree):
         shape = np.shape(leaf)
-        if (
+        full = next((path[i + 1 :] for i, k in enumerate(path) if k == "weights"), None)
+        if full in PARAM_AXES:
+            out.append(param_sharding(mesh, rules, full, shape))
+        elif (
             len(path) >= 2
             and path[-1] in ("a", "b")
             and (path[-2] == "lm_head" or ("layers", path[-2]) in PARAM_AXES)

@@ -394,6 +394,26 @@ def test_save_weights_and_sampling(server, service):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_full_finetune_through_the_sdk(server, service):
+    """The extension: the SDK's own create call with user_metadata selects full fine-tuning."""
+    tc = service.create_lora_training_client(
+        BASE, rank=RANK, user_metadata={"jtinker_full_finetune": "true"}
+    ).result()
+    info = tc.get_info()
+    assert info.is_lora is False and info.lora_rank is None
+    data = sft_batch(7, n=2)
+    losses = [train_step(tc, data, lr=0.01) for _ in range(5)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    path = tc.save_weights_for_sampler("full").result().path
+    sampler = service.create_sampling_client(model_path=path).result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    greedy = types.SamplingParams(max_tokens=4, temperature=0.0)
+    prompt = types.ModelInput.from_ints(data[0].model_input.to_ints()[:4])
+    a = sampler.sample(prompt, 1, greedy).result().sequences[0].tokens
+    assert a == snapshot.sample(prompt, 1, greedy).result().sequences[0].tokens
+    assert rest(server).get_weights_info_by_tinker_path(path).result().is_lora is False
+
+
 def test_rest_listings(server, service):
     tc = service.create_lora_training_client(
         BASE, rank=RANK, seed=5, user_metadata={"purpose": "listing"}

@@ -388,7 +388,7 @@ class Api:
             training_run_id=row["run_id"],
             base_model=row["base_model"],
             model_owner=row["owner"],
-            is_lora=True,
+            is_lora=row["lora_rank"] is not None,  # a full fine-tune has no rank
             corrupted=bool(row["corrupted"]),
             lora_rank=row["lora_rank"],
             last_request_time=_ts(row["last_request_at"]),
@@ -480,7 +480,7 @@ class Api:
         return self.ok(
             sdk.WeightsInfoResponse(
                 base_model=meta["base_model"],
-                is_lora=True,
+                is_lora=not lora.get("full_finetune", False),
                 lora_rank=lora.get("rank"),
                 train_unembed=lora.get("train_unembed"),
                 train_mlp=lora.get("train_mlp"),

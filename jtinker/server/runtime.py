@@ -60,6 +60,11 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return f"{type(exc).__name__}: {exc}", "server"
 
 
+# jtinker's extension, reachable through the SDK's standard ``create_lora_training_client(...,
+# user_metadata={FULL_FINETUNE_KEY: "true"})``: a full fine-tune instead of a LoRA (rank is ignored).
+FULL_FINETUNE_KEY = "jtinker_full_finetune"
+
+
 def _adapter(client: TrainingClient) -> Adapter:
     """The engine adapter behind a training client. Forward/backward and optim steps go to the
     worker directly, tagged with their adapter, so that requests of different models waiting
@@ -474,6 +479,7 @@ class Runtime:
         return future.request_id
 
     def create_model(self, owner: str, req: sdk.CreateModelRequest) -> str:
+        """A LoRA training client, or full fine-tuning when ``user_metadata[FULL_FINETUNE_KEY]`` is true."""
         self.own_session(owner, req.session_id)
         self.check_base_model(req.base_model)
         if req.lora_config is None:
@@ -485,8 +491,11 @@ class Runtime:
         if existing is not None:
             return existing
         lora = req.lora_config
+        full = str((req.user_metadata or {}).get(FULL_FINETUNE_KEY, "")).lower() in ("1", "true", "yes")
 
         def build() -> TrainingClient:
+            if full:  # the extension: the SDK's own call, every weight trained
+                return self.service.create_full_training_client(req.base_model, model_id=model_id)
             return self.service.create_lora_training_client(
                 req.base_model,
                 rank=lora.rank,
@@ -502,7 +511,7 @@ class Runtime:
             req.session_id,
             model_id,
             req.base_model,
-            lora.model_dump(),
+            {"full_finetune": True} if full else lora.model_dump(),
             req.user_metadata,
             "CreateModel",
             build,
@@ -647,7 +656,7 @@ class Runtime:
                 tokenizer_id=info.model_data.tokenizer_id,
             ),
             model_id=model_id,
-            is_lora=True,
+            is_lora=info.is_lora,
             lora_rank=info.lora_rank,
             model_name=info.model_name,
         )
