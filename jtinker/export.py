@@ -349,7 +349,7 @@ class _Planned:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _write_safetensors(path: Path, entries: list[_Planned]) -> None:
+def _write_safetensors(path: Path, entries: list[_Planned], progress: Any = None) -> None:
     """Writes one safetensors file, materialising one tensor at a time.
 
     The header needs only shapes and dtypes, so it goes first and each tensor's bytes follow as
@@ -375,6 +375,8 @@ def _write_safetensors(path: Path, entries: list[_Planned]) -> None:
             if arr.shape != e.shape or arr.dtype != e.dtype:
                 raise ValueError(f"{e.name}: produced {arr.shape} {arr.dtype}, planned {e.shape} {e.dtype}")
             f.write(arr.reshape(-1).view(np.uint8).data)
+            if progress is not None:
+                progress.update(e.nbytes)
     os.replace(tmp, path)
 
 
@@ -481,16 +483,22 @@ def export_merged(
     # Stale weights from an earlier export would be picked up next to (or instead of) the new ones.
     for stale in [out / "model.safetensors", out / "model.safetensors.index.json", *out.glob("model-*-of-*")]:
         stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        _write_safetensors(out / "model.safetensors", shards[0])
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(out / file, shard)
-            weight_map.update({e.name: file for e in shard})
-        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    from tqdm.auto import tqdm
+
+    # A bar on terminals only (disable=None): merging a large model takes a while.
+    with tqdm(
+        total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export", disable=None
+    ) as bar:
+        if len(shards) == 1:
+            _write_safetensors(out / "model.safetensors", shards[0], bar)
+        else:
+            weight_map = {}
+            for k, shard in enumerate(shards, start=1):
+                file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                _write_safetensors(out / file, shard, bar)
+                weight_map.update({e.name: file for e in shard})
+            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     if untie:
         hf_config["tie_word_embeddings"] = False

@@ -199,8 +199,13 @@ def load_params(
 
     np_dtype = np.dtype(dtype)
     shapes = param_shapes(config)
+    from tqdm.auto import tqdm
+
     flat = {}
-    for path, (hf_name, transposed, _) in layout.items():
+    # A bar on terminals only (disable=None): a large checkpoint streams for a while.
+    for path, (hf_name, transposed, _) in tqdm(
+        layout.items(), desc="loading weights", unit="param", disable=None
+    ):
 
         def read(index: tuple, path=path, hf_name=hf_name, transposed=transposed) -> np.ndarray:
             def one(name: str, idx: tuple) -> np.ndarray:
