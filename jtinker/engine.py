@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import json
@@ -591,8 +592,17 @@ class Worker:
         self._loss_seconds = 0.0  # duration of the last loss step, bounds the gather window
         self.loss_steps = 0  # loss steps run (one jitted step per group): for tests and the status page
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Finishes queued work and stops the thread (at exit, so no device work races teardown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _put(self, task: _Task) -> Future:
         with self._cond:
@@ -635,8 +645,10 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._tasks:
+                while not self._tasks and not self._closed:
                     self._cond.wait()
+                if not self._tasks:
+                    return
                 task = self._tasks.popleft()
             if task.sample is not None:
                 self._run_samples(task)
@@ -786,6 +798,13 @@ class Worker:
             for task, result in zip(valid, results, strict=True):
                 task.future.set_result(result)
 
+
+def _close_workers() -> None:
+    for base in list(_BASE_MODELS.values()):
+        base.worker.close()
+
+
+atexit.register(_close_workers)
 
 _BASE_MODELS: dict[tuple[str, str], BaseModel] = {}
 _BASE_LOCK = threading.Lock()
