@@ -71,29 +71,51 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _linear(x, layer: dict, lora_layer: dict | None, name: str, scale: float, bias: str | None = None):
-    y = x @ layer[name]
-    if bias is not None and bias in layer:
-        y = y + layer[bias]
-    if lora_layer is not None and name in lora_layer:
-        y = y + lora_lib.apply(x, lora_layer[name], scale)
-    return y
+def _project(prologue, inputs: tuple, layer: dict, lora_layer: dict | None, names, scale, biases=None):
+    """``prologue(*inputs) @ W_name`` (+ bias, + LoRA) for the linears that share an input, as one
+    :func:`lora.project` (its backward recomputes the prologue instead of storing its output)."""
+    loras = tuple(lora_layer.get(name) if lora_layer is not None else None for name in names)
+    outs = lora_lib.project(prologue, inputs, tuple(layer[name] for name in names), loras, scale)
+    if biases is not None:
+        outs = tuple(y + layer[b] if b in layer else y for y, b in zip(outs, biases, strict=True))
+    return outs
+
+
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return jax.nn.silu(gate) * up
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention with an f32 softmax.
 
-    q ``[B, T, nH, D]``, k/v ``[B, S, nKV, D]``, mask ``[B, T, S]`` (True = attend).
+    q ``[B, T, nH, D]``, k/v ``[B, S, nKV, D]``, mask ``[B, T, S]`` (True = attend). The heads that
+    share a key head are stacked with the query positions (``[B, nKV, G*T, D]``), so both products
+    are plain batched matmuls over (batch, key head) with ``G*T`` rows.
     """
     b, t, num_heads, d = q.shape
     num_kv = k.shape[2]
-    q = q.reshape(b, t, num_kv, num_heads // num_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    g = num_heads // num_kv
+    q = q.reshape(b, t, num_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, num_kv, g * t, d)
+    scores = jnp.einsum("bkmd,bskd->bkms", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, num_kv, g, t, -1) * (d**-0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, num_heads * d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, num_kv, g * t, -1)
+    out = jnp.einsum("bkms,bskd->bkmd", probs, v).reshape(b, num_kv, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, num_heads * d)
+
+
+def _norm_and_rope(config: ModelConfig, q, k, cos, sin, q_norm, k_norm):
+    """Qwen3's per-head QK-norm (if any), then RoPE, on projected ``q [B, T, nH, D]`` and ``k``."""
+    if config.qk_norm:
+        q = rms_norm(q, q_norm, config.rms_norm_eps)
+        k = rms_norm(k, k_norm, config.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def _self_attention(config: ModelConfig, q, k, v, cos, sin, q_norm, k_norm, mask) -> jax.Array:
+    """QK-norm, RoPE and attention over projected ``q, k, v`` (rematerialised in training)."""
+    q, k = _norm_and_rope(config, q, k, cos, sin, q_norm, k_norm)
+    return attention(q, k, v, mask)
 
 
 def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
@@ -133,33 +155,35 @@ def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
     x, cos, sin, mask, positions = carry
     layer, lora_layer, cache_k, cache_v = xs
     b, t, _ = x.shape
-
-    h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
     heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
-    q = _linear(h, layer, lora_layer, "q_proj", scale, "q_bias").reshape(b, t, heads, d)
-    k = _linear(h, layer, lora_layer, "k_proj", scale, "k_bias").reshape(b, t, kv_heads, d)
-    v = _linear(h, layer, lora_layer, "v_proj", scale, "v_bias").reshape(b, t, kv_heads, d)
-    if config.qk_norm:
-        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    norm = functools.partial(rms_norm, eps=config.rms_norm_eps)
 
+    q, k, v = _project(
+        norm, (x, layer["input_norm"]), layer, lora_layer, ("q_proj", "k_proj", "v_proj"), scale,
+        ("q_bias", "k_bias", "v_bias"),
+    )  # fmt: skip
+    q, k, v = q.reshape(b, t, heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
     if cache_k is None:
-        attn = attention(q, k, v, mask)
+        # Backward recomputes the probabilities from q, k, v: not stored (B * nH * T * T per layer),
+        # at no measurable cost in step time.
+        self_attention = jax.checkpoint(functools.partial(_self_attention, config), prevent_cse=False)
+        attn = self_attention(q, k, v, cos, sin, layer.get("q_norm"), layer.get("k_norm"), mask)
         new_kv = (None, None)
     else:
+        q, k = _norm_and_rope(config, q, k, cos, sin, layer.get("q_norm"), layer.get("k_norm"))
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attend to what is stored
         attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
         new_kv = (k, v)
-    x = x + _linear(attn, layer, lora_layer, "o_proj", scale, "o_bias")
+    (o,) = _project(None, (attn,), layer, lora_layer, ("o_proj",), scale, ("o_bias",))
+    x = x + o
 
-    h = rms_norm(x, layer["post_norm"], config.rms_norm_eps)
     if sparse:
+        h = rms_norm(x, layer["post_norm"], config.rms_norm_eps)
         x = x + moe.moe_block(config, h, layer, lora_layer, scale)
     else:
-        gate = _linear(h, layer, lora_layer, "gate_proj", scale)
-        up = _linear(h, layer, lora_layer, "up_proj", scale)
-        x = x + _linear(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale)
+        gate, up = _project(norm, (x, layer["post_norm"]), layer, lora_layer, ("gate_proj", "up_proj"), scale)
+        (down,) = _project(_swiglu, (gate, up), layer, lora_layer, ("down_proj",), scale)
+        x = x + down
     return (x, cos, sin, mask, positions), new_kv
 
 

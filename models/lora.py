@@ -11,12 +11,16 @@ Targets are module names, as in PEFT's ``target_modules``. On a Qwen3-MoE model 
 stacked over those layers) and every expert of the sparse layers
 (``weights["layers"]["experts_gate_proj"]``: ``{"a": [Ls, E, in, r], "b": [Ls, E, r, out]}``).
 The router is never adapted.
+
+The model's dense linear layers (adapted or not) run through :func:`project`: ``x @ W`` plus the
+low-rank branch, with a hand-written backward that stores only the layer's inputs and ``x @ a``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -175,5 +179,118 @@ def apply(x: jax.Array, ab: dict | None, scale: float) -> jax.Array:
     """The LoRA branch ``(x @ a) @ b * scale``, computed low-rank first (never forms ``a @ b``)."""
     if ab is None:
         return jnp.zeros((), x.dtype)
-    a, b = ab["a"].astype(x.dtype), ab["b"].astype(x.dtype)
-    return ((x @ a) @ b) * jnp.asarray(scale, x.dtype)
+    return project(None, (x,), (None,), (ab,), scale)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapted linear layer, with a hand-written backward.
+
+
+def _materialized_t(m: jax.Array) -> jax.Array:
+    """``m.T`` as an actual transposed array, for the ``[rows, k]`` operand of a product that sums
+    over rows (a weight gradient: ``m.T @ g``).
+
+    XLA folds a plain transpose into the dot (one contracting dimension 0 of both operands), a form
+    XLA:CPU's YNNPACK dots do not take: it then runs Eigen on a transposed copy of the other, often
+    much larger, operand (the ``[rows, out]`` cotangent). Transposing ``m`` (small: ``x @ a`` is
+    ``[rows, r]``) explicitly, behind a barrier that keeps XLA from folding it back, gives the dot its
+    canonical ``[m, k] x [k, n]`` form. Other backends transpose operands for free: plain ``m.T``.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.optimization_barrier(m.T)
+    return m.T
+
+
+def _cat(arrays: list, axis: int = -1) -> jax.Array:
+    return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis)
+
+
+def _split(x: jax.Array, sizes: list[int], axis: int = -1) -> list[jax.Array]:
+    if len(sizes) == 1:
+        return [x]
+    bounds = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return jnp.split(x, bounds, axis)
+
+
+def _project(prologue, inputs, weights, loras, scale):
+    x = prologue(*inputs) if prologue is not None else inputs[0]
+    lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    outs = [None if w is None else rows @ w for w in weights]
+    adapted = [i for i, ab in enumerate(loras) if ab is not None]
+    low = []
+    if adapted:
+        s = jnp.asarray(scale, x.dtype)
+        # One x @ a per adapter (not one x @ [a_1 | a_2 | ...]): the forward stays the same, bit for bit,
+        # whatever the other adapters' ranks (a rank-padded export reimports exactly).
+        low = [rows @ loras[i]["a"].astype(x.dtype) for i in adapted]
+        for i, xa in zip(adapted, low, strict=True):
+            delta = (xa @ loras[i]["b"].astype(x.dtype)) * s
+            outs[i] = delta if outs[i] is None else outs[i] + delta
+    outs = tuple(y.reshape(*lead, y.shape[-1]) for y in outs)
+    # Residuals: the op's inputs (the prologue's output is recomputed in backward) and x @ a.
+    return outs, (inputs, weights, loras, low)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def project(
+    prologue: Callable | None, inputs: tuple, weights: tuple, loras: tuple, scale: float
+) -> tuple[jax.Array, ...]:
+    """``x @ W_i + (x @ a_i) @ b_i * scale`` for every ``i``, with ``x = prologue(*inputs)``.
+
+    One op for the linears that read the same input (q, k, v; gate, up). ``weights[i]`` is a base
+    kernel ``[in, out_i]`` or None (LoRA branch only), ``loras[i]`` an ``{"a", "b"}`` adapter or None.
+    ``prologue`` (e.g. the RMSNorm, or SwiGLU before ``down_proj``) is a cheap elementwise function
+    of ``inputs``; without one, ``inputs`` is ``(x,)``. Same values as the plain expression (up to
+    float reassociation); the hand-written backward
+
+    * keeps only ``inputs`` and the rank-``r`` products ``x @ a`` for backward, recomputing the
+      prologue there (activation memory: the RMSNorm output and ``silu(gate) * up`` are not stored);
+    * gives every product a form XLA:CPU's fast (YNNPACK) dots take (see :func:`_materialized_t`);
+    * computes the base kernels' gradients only if something asks for them (XLA drops them when
+      only the adapters are differentiated).
+    """
+    return _project(prologue, inputs, weights, loras, scale)[0]
+
+
+def _project_fwd(prologue, inputs, weights, loras, scale):
+    return _project(prologue, inputs, weights, loras, scale)
+
+
+def _project_bwd(prologue, scale, residuals, cotangents):
+    inputs, weights, loras, low = residuals
+    if prologue is not None:
+        x, pullback = jax.vjp(prologue, *inputs)
+    else:
+        x = inputs[0]
+    dt = x.dtype
+    rows = x.reshape(-1, x.shape[-1])
+    gs = [g.reshape(-1, g.shape[-1]).astype(dt) for g in cotangents]
+    dx = None
+    dweights = []
+    for g, w in zip(gs, weights, strict=True):
+        if w is None:
+            dweights.append(None)
+            continue
+        part = g @ w.astype(dt).T
+        dx = part if dx is None else dx + part
+        dweights.append((_materialized_t(rows) @ g).astype(w.dtype))  # dead unless W is trained
+    adapted = [i for i, ab in enumerate(loras) if ab is not None]
+    dloras: list = [None] * len(loras)
+    if adapted:
+        s = jnp.asarray(scale, dt)
+        dlow = [(gs[i] @ loras[i]["b"].astype(dt).T) * s for i in adapted]  # d(x @ a), [rows, r]
+        for i, xa in zip(adapted, low, strict=True):
+            dloras[i] = {"b": ((_materialized_t(xa) @ gs[i]) * s).astype(loras[i]["b"].dtype)}
+        dlow_cat = _cat(dlow)
+        # d a_i = x.T @ d(x @ a_i), formed transposed ([r, in]) so the big operand stays canonical.
+        da_t = _split(_materialized_t(dlow_cat) @ rows, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
+        for i, d in zip(adapted, da_t, strict=True):
+            dloras[i]["a"] = d.T.astype(loras[i]["a"].dtype)
+        part = dlow_cat @ _cat([loras[i]["a"].astype(dt) for i in adapted]).T
+        dx = part if dx is None else dx + part
+    dx = dx.reshape(x.shape)
+    dinputs = pullback(dx) if prologue is not None else (dx,)
+    return tuple(dinputs), tuple(dweights), tuple(dloras)
+
+
+project.defvjp(_project_fwd, _project_bwd)
