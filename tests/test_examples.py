@@ -45,8 +45,10 @@ def test_rl_basic(recipe):
 
 def test_dpo(recipe):
     history = recipe("dpo").main(["--steps", "12"])["history"]
-    assert mean([h["accuracy"] for h in history[-3:]]) > mean([h["accuracy"] for h in history[:3]]) + 0.1
+    # Per-step accuracy over 16 pairs is too noisy to compare; the loss and the margin are not.
+    assert mean([h["dpo_loss"] for h in history[-3:]]) < mean([h["dpo_loss"] for h in history[:3]]) - 0.08
     assert history[-1]["margin"] > history[0]["margin"] + 0.3
+    assert mean([h["accuracy"] for h in history[-3:]]) >= 0.7
 
 
 def test_custom_loss(recipe):
