@@ -162,9 +162,10 @@ def _rows_train(d: dict) -> list[list[str]]:
     speed = d["speedup"]
     return [
         ["train", f"LoRA fwd+bwd+optim tokens/s ({shape})", _n(d["jtinker_tokens_per_s"]),
-         f"torch+PEFT {_n(d['torch_tokens_per_s'])}", f"{speed:.2f}x", ">= 1.0x *", _verdict(speed >= 1)],
+         f"torch+PEFT {_n(d['torch_tokens_per_s'])}", f"{speed:.2f}x", ">= 2.0x", _verdict(speed >= 2)],
         ["train", "MFU vs measured matmul peak", f"{d['jtinker_mfu']:.1%}",
-         f"torch+PEFT {d['torch_mfu']:.1%}", f"{d['jtinker_mfu'] / d['torch_mfu']:.2f}x", "—", "—"],
+         f"torch+PEFT {d['torch_mfu']:.1%}", f"{d['jtinker_mfu'] / d['torch_mfu']:.2f}x", ">= 60%",
+         _verdict(d["jtinker_mfu"] >= 0.6)],
     ]  # fmt: skip
 
 
@@ -174,7 +175,8 @@ def _rows_sample(d: dict) -> list[list[str]]:
         rows.append([
             "sample", f"greedy tokens/s, batch {b} ({d['prompt_len']} + {d['new_tokens']} tokens)",
             _n(d["jtinker"][b]["tokens_per_s"]), f"transformers {_n(d['transformers'][b]['tokens_per_s'])}",
-            f"{ratio:.2f}x", ">= 1.0x *", _verdict(ratio >= 1),
+            f"{ratio:.2f}x", ">= 3.0x" if int(b) == 8 else ">= 1.0x",
+            _verdict(ratio >= (3 if int(b) == 8 else 1)),
         ])  # fmt: skip
     return rows
 
@@ -458,7 +460,8 @@ def render(results: Path, runs: dict, env: dict, command: str, date: str) -> str
             summary(results, runs),
         ),
         "",
-        "\\* Issue #9 sets no throughput number; the bar shown is parity with the baseline.",
+        "Targets are issue #9's (train >= 2x torch+PEFT and >= 60% MFU; sample >= 3x at batch 8); other "
+        "batch sizes show parity as the bar.",
         "",
         "## Details",
         "",
