@@ -49,6 +49,23 @@ def load_checkpoint_lora(store: Any, path: str, base_model: str | None = None) -
     return lora, config, model_dir, meta
 
 
+def peft_base_name(name: str, model_dir: Path) -> str:
+    """The base model a PEFT adapter names: a built-in name means nothing outside jtinker, its
+    directory does; registered names and paths stay as they are."""
+    from jtinker import registry
+
+    return str(model_dir) if name in registry.builtin_names() else name
+
+
+def export_checkpoint_peft(store: Any, path: str, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Exports the adapter of a ``tinker://`` checkpoint in ``store`` as a PEFT adapter directory."""
+    from jtinker.export import export_peft
+
+    lora, config, model_dir, meta = load_checkpoint_lora(store, path, base_model)
+    base_name = peft_base_name(base_model or meta["base_model"], model_dir)
+    return export_peft(config, lora, out_dir, base_model_name_or_path=base_name)
+
+
 def _check_tinker_path(path: str) -> str:
     from jtinker.checkpoints import CheckpointPath
 
@@ -105,7 +122,6 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jtinker import registry
     from jtinker.checkpoints import CheckpointStore
     from jtinker.export import export_merged, export_peft
 
@@ -118,9 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_merged(model_dir, config, lora.weights, None, args.out_dir, dtype=args.dtype)
         print(f"wrote merged model (full fine-tune, {args.dtype or meta.get('dtype', 'float32')}) to {out}")
     elif args.format == "peft":
-        # A built-in name means nothing outside jtinker; its directory does. Registered names stay.
-        name = args.base_model or meta["base_model"]
-        base_name = str(model_dir) if name in registry.builtin_names() else name
+        base_name = peft_base_name(args.base_model or meta["base_model"], model_dir)
         out = export_peft(config, lora, args.out_dir, base_model_name_or_path=base_name)
         print(f"wrote PEFT adapter (rank {lora.rank}, targets {', '.join(lora.targets)}) to {out}")
     else:

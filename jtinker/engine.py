@@ -210,30 +210,23 @@ class Adapter:
         return self.base.steps(self.lora, self.opt_state)
 
     # -- training -----------------------------------------------------------------------------
-    def _batches(self, data, loss_name: str | None) -> list[tuple[list[int], HostBatch]]:
-        batches = build_batches(
+    def _host_batches(self, data, loss_name: str | None) -> list[tuple[list[int], HostBatch]]:
+        """Validates ``data`` and packs it into host micro-batches (no device work)."""
+        return build_batches(
             data,
             loss_name,
             self.base.config,
             max_tokens_per_batch=self.base.max_tokens_per_batch,
             row_multiple=self.base.row_multiple,
         )
-        return [
-            (members, dataclasses.replace(host, batch=self.base.place_batch(host.batch)))
-            for members, host in batches
-        ]
+
+    def _placed(self, host: HostBatch) -> HostBatch:
+        return dataclasses.replace(host, batch=self.base.place_batch(host.batch))
 
     def prepare_loss(self, data: Sequence, loss_name: str, loss_fn_config: dict | None) -> PreparedLoss:
         """Validates a ``forward``/``forward_backward`` request into host micro-batches (no device work)."""
         loss_fn, loss_config = losses_lib.resolve(loss_name, loss_fn_config)
-        batches = build_batches(
-            data,
-            loss_name,
-            self.base.config,
-            max_tokens_per_batch=self.base.max_tokens_per_batch,
-            row_multiple=self.base.row_multiple,
-        )
-        return PreparedLoss(loss_name, loss_fn, loss_config, batches, len(data))
+        return PreparedLoss(loss_name, loss_fn, loss_config, self._host_batches(data, loss_name), len(data))
 
     def forward_backward(
         self, data: Sequence, loss_name: str, loss_fn_config: dict | None, *, backward: bool
@@ -248,8 +241,9 @@ class Adapter:
         outputs: list[np.ndarray | None] = [None] * prepared.num_data
         metric_parts = []
         grad_acc = self.grad_acc
+        pending = []
         for members, host in prepared.batches:
-            host = dataclasses.replace(host, batch=self.base.place_batch(host.batch))
+            host = self._placed(host)
             if backward:
                 grad_acc, loss, metrics, logprobs = self.steps.accumulate(
                     grad_acc,
@@ -271,6 +265,8 @@ class Adapter:
                     loss_fn=loss_fn,
                 )
             metric_parts.append((len(members), metrics))
+            pending.append((members, host, logprobs))
+        for members, host, logprobs in pending:  # fetched once every micro-batch is dispatched
             _scatter_outputs(outputs, members, host, np.asarray(logprobs))
         self.grad_acc = grad_acc
         return loss_outputs(outputs), combine_metrics(metric_parts)
@@ -291,7 +287,7 @@ class Adapter:
             if loss_type_input == "logprobs"
             else self.steps.logits_with_pullback
         )
-        batches = self._batches(data, None)
+        batches = [(members, self._placed(host)) for members, host in self._host_batches(data, None)]
         forwards = []
         logprobs_list: list[jax.Array | None] = [None] * len(data)
         for members, host in batches:

@@ -181,7 +181,7 @@ def run(config: QuickstartConfig, log: Callable[[str], None] = print) -> dict[st
 
     import jtinker as tinker
     from jtinker import registry, types
-    from jtinker.export import export_peft
+    from jtinker.cli import export_checkpoint_peft
 
     out_dir = Path(config.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,10 +249,7 @@ def run(config: QuickstartConfig, log: Callable[[str], None] = print) -> dict[st
         log(_row("", f"{s['prompt']}{s['output']}  ({mark})"))
 
     state_path = training.save_state("quickstart", overwrite=True).result().path
-    lora, model_config = _checkpoint_lora(service, state_path)
-    peft_dir = export_peft(
-        model_config, lora, out_dir / "peft_adapter", base_model_name_or_path=str(model_dir)
-    )
+    peft_dir = export_checkpoint_peft(service.store, state_path, out_dir / "peft_adapter")
     summary = {
         "task": "date_format",
         "base_model": config.base_model or MODEL_NAME,
@@ -285,10 +282,3 @@ def run(config: QuickstartConfig, log: Callable[[str], None] = print) -> dict[st
 
 def _row(label: str, value: Any) -> str:
     return f"{label:<13} {value}"
-
-
-def _checkpoint_lora(service: Any, path: str):
-    from jtinker.cli import load_checkpoint_lora
-
-    lora, model_config, _, _ = load_checkpoint_lora(service.store, path)
-    return lora, model_config

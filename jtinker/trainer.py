@@ -544,6 +544,7 @@ def run(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, An
     from tqdm.auto import tqdm
 
     import jtinker as tinker
+    from jtinker.cli import export_checkpoint_peft
 
     start = time.perf_counter()
     out_dir = Path(config.out_dir).expanduser().resolve()
@@ -637,7 +638,7 @@ def run(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, An
     }
     if last_checkpoint is not None:
         summary["peft_adapter_dir"] = str(
-            _export_peft(service, last_checkpoint["path"], out_dir / "peft_adapter")
+            export_checkpoint_peft(service.store, last_checkpoint["path"], out_dir / "peft_adapter")
         )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for key in ("state_path", "peft_adapter_dir", "metrics", "checkpoints"):
@@ -658,14 +659,3 @@ def _initial_checkpoint(init_from: str) -> str:
             f"(no entries in {index}); run its config first"
         )
     return entries[-1]["path"]
-
-
-def _export_peft(service: Any, path: str, out: Path) -> Path:
-    from jtinker import registry
-    from jtinker.cli import load_checkpoint_lora
-    from jtinker.export import export_peft
-
-    lora, model_config, model_dir, meta = load_checkpoint_lora(service.store, path)
-    name = meta["base_model"]
-    base_name = str(model_dir) if name in registry.builtin_names() else name
-    return export_peft(model_config, lora, out, base_model_name_or_path=base_name)
