@@ -183,13 +183,21 @@ def _rows_sample(d: dict) -> list[list[str]]:
 
 def _rows_server(d: dict) -> list[list[str]]:
     single, multi = d["sdk_over_inprocess"], d["multi_over_single"]
-    return [
+    rows = [
         ["server", f"SDK over HTTP vs in-process, tokens/s ({d['batch']}x{d['seq']})",
          _n(d["sdk_tokens_per_s"]), f"in-process {_n(d['inprocess_tokens_per_s'])}", f"{single:.2f}",
          ">= 0.85", _verdict(single >= 0.85)],
         ["server", f"{d['clients']} SDK clients vs 1, tokens/s", _n(d["sdk_multi_tokens_per_s"]),
          f"1 client {_n(d['sdk_tokens_per_s'])}", f"{multi:.2f}", ">= 0.90", _verdict(multi >= 0.90)],
     ]  # fmt: skip
+    if "sample_multi_over_serial" in d:  # results from before sampling was measured have none
+        rows.append(
+            ["server", f"{d['clients']} SDK sampling clients (own adapters) at once vs one by one, tokens/s",
+             _n(d["sdk_sample_multi_tokens_per_s"]),
+             f"one by one {_n(d['sdk_sample_serial_tokens_per_s'])}",
+             f"{d['sample_multi_over_serial']:.2f}", "(none)", "info"]
+        )  # fmt: skip
+    return rows
 
 
 def _rows_memory(d: dict) -> list[list[str]]:
@@ -275,7 +283,17 @@ def _details_server(d: dict) -> list[str]:
         f"- Batch {d['batch']} x {d['seq']}, rank {d['rank']}. Median step: in-process "
         f"{d['inprocess_step_s'] * 1e3:.0f} ms, SDK {d['sdk_step_s'] * 1e3:.0f} ms, "
         f"{d['clients']} SDK clients {d['sdk_multi_round_s'] * 1e3:.0f} ms per round.",
-    ]
+    ] + (
+        [
+            f"- Sampling {d['batch']} x {d['sample_tokens']} tokens: one client "
+            f"{d['sdk_sample_s'] * 1e3:.0f} ms; {d['clients']} clients with their own adapters "
+            f"{d['sdk_sample_multi_round_s'] * 1e3:.0f} ms per round at once (one batch), "
+            f"{d['sdk_sample_serial_s'] * 1e3:.0f} ms one after another (each decode step of the batch reads "
+            f"all {d['clients']} adapters)."
+        ]
+        if "sdk_sample_s" in d
+        else []
+    )
 
 
 def _details_memory(d: dict) -> list[str]:

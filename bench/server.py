@@ -1,7 +1,7 @@
 """The HTTP server's cost: the real tinker SDK against ``jtinker serve`` vs the in-process API.
 
     python bench/server.py [--model DIR] [--batch 8] [--seq 128] [--rank 32] [--steps 6] [--clients 4]
-                           [--out FILE]
+                           [--sample-tokens 32] [--out FILE]
 
 One step is ``forward_backward`` + ``optim_step`` on the same model, LoRA and batch, measured three ways
 in the same run:
@@ -11,6 +11,10 @@ in the same run:
 * ``sdk_multi``: ``--clients`` SDK clients (one ServiceClient each, one thread each, starting each
   round together), each with ``batch / clients`` sequences, vs the one SDK client with the whole
   batch. The server runs the clients' concurrent ``forward_backward`` requests as one jitted step.
+* ``sample`` / ``sample_multi``: likewise for sampling, ``batch`` samples of ``--sample-tokens`` tokens
+  from one SDK sampling client vs ``--clients`` sampling clients (each its own adapter) sampling
+  ``batch / clients`` each at once. The server runs them as one batch (a stacked LoRA); also timed
+  one client after another (``sample_serial``), the cost without cross-adapter batching.
 
 The setups take turns in blocks of back-to-back steps (so a drift in machine load affects all three
 alike). Reported: median step time over the timed steps (warm-up steps, which compile, and the first
@@ -123,7 +127,13 @@ def sdk_client(url: str, model_dir: Path, rank: int, seed: int):
     return service.create_lora_training_client(str(model_dir), rank=rank, seed=seed).result()
 
 
-def setups(url: str, model_dir: Path, rows: np.ndarray, rank: int, clients: int, store: Path) -> dict:
+def sample(sampler, prompt, num_samples: int, params) -> None:
+    sampler.sample(prompt=prompt, num_samples=num_samples, sampling_params=params).result()
+
+
+def setups(
+    url: str, model_dir: Path, rows: np.ndarray, rank: int, clients: int, store: Path, sample_tokens: int
+) -> dict:
     """name -> a callable running one step (or one lock-step round of ``clients`` SDK clients)."""
     import tinker
 
@@ -144,10 +154,30 @@ def setups(url: str, model_dir: Path, rows: np.ndarray, rank: int, clients: int,
         for f in [pool.submit(step, tc, adam, d) for tc, d in zip(many, shares, strict=True)]:
             f.result()
 
+    # Sampling: no stop token, so every sample runs all ``sample_tokens`` steps.
+    prompt = tinker.types.ModelInput.from_ints(rows[0, :16].tolist())
+    params = tinker.types.SamplingParams(max_tokens=sample_tokens, temperature=1.0, seed=0)
+    one_sampler = remote.save_weights_and_get_sampling_client("bench-sampler").result()
+    samplers = [
+        tc.save_weights_and_get_sampling_client(f"bench-sampler-{i}").result() for i, tc in enumerate(many)
+    ]
+    batch, share = len(rows), len(rows) // clients
+
+    def round_of_samplers() -> None:
+        for f in [pool.submit(sample, sc, prompt, share, params) for sc in samplers]:
+            f.result()
+
+    def samplers_one_by_one() -> None:  # what the round costs when the server cannot batch it
+        for sc in samplers:
+            sample(sc, prompt, share, params)
+
     return {
         "inprocess": lambda: step(local, local_adam, local_data),
         "sdk": lambda: step(remote, adam, data),
         "sdk_multi": round_of_clients,
+        "sample": lambda: sample(one_sampler, prompt, batch, params),
+        "sample_multi": round_of_samplers,
+        "sample_serial": samplers_one_by_one,
     }
 
 
@@ -167,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--sample-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench_results/server.json"))
     args = parser.parse_args(argv)
     if args.batch % args.clients:
@@ -189,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
         server = Server(model_dir, home / "server")
         try:
             server.wait()
-            runs = setups(server.url, model_dir, rows, args.rank, args.clients, home / "store")
+            runs = setups(
+                server.url, model_dir, rows, args.rank, args.clients, home / "store", args.sample_tokens
+            )
             # Blocks of back-to-back steps interleave the three setups, so a drift in machine load
             # hits all of them; each block's first step only wakes that process up (not timed).
             times: dict[str, list[float]] = {name: [] for name in runs}
@@ -203,11 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
             status = server_stats(server.url)
         finally:
             server.stop()
-    inprocess, sdk, multi = times["inprocess"], times["sdk"], times["sdk_multi"]
-
-    med = {
-        name: statistics.median(t) for name, t in (("inprocess", inprocess), ("sdk", sdk), ("multi", multi))
-    }
+    med = {name: statistics.median(t) for name, t in times.items()}
+    med["multi"] = med["sdk_multi"]
+    sampled = args.batch * args.sample_tokens
     result = {
         "benchmark": "server",
         "model": str(model_dir),
@@ -225,7 +256,16 @@ def main(argv: list[str] | None = None) -> dict:
         "sdk_multi_tokens_per_s": tokens / med["multi"],
         "sdk_over_inprocess": med["inprocess"] / med["sdk"],
         "multi_over_single": med["sdk"] / med["multi"],
-        "step_times": {"inprocess": inprocess, "sdk": sdk, "sdk_multi": multi},
+        "sample_tokens": args.sample_tokens,
+        "sdk_sample_s": med["sample"],
+        "sdk_sample_multi_round_s": med["sample_multi"],
+        "sdk_sample_tokens_per_s": sampled / med["sample"],
+        "sdk_sample_multi_tokens_per_s": sampled / med["sample_multi"],
+        "sdk_sample_serial_s": med["sample_serial"],
+        "sdk_sample_serial_tokens_per_s": sampled / med["sample_serial"],
+        "sample_multi_over_single": med["sample"] / med["sample_multi"],
+        "sample_multi_over_serial": med["sample_serial"] / med["sample_multi"],
+        "step_times": times,
         "server_status": status,
     }
     print(
@@ -241,6 +281,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"SDK / in-process throughput: {result['sdk_over_inprocess']:.2f} (target >= 0.85)")
     print(f"{args.clients} clients / 1 client throughput: {result['multi_over_single']:.2f} (target >= 0.90)")
+    print(
+        f"sampling {args.batch} x {args.sample_tokens} tokens: 1 client {med['sample'] * 1e3:.1f} ms, "
+        f"{args.clients} clients {med['sample_multi'] * 1e3:.1f} ms per round; "
+        f"{args.clients} / 1 throughput {result['sample_multi_over_single']:.2f}; "
+        f"{med['sample_serial'] / med['sample_multi']:.2f}x faster than one client after another"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return result

@@ -34,6 +34,15 @@ def batch_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def adapter_bucket(k: int) -> int:
+    """Adapter slots of a multi-adapter step: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5×).
+
+    A dummy slot costs a whole sub-batch of compute, so the buckets are finer than powers of two.
+    """
+    power = 1 << max(0, (k - 1).bit_length())  # smallest power of two >= k
+    return power * 3 // 4 if power >= 4 and k <= power * 3 // 4 else power
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where one datum landed: ``row``, ``start`` offset and ``length`` tokens."""

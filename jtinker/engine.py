@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtinker import losses as losses_lib
 from jtinker import sharding, train
-from jtinker.batching import HostBatch, build_batches
+from jtinker.batching import HostBatch, adapter_bucket, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
 from jtinker.models import ModelConfig, load_pretrained, param_shapes
 from jtinker.models import lora as lora_lib
@@ -400,15 +400,6 @@ class PreparedLoss:
         )
 
 
-def adapter_bucket(k: int) -> int:
-    """Adapter slots of a multi-adapter step: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5×).
-
-    A dummy slot costs a whole sub-batch of compute, so the buckets are finer than powers of two.
-    """
-    power = 1 << max(0, (k - 1).bit_length())  # smallest power of two >= k
-    return power * 3 // 4 if power >= 4 and k <= power * 3 // 4 else power
-
-
 def _pad_to(x: np.ndarray, rows: int, length: int) -> np.ndarray:
     return np.pad(x, [(0, rows - x.shape[0]), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
@@ -571,8 +562,9 @@ class _Task:
 class Worker:
     """Runs one base model's device work on a single thread, in submission order per adapter.
 
-    * Sampling tasks waiting in the queue are drained and run as one batch: a sampling client
-      reads a fixed snapshot of weights, so it need not wait behind training work.
+    * Sampling tasks waiting in the queue are drained and run as one batch, whatever their adapters
+      (a stacked LoRA: each row multiplies only its own adapter). A sampling client reads a fixed
+      snapshot of weights, so it need not wait behind training work.
     * ``forward``/``forward_backward`` tasks of *different* adapters waiting together run as one
       jitted step (:func:`run_loss_group`). A task is only taken ahead of tasks of other adapters,
       never ahead of an earlier task of its own adapter nor of an untagged task (which may touch
@@ -588,6 +580,8 @@ class Worker:
         self._loss_seconds = 0.0  # duration of the last loss step, bounds the gather window
         self.loss_steps = 0  # loss steps run (one jitted step per group): for tests and the status page
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
+        self.sample_requests = 0  # sampling requests run, in
+        self.sample_batches = 0  # Sampler.sample calls (one per batch of requests, any adapters)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -770,29 +764,41 @@ class Worker:
             rest = [t for t in self._tasks if t.sample is None]
             self._tasks.clear()
             self._tasks.extend(rest)
-        groups: dict[int, list[_Task]] = {}
+        groups: dict[Any, list[_Task]] = {}
         for task in tasks:
-            if task.future.set_running_or_notify_cancel():
-                groups.setdefault(id(task.sample[1]), []).append(task)
-        for group in groups.values():
-            lora = group[0].sample[1]
-            valid = []
-            for task in group:
-                try:
-                    self.base.sampler.validate(task.sample[0])
-                    valid.append(task)
-                except BaseException as e:
-                    task.future.set_exception(e)
-            if not valid:
+            if not task.future.set_running_or_notify_cancel():
                 continue
             try:
-                results = self.base.sampler.sample([t.sample[0] for t in valid], lora)
+                self.base.sampler.validate(task.sample[0])
             except BaseException as e:
-                for task in valid:
+                task.future.set_exception(e)
+                continue
+            groups.setdefault(_sample_group_key(task.sample[1]), []).append(task)
+        if None in groups and len(groups) > 1:  # base-model requests ride along with any LoRA group
+            base_tasks = groups.pop(None)
+            next(iter(groups.values())).extend(base_tasks)
+        for group in groups.values():
+            self.sample_batches += 1
+            self.sample_requests += len(group)
+            try:
+                results = self.base.sampler.sample([t.sample[0] for t in group], [t.sample[1] for t in group])
+            except BaseException as e:
+                log.debug("sampling failed", exc_info=True)
+                for task in group:
                     task.future.set_exception(e)
                 continue
-            for task, result in zip(valid, results, strict=True):
+            for task, result in zip(group, results, strict=True):
                 task.future.set_result(result)
+
+
+def _sample_group_key(lora) -> Any:
+    """Sampling requests with equal keys share one batch: every LoRA of a layout (stacked), the base
+    model (None) with them; anything else (a full fine-tune's weights) runs with its own requests."""
+    if lora is None:
+        return None
+    if isinstance(lora, lora_lib.Lora):
+        return lora_lib.layout(lora)
+    return id(lora)
 
 
 def _close_workers() -> None:

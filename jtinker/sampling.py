@@ -49,6 +49,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import sharding
+from jtinker.batching import adapter_bucket
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
 from jtinker.train import model_weights
@@ -373,6 +374,38 @@ class _Row:
     sample: int
 
 
+_stack_adapters = jax.jit(lora_lib.stack)
+
+
+@dataclasses.dataclass
+class _Adapters:
+    """One call's distinct adapters and each request's index among them."""
+
+    distinct: list
+    slot: list[int]
+
+    def for_rows(self, requests: list[int]) -> tuple[Any, list[int] | None]:
+        """The adapter for a chunk of rows, stacked when they use several (padded to an
+        :func:`adapter_bucket` count, so varying mixes reuse few programs), and each row's index in it."""
+        used = sorted({self.slot[i] for i in requests})
+        if len(used) == 1:
+            return self.distinct[used[0]], None
+        members = [self.distinct[s] for s in used]
+        members += [members[0]] * (adapter_bucket(len(members)) - len(members))
+        local = {s: i for i, s in enumerate(used)}
+        row_adapter = [local[self.slot[i]] for i in requests]
+        return _stack_adapters(members, jnp.asarray(row_adapter)), row_adapter
+
+
+def _with_adapter_ids(lora, adapters: list[int] | None, rows: int):
+    """A stacked ``lora`` with ids for ``rows`` batch rows (padding rows use the last adapter)."""
+    if adapters is None:
+        return lora
+    ids = np.full(rows, adapters[-1], np.int32)
+    ids[: len(adapters)] = adapters
+    return lora.replace(adapter_ids=jnp.asarray(ids))
+
+
 class Sampler:
     """Samples from ``params`` (optionally with a LoRA adapter applied on the fly).
 
@@ -466,33 +499,65 @@ class Sampler:
 
     # ------------------------------------------------------------------------------- sampling
 
-    def sample(
-        self, requests: Sequence[SampleRequest], lora: lora_lib.Lora | None = None
-    ) -> list[SampleResult]:
+    def sample(self, requests: Sequence[SampleRequest], lora: Any = None) -> list[SampleResult]:
         """Samples every request; all of them share one prefill batch and one decode batch
-        (``max_batch`` rows at a time). Any invalid request raises before any work is done."""
+        (``max_batch`` rows at a time). Any invalid request raises before any work is done.
+
+        ``lora``: the adapter every request samples with, or a list with one per request (None:
+        the base model). Different adapters share the batch as one stacked adapter (each row
+        multiplies only its own adapter); they must then be LoRAs of one :func:`lora.layout`.
+        """
         for i, r in enumerate(requests):
             try:
                 self.validate(r)
             except ValueError as e:
                 raise ValueError(f"requests[{i}].{e}") from None
+        adapters = self._adapter_slots(requests, lora)
         seeds = [r.seed % (1 << 64) if r.seed is not None else secrets.randbits(64) for r in requests]
         results = [
             SampleResult(sequences=[None] * r.num_samples)  # type: ignore[list-item]
             for r in requests
         ]
-        rows = [_Row(i, s) for i, r in enumerate(requests) for s in range(r.num_samples)]
+        # Rows grouped by adapter: a stacked adapter's rows must be (see models.lora.stack).
+        order = sorted(range(len(requests)), key=lambda i: adapters.slot[i])
+        rows = [_Row(i, s) for i in order for s in range(requests[i].num_samples)]
         self.last_stats = {"prefill_prompts": 0, "decode_steps": 0, "decode_calls": 0}
         for start in range(0, len(rows), self.max_batch):
-            self._run(requests, seeds, rows[start : start + self.max_batch], results, lora)
+            chunk = rows[start : start + self.max_batch]
+            self._run(requests, seeds, chunk, results, *adapters.for_rows([r.request for r in chunk]))
         return results
 
-    def _run(self, requests, seeds, rows: list[_Row], results: list[SampleResult], lora) -> None:
-        # Prefill each distinct prompt once.
-        prompt_index: dict[tuple[int, ...], int] = {}
+    @staticmethod
+    def _adapter_slots(requests: Sequence[SampleRequest], lora: Any) -> _Adapters:
+        if not isinstance(lora, (list, tuple)):
+            return _Adapters([lora], [0] * len(requests))
+        if len(lora) != len(requests):
+            raise ValueError(f"lora: got {len(lora)} adapters for {len(requests)} requests")
+        distinct = list({id(x): x for x in lora}.values())
+        slot_of = {id(x): i for i, x in enumerate(distinct)}
+        loras = [x for x in distinct if x is not None]
+        if len(distinct) > 1:
+            for i, x in enumerate(lora):
+                if x is None:
+                    continue
+                if not isinstance(x, lora_lib.Lora):
+                    raise ValueError(f"lora[{i}]: a {type(x).__name__} cannot share a batch with others")
+                if lora_lib.layout(x) != lora_lib.layout(loras[0]):
+                    raise ValueError(f"lora[{i}]: its shapes, dtypes or alpha differ from the others'")
+            # The base model as an adapter whose update is exactly zero.
+            distinct = [jax.tree.map(jnp.zeros_like, loras[0]) if x is None else x for x in distinct]
+        return _Adapters(distinct, [slot_of[id(x)] for x in lora])
+
+    def _run(self, requests, seeds, rows: list[_Row], results: list[SampleResult], lora, row_adapter) -> None:
+        """``row_adapter[j]``: row ``j``'s index into a stacked ``lora`` (None: a single adapter)."""
+        request_adapter = {row.request: a for row, a in zip(rows, row_adapter or [], strict=False)}
+        # Prefill each distinct (adapter, prompt) once.
+        prompt_index: dict[tuple[int | None, tuple[int, ...]], int] = {}
         for row in rows:
-            prompt_index.setdefault(tuple(requests[row.request].prompt), len(prompt_index))
-        prompts = list(prompt_index)
+            key = (request_adapter.get(row.request), tuple(requests[row.request].prompt))
+            prompt_index.setdefault(key, len(prompt_index))
+        prompts = [prompt for _, prompt in prompt_index]
+        prompt_adapter = [a for a, _ in prompt_index] if row_adapter else None
         # Prompt logprobs once per request, in the first group that holds one of its samples.
         lp_needed = [
             i
@@ -505,9 +570,10 @@ class Sampler:
         topk = max([requests[i].topk_prompt_logprobs for i in lp_needed], default=0)
         topk = bucket(topk) if topk else 0  # fewer distinct programs; sliced per request below
         topk = min(topk, self.config.vocab_size)
-        pre = self._run_prefill(prompts, lora, want_lp=want_lp, topk=topk)
+        pre = self._run_prefill(prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter)
         for i in lp_needed:
-            self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[tuple(requests[i].prompt)])
+            key = (request_adapter.get(i), tuple(requests[i].prompt))
+            self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[key])
 
         # One decode row per sample.
         n = len(rows)
@@ -531,7 +597,7 @@ class Sampler:
         for j, row in enumerate(rows):
             r = requests[row.request]
             seed = seeds[row.request]
-            src[j] = prompt_index[tuple(r.prompt)]
+            src[j] = prompt_index[(request_adapter.get(row.request), tuple(r.prompt))]
             host["prompt_len"][j] = len(r.prompt)
             host["max_tokens"][j] = r.max_tokens
             host["temperature"][j] = r.temperature
@@ -541,6 +607,7 @@ class Sampler:
             host["sample_index"][j] = row.sample
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids
         device_rows = _Rows(**{k: jnp.asarray(v) for k, v in host.items()})
+        lora = _with_adapter_ids(lora, row_adapter, b)
 
         placement = self._placement(b, size)
         cache, logits0 = _program("expand", *placement)(
@@ -606,8 +673,11 @@ class Sampler:
                 reason,
             )
 
-    def _run_prefill(self, prompts: list[tuple[int, ...]], lora, *, want_lp: bool, topk: int) -> dict:
+    def _run_prefill(
+        self, prompts: list[tuple[int, ...]], lora, *, want_lp: bool, topk: int, adapters: list | None = None
+    ) -> dict:
         p = bucket(len(prompts))
+        lora = _with_adapter_ids(lora, adapters, p)
         t = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
         tokens = np.zeros((p, t), np.int32)
         lengths = np.ones(p, np.int32)

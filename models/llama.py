@@ -71,11 +71,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _project(prologue, inputs: tuple, layer: dict, lora_layer: dict | None, names, scale, biases=None):
+def _project(
+    prologue, inputs: tuple, layer: dict, lora_layer: dict | None, names, scale, biases=None, adapters=None
+):
     """``prologue(*inputs) @ W_name`` (+ bias, + LoRA) for the linears that share an input, as one
-    :func:`lora.project` (its backward recomputes the prologue instead of storing its output)."""
+    :func:`lora.project` (its backward recomputes the prologue instead of storing its output).
+    ``adapters``: ``(adapter_ids, adapter_rows)`` of a stacked adapter, else None."""
     loras = tuple(lora_layer.get(name) if lora_layer is not None else None for name in names)
-    outs = lora_lib.project(prologue, inputs, tuple(layer[name] for name in names), loras, scale)
+    weights = tuple(layer[name] for name in names)
+    if adapters is None:
+        outs = lora_lib.project(prologue, inputs, weights, loras, scale)
+    else:  # several adapters: the shared base linears as one op, then each adapter on its own rows
+        outs = lora_lib.project(prologue, inputs, weights, (None,) * len(names), scale)
+        x = prologue(*inputs) if prologue is not None else inputs[0]
+        outs = tuple(
+            y if ab is None else y + lora_lib.apply(x, ab, scale, adapters[1])
+            for y, ab in zip(outs, loras, strict=True)
+        )
     if biases is not None:
         outs = tuple(y + layer[b] if b in layer else y for y, b in zip(outs, biases, strict=True))
     return outs
@@ -152,7 +164,7 @@ def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
 
 
 def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
-    x, cos, sin, mask, positions = carry
+    x, cos, sin, mask, positions, adapters = carry
     layer, lora_layer, cache_k, cache_v = xs
     b, t, _ = x.shape
     heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
@@ -160,7 +172,7 @@ def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
 
     q, k, v = _project(
         norm, (x, layer["input_norm"]), layer, lora_layer, ("q_proj", "k_proj", "v_proj"), scale,
-        ("q_bias", "k_bias", "v_bias"),
+        ("q_bias", "k_bias", "v_bias"), adapters,
     )  # fmt: skip
     q, k, v = q.reshape(b, t, heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
     if cache_k is None:
@@ -174,17 +186,18 @@ def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attend to what is stored
         attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
         new_kv = (k, v)
-    (o,) = _project(None, (attn,), layer, lora_layer, ("o_proj",), scale, ("o_bias",))
+    (o,) = _project(None, (attn,), layer, lora_layer, ("o_proj",), scale, ("o_bias",), adapters)
     x = x + o
 
     if sparse:
         h = rms_norm(x, layer["post_norm"], config.rms_norm_eps)
-        x = x + moe.moe_block(config, h, layer, lora_layer, scale)
+        x = x + moe.moe_block(config, h, layer, lora_layer, scale, None if adapters is None else adapters[0])
     else:
-        gate, up = _project(norm, (x, layer["post_norm"]), layer, lora_layer, ("gate_proj", "up_proj"), scale)
-        (down,) = _project(_swiglu, (gate, up), layer, lora_layer, ("down_proj",), scale)
+        mlp_in = (x, layer["post_norm"])
+        gate, up = _project(norm, mlp_in, layer, lora_layer, ("gate_proj", "up_proj"), scale, None, adapters)
+        (down,) = _project(_swiglu, (gate, up), layer, lora_layer, ("down_proj",), scale, None, adapters)
         x = x + down
-    return (x, cos, sin, mask, positions), new_kv
+    return (x, cos, sin, mask, positions, adapters), new_kv
 
 
 @functools.lru_cache(maxsize=64)
@@ -246,6 +259,7 @@ def hidden_states(
 
     scale = lora.scale if lora is not None else 1.0
     lora_layers = lora.weights.get("layers") if lora is not None else None
+    adapters = None if lora is None or lora.adapter_ids is None else (lora.adapter_ids, lora.adapter_rows())
     new_ks, new_vs = [], []
     # One scan per run of same-kind layers: dense and all-sparse models have exactly one.
     for start, end, sparse in config.layer_segments():
@@ -257,7 +271,7 @@ def hidden_states(
             *(c if c is None or whole else c[start:end] for c in kv),
         )
         body = _layer_body(config, scale, remat, sparse)
-        (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions), xs)
+        (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, cos, sin, mask, positions, adapters), xs)
         new_ks.append(new_k)
         new_vs.append(new_v)
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
@@ -277,7 +291,7 @@ def unembed(params: Params, hidden: jax.Array, lora: lora_lib.Lora | None = None
     logits = jnp.matmul(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
     if lora is not None and lora_lib.UNEMBED_TARGET in lora.weights:
         ab = lora.weights[lora_lib.UNEMBED_TARGET]
-        logits = logits + lora_lib.apply(hidden, ab, lora.scale).astype(jnp.float32)
+        logits = logits + lora_lib.apply(hidden, ab, lora.scale, lora.adapter_rows()).astype(jnp.float32)
     return logits
 
 

@@ -14,24 +14,31 @@ The router is never adapted.
 
 The model's dense linear layers (adapted or not) run through :func:`project`: ``x @ W`` plus the
 low-rank branch, with a hand-written backward that stores only the layer's inputs and ``x @ a``.
+
+Several adapters of one layout run in one batch as a *stacked* ``Lora`` (:func:`stack`): every leaf
+gains an adapter axis right before its matrix dims (``a [L, K, in, r]``, experts ``[Ls, E, K, in, r]``,
+``lm_head`` ``[K, H, r]``) and ``adapter_ids [B]`` names each batch row's adapter. Rows are grouped
+by adapter (the ids are sorted), so each adapter multiplies only its own rows (``ragged_dot``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from .config import EXPERTS_PREFIX, ModelConfig
+from .moe import grouped_matmul
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_TARGET = "lm_head"
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS + (UNEMBED_TARGET,)
+ADAPTER_AXIS = -3  # of a stacked adapter's leaves: [..., K, in, r]
 
 
 @struct.dataclass
@@ -41,6 +48,7 @@ class Lora:
     weights: dict
     alpha: float = struct.field(pytree_node=False, default=32.0)
     use_rslora: bool = struct.field(pytree_node=False, default=False)
+    adapter_ids: jax.Array | None = None  # [B], sorted; set on stacked adapters only (see :func:`stack`)
 
     @property
     def rank(self) -> int:
@@ -57,6 +65,19 @@ class Lora:
         """Module names adapted (``experts_gate_proj`` counts as ``gate_proj``)."""
         modules = {module_name(name) for name in self.targets_tree()}
         return tuple(name for name in ALL_TARGETS if name in modules)
+
+    @property
+    def num_adapters(self) -> int | None:
+        """K of a stacked adapter; None for a single one."""
+        if self.adapter_ids is None:
+            return None
+        return int(next(iter(self.targets_tree().values()))["a"].shape[ADAPTER_AXIS])
+
+    def adapter_rows(self) -> jax.Array | None:
+        """Batch rows per adapter, ``[K]`` (a stacked adapter's ``ragged_dot`` group sizes)."""
+        if self.adapter_ids is None:
+            return None
+        return jnp.bincount(self.adapter_ids, length=self.num_adapters).astype(jnp.int32)
 
     def targets_tree(self) -> dict:
         """Flat ``{target_name: {"a", "b"}}`` view (layer weights stay stacked)."""
@@ -175,11 +196,44 @@ def merge(config: ModelConfig, params: dict, lora: Lora) -> dict:
     return merged
 
 
-def apply(x: jax.Array, ab: dict | None, scale: float) -> jax.Array:
-    """The LoRA branch ``(x @ a) @ b * scale``, computed low-rank first (never forms ``a @ b``)."""
+def layout(lora: Lora) -> tuple:
+    """What adapters must share to be stacked: tree structure, leaf shapes and dtypes, scale."""
+    leaves, treedef = jax.tree.flatten(lora.weights)
+    return treedef, tuple((x.shape, jnp.dtype(x.dtype).name) for x in leaves), lora.alpha, lora.use_rslora
+
+
+def stack(loras: Sequence[Lora], adapter_ids: jax.Array) -> Lora:
+    """One batch's adapters as a stacked ``Lora``: row ``i`` uses ``loras[adapter_ids[i]]``.
+
+    The adapters must share a :func:`layout`; ``adapter_ids`` must be sorted (rows grouped by adapter).
+    """
+    if not loras:
+        raise ValueError("loras: at least one adapter is required")
+    for i, lora in enumerate(loras):
+        if lora.adapter_ids is not None:
+            raise ValueError(f"loras[{i}]: is already stacked")
+        if layout(lora) != layout(loras[0]):
+            raise ValueError(f"loras[{i}]: its shapes, dtypes or alpha differ from loras[0]'s")
+    weights = jax.tree.map(lambda *xs: jnp.stack(xs, axis=ADAPTER_AXIS), *[lora.weights for lora in loras])
+    return Lora(weights, loras[0].alpha, loras[0].use_rslora, adapter_ids=jnp.asarray(adapter_ids, jnp.int32))
+
+
+def apply(x: jax.Array, ab: dict | None, scale: float, adapter_rows: jax.Array | None = None) -> jax.Array:
+    """The LoRA branch ``(x @ a) @ b * scale``, computed low-rank first (never forms ``a @ b``).
+
+    With ``adapter_rows`` ([K], see :meth:`Lora.adapter_rows`), ``ab`` is stacked (``a [K, in, r]``)
+    and the first ``adapter_rows[0]`` rows of ``x`` (its leading axis) use adapter 0, and so on.
+    """
     if ab is None:
         return jnp.zeros((), x.dtype)
-    return project(None, (x,), (None,), (ab,), scale)[0]
+    if adapter_rows is None:
+        return project(None, (x,), (None,), (ab,), scale)[0]
+    rows = x.reshape(-1, x.shape[-1])
+    per = rows.shape[0] // x.shape[0]
+    sizes = adapter_rows * per  # every row of x is x.shape[1:-1] matrix rows
+    low = grouped_matmul(rows, ab["a"].astype(x.dtype), sizes)
+    y = grouped_matmul(low, ab["b"].astype(x.dtype), sizes) * jnp.asarray(scale, x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,35 +75,60 @@ grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def _grouped(
-    x: jax.Array, layer: dict, lora_layer: dict | None, name: str, scale: float, group_sizes: jax.Array
+    x: jax.Array,
+    layer: dict,
+    lora_layer: dict | None,
+    name: str,
+    scale: float,
+    group_sizes: jax.Array,
+    lora_group_sizes: jax.Array,
 ) -> jax.Array:
     """``x [M, in]`` (rows sorted by expert) times each row's expert kernel, plus its LoRA branch."""
     key = EXPERTS_PREFIX + name
     y = grouped_matmul(x, layer[key].astype(x.dtype), group_sizes)
     if lora_layer is not None and key in lora_layer:
-        ab = lora_layer[key]
-        low = grouped_matmul(x, ab["a"].astype(x.dtype), group_sizes)  # [M, r]
-        y = y + grouped_matmul(low, ab["b"].astype(x.dtype), group_sizes) * jnp.asarray(scale, x.dtype)
+        a, b = lora_layer[key]["a"], lora_layer[key]["b"]
+        if a.ndim == 4:  # a stacked adapter, [E, K, in, r]: one group per (expert, adapter)
+            a, b = a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:])
+        low = grouped_matmul(x, a.astype(x.dtype), lora_group_sizes)  # [M, r]
+        y = y + grouped_matmul(low, b.astype(x.dtype), lora_group_sizes) * jnp.asarray(scale, x.dtype)
     return y
 
 
 def moe_block(
-    config: ModelConfig, x: jax.Array, layer: dict, lora_layer: dict | None, scale: float
+    config: ModelConfig,
+    x: jax.Array,
+    layer: dict,
+    lora_layer: dict | None,
+    scale: float,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """The sparse MLP of one layer for ``x [..., H]`` (already post-attention-normed)."""
+    """The sparse MLP of one layer for ``x [B, ..., H]`` (already post-attention-normed).
+
+    ``adapter_ids [B]``: each batch row's adapter when ``lora_layer`` is stacked (``[E, K, in, r]``).
+    """
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     n, k = x.shape[0], config.num_experts_per_tok
     weights, experts = route(config, x, layer[ROUTER_PARAM])
 
     flat = experts.reshape(-1)  # row j = token j // k, choice j % k
-    order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=config.num_experts).astype(jnp.int32)
+    expert_loras = [ab for key, ab in (lora_layer or {}).items() if key.startswith(EXPERTS_PREFIX)]
+    if adapter_ids is None or not expert_loras:
+        group, num_groups = flat, config.num_experts
+    else:  # sorted by (expert, adapter): still grouped by expert for the base kernels
+        num_adapters = expert_loras[0]["a"].shape[-3]
+        token_adapter = jnp.broadcast_to(adapter_ids.reshape(-1, *[1] * (len(shape) - 2)), shape[:-1])
+        group = flat * num_adapters + jnp.repeat(token_adapter.reshape(-1), k)
+        num_groups = config.num_experts * num_adapters
+    order = jnp.argsort(group, stable=True)
+    lora_group_sizes = jnp.bincount(group, length=num_groups).astype(jnp.int32)
     rows = x[order // k]  # [N*k, H], grouped by expert
 
-    gate = _grouped(rows, layer, lora_layer, "gate_proj", scale, group_sizes)
-    up = _grouped(rows, layer, lora_layer, "up_proj", scale, group_sizes)
-    out = _grouped(jax.nn.silu(gate) * up, layer, lora_layer, "down_proj", scale, group_sizes)
+    grouped = lambda x, name: _grouped(x, layer, lora_layer, name, scale, group_sizes, lora_group_sizes)
+    gate, up = grouped(rows, "gate_proj"), grouped(rows, "up_proj")
+    out = grouped(jax.nn.silu(gate) * up, "down_proj")
 
     # Back to (token, choice) order with a gather (cheaper to differentiate than a scatter-add).
     out = out[jnp.argsort(order)].reshape(n, k, -1)

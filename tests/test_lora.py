@@ -162,6 +162,61 @@ def test_merge_is_w_plus_scaled_ab(qwen3):
 
 
 # --------------------------------------------------------------------------------------------------
+# stacked adapters: several adapters in one batch, each row with its own
+# --------------------------------------------------------------------------------------------------
+
+ROW_ADAPTERS = [0, 0, 1, 2]  # sorted: rows grouped by adapter
+
+
+def stacked_rows(config, n: int = 3):
+    los = [with_random_b(lora.init(config, 4, jax.random.key(k)), seed=10 + k) for k in range(n)]
+    tokens = jnp.asarray(random_tokens((len(ROW_ADAPTERS), 40), seed=5))
+    return los, lora.stack(los, jnp.asarray(ROW_ADAPTERS)), tokens
+
+
+def test_stacked_adapters_give_each_row_its_own_adapter(tiny_model_dir):
+    config, params = models.load_pretrained(tiny_model_dir)
+    los, stacked, tokens = stacked_rows(config)
+    assert stacked.num_adapters == 3 and stacked.weights["layers"]["q_proj"]["a"].shape[1] == 3
+    got = fwd(config, params, tokens, lora=stacked)
+    for row, k in enumerate(ROW_ADAPTERS):
+        want = fwd(config, params, tokens[row : row + 1], lora=los[k])[0]
+        assert max_err(got[row], want) < TOL, (row, k)
+    # and not some other row's adapter
+    assert max_err(got[2], fwd(config, params, tokens[2:3], lora=los[0])[0]) > 100 * TOL
+
+
+def test_stacked_adapter_gradients_match_each_adapter_alone(qwen3):
+    """The grouped (ragged_dot) LoRA branch is differentiable: each adapter's slice of the stacked
+    gradient is that adapter's gradient on its own rows."""
+    config, params = qwen3
+    los, stacked, tokens = stacked_rows(config)
+    targets = jnp.roll(tokens, 1, axis=1)
+
+    def loss(weights, lo, tokens, targets):  # w.r.t. the weights: a stacked Lora also holds int ids
+        logits = models.forward(config, params, tokens, lora=lo.replace(weights=weights))
+        return jnp.sum(jnp.take_along_axis(logits, targets[..., None], axis=-1))
+
+    grad = jax.jit(jax.grad(loss))
+    g = grad(stacked.weights, stacked, tokens, targets)
+    for k in range(3):
+        rows = slice(ROW_ADAPTERS.index(k), len(ROW_ADAPTERS) - ROW_ADAPTERS[::-1].index(k))
+        want = grad(los[k].weights, los[k], tokens[rows], targets[rows])
+        for path in leaf_paths(los[k]):
+            got = np.take(np.asarray(get(g, path)), k, axis=lora.ADAPTER_AXIS)
+            w = np.asarray(get(want, path))
+            assert max_err(got, w) <= 1e-4 * max(1.0, float(np.abs(w).max())), (k, path)
+
+
+def test_stack_refuses_adapters_of_different_layouts(qwen3):
+    config, _ = qwen3
+    ids, rank4 = jnp.asarray([0, 1]), lora.init(config, 4, jax.random.key(0))
+    for other in (lora.init(config, 8, jax.random.key(1)), lora.init(config, 4, jax.random.key(1), alpha=8)):
+        with pytest.raises(ValueError, match=r"loras\[1\]: its shapes, dtypes or alpha differ"):
+            lora.stack([rank4, other], ids)
+
+
+# --------------------------------------------------------------------------------------------------
 # gradients w.r.t. the adapter
 # --------------------------------------------------------------------------------------------------
 

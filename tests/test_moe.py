@@ -262,6 +262,18 @@ def test_vmapped_adapters_match_one_by_one(sparse):
             assert max_err(a[k], b) <= 1e-4 * max(1.0, float(jnp.abs(b).max()))
 
 
+def test_stacked_adapters_group_rows_by_expert_and_adapter(mixed):
+    """Sampling runs several adapters as one stacked LoRA: expert rows sort by (expert, adapter)."""
+    config, params = mixed.config, mixed.params
+    los = [with_random_b(lora.init(config, 4, jax.random.key(k)), seed=k) for k in range(3)]
+    row_adapters = [0, 1, 1, 2]
+    tokens = random_tokens((4, 24), seed=3)
+    got = fwd(config, params, jnp.asarray(tokens), lora=lora.stack(los, jnp.asarray(row_adapters)))
+    for row, k in enumerate(row_adapters):
+        want = fwd(config, params, jnp.asarray(tokens[row : row + 1]), lora=los[k])[0]
+        assert max_err(got[row], want) < TOL, (row, k)
+
+
 # --------------------------------------------------------------------------------------------------
 # export: PEFT adapter (per-expert keys) and merged HF checkpoint
 

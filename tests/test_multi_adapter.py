@@ -1,6 +1,6 @@
 """Cross-adapter batching: ``forward``/``forward_backward`` of several LoRA clients waiting together on
-one base model run as one jitted step (``jax.vmap`` over the adapters, base weights shared), and give
-what each would get alone."""
+one base model run as one jitted step (``jax.vmap`` over the adapters, base weights shared), their
+sampling requests as one batch (a stacked LoRA), and each gives what it would give alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jtinker as tinker
-from jtinker import engine, train
+from jtinker import batching, engine, train
 from jtinker.engine import LoraSpec
 
 VOCAB = 320
@@ -160,7 +160,7 @@ def test_four_adapters_in_one_step_equal_each_alone(base):
 
 
 def test_adapter_buckets():
-    assert [engine.adapter_bucket(k) for k in range(1, 18)] == [
+    assert [batching.adapter_bucket(k) for k in range(1, 18)] == [
         1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
     ]  # fmt: skip
 
@@ -219,3 +219,27 @@ def test_order_per_adapter_is_kept(base):
     assert_results_equal(r3, alone(base, b_ref, d3))
     assert_trees_close(a.lora, a_ref.lora)
     assert_trees_close(a.grad_acc, a_ref.grad_acc)
+
+
+def test_sampling_requests_of_many_adapters_run_as_one_batch(base):
+    """Four adapters and the base model sampling together: one Sampler call (a stacked LoRA),
+    and every request gets the tokens it gets alone."""
+    from jtinker.sampling import SampleRequest
+
+    adapters = new_adapters(base, 4, seed0=20)
+    loras = [jax.tree.map(lambda x, k=k: x + 0.02 * (k + 1), a.lora) for k, a in enumerate(adapters)]
+    loras.append(None)
+    requests = [
+        SampleRequest(prompt=[3 + k, 40, 41, 42 + k], num_samples=2, max_tokens=10, seed=k) for k in range(5)
+    ]
+    before = base.worker.sample_batches
+    with Paused(base.worker):
+        futures = [base.worker.submit_sample(r, lo) for r, lo in zip(requests, loras, strict=True)]
+    together = [f.result(60) for f in futures]
+    assert base.worker.sample_batches == before + 1
+    for request, lo, got in zip(requests, loras, together, strict=True):
+        want = base.worker.submit_sample(request, lo).result(60)
+        assert [s[0] for s in got.sequences] == [s[0] for s in want.sequences]
+        for g, w in zip(got.sequences, want.sequences, strict=True):
+            np.testing.assert_allclose(g[1], w[1], atol=2e-5)
+    assert together[0].sequences != together[4].sequences

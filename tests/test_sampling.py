@@ -294,6 +294,42 @@ def test_seed_determinism_independent_of_batch(llama):
     assert unseeded[0] != unseeded[1]
 
 
+def test_requests_with_different_adapters_share_one_batch(qwen3):
+    """One call, four adapters (one of them the base model): one prefill and one decode, and each
+    request gets what it gets alone, token for token."""
+    config = qwen3.config
+    # b = 0 at init: shift every weight so each adapter changes the model, differently
+    los = [
+        jax.tree.map(lambda x, k=k: x + 0.02 * (k + 1), lora_lib.init(config, 4, jax.random.key(k)))
+        for k in range(3)
+    ]
+    adapters = [los[2], None, los[0], los[2], los[1]]
+    requests = [
+        SampleRequest(prompt=PROMPTS[i % 2][: 6 + i], num_samples=2, max_tokens=12, seed=i, temperature=1.0)
+        for i in range(len(adapters))
+    ]
+    requests[1].include_prompt_logprobs = True
+    mixed = qwen3.sampler.sample(requests, adapters)
+    assert qwen3.sampler.last_stats["decode_calls"] == 1
+    for request, adapter, got in zip(requests, adapters, mixed, strict=True):
+        (want,) = qwen3.sampler.sample([request], adapter)
+        for (gt, gl, gr), (wt, wl, wr) in zip(got.sequences, want.sequences, strict=True):
+            assert (gt, gr) == (wt, wr)
+            np.testing.assert_allclose(gl, wl, atol=2e-5)
+    np.testing.assert_allclose(mixed[1].prompt_logprobs[1:], want_base_prompt(qwen3, requests[1]), atol=2e-5)
+    tokens = [[s[0] for s in r.sequences] for r in mixed]
+    assert tokens[0] != tokens[3], "different seeds"
+    assert qwen3.sampler.sample([requests[0]], los[0])[0].sequences != mixed[0].sequences, "adapters differ"
+    with pytest.raises(ValueError, match=r"lora\[1\]: its shapes"):
+        qwen3.sampler.sample(requests[:2], [los[0], lora_lib.init(config, 8, jax.random.key(0))])
+    with pytest.raises(ValueError, match="lora: got 1 adapters for 2 requests"):
+        qwen3.sampler.sample(requests[:2], [los[0]])
+
+
+def want_base_prompt(model, request):
+    return model.sampler.compute_logprobs([request.prompt])[0][1:]
+
+
 def test_bad_requests_name_the_field(qwen3):
     v = qwen3.config.vocab_size
     ok = dict(prompt=[1, 2, 3], num_samples=1, max_tokens=4)

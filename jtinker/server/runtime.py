@@ -927,6 +927,8 @@ class Runtime:
                     # across models: requests / steps is the mean number of models per step)
                     "loss_requests": base.worker.loss_requests,
                     "loss_steps": base.worker.loss_steps,
+                    "sample_requests": base.worker.sample_requests,  # likewise for sampling
+                    "sample_batches": base.worker.sample_batches,
                     "training_models": sum(1 for m in self.models.values() if m.base_model == name),
                     "samplers": sum(1 for s in self.samplers.values() if s.base_model == name),
                 }
