@@ -568,10 +568,15 @@ def test_bad_inputs_get_clear_errors(server, service):
 
 
 def test_concurrent_clients_do_not_cross(server):
+    """Four clients train at once (their steps batched together), then sample at once (one batch,
+    a stacked LoRA): each gets its own adapter's behaviour back."""
     targets = [11, 47, 83, 131]
     prompt = [2, 9, 4, 30, 7]
     results: dict[int, np.ndarray] = {}
+    sampled: dict[int, list[int]] = {}
     errors: list[BaseException] = []
+    together = threading.Barrier(4, timeout=120)
+    before = server.get("/status").json()["base_models"][0]
 
     def worker(i: int) -> None:
         try:
@@ -596,6 +601,11 @@ def test_concurrent_clients_do_not_cross(server):
                 for t in targets
             ]
             results[i] = np.array([lp.mean() for lp in forward_logprobs(tc, probes)])
+            sampler = tc.save_weights_and_get_sampling_client(f"cross-{i}").result()
+            greedy = types.SamplingParams(max_tokens=3, temperature=0.0)
+            together.wait()
+            sample = sampler.sample(types.ModelInput.from_ints(prompt), 1, greedy).result()
+            sampled[i] = list(sample.sequences[0].tokens)
         except BaseException as e:  # surfaced below
             errors.append(e)
 
@@ -607,6 +617,10 @@ def test_concurrent_clients_do_not_cross(server):
     assert not errors, errors
     for i in range(4):
         assert int(np.argmax(results[i])) == i, (i, results[i])
+        assert sampled[i] == [targets[i]] * 3, (i, sampled[i])
+    after = server.get("/status").json()["base_models"][0]
+    assert after["sample_requests"] - before["sample_requests"] == 4
+    assert after["sample_batches"] - before["sample_batches"] <= 2  # the first may start alone
 
 
 def test_restart_resumes_from_saved_state(server, service):
