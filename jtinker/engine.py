@@ -575,7 +575,7 @@ class Worker:
         self.base = base
         self._tasks: collections.deque[_Task] = collections.deque()
         self._cond = threading.Condition()
-        # id(adapter) -> (when it last submitted a loss task, mean time between its loss tasks)
+        # id(adapter) -> (when it last submitted a loss task, the time between its last two)
         self._loss_clock: dict[int, tuple[float, float | None]] = {}
         self._loss_seconds = 0.0  # duration of the last loss step, bounds the gather window
         self.loss_steps = 0  # loss steps run (one jitted step per group): for tests and the status page
@@ -618,11 +618,9 @@ class Worker:
         call = _LossCall(data, loss_name, loss_fn_config, backward)
         now = time.monotonic()
         with self._cond:
-            last, interval = self._loss_clock.get(id(adapter), (None, None))
-            if last is not None:
-                gap = now - last
-                interval = gap if interval is None else 0.5 * interval + 0.5 * gap
-            self._loss_clock[id(adapter)] = (now, interval)
+            last, _ = self._loss_clock.get(id(adapter), (None, None))
+            # The latest gap, not an average: one slow step (a compile) must not skew the next rounds.
+            self._loss_clock[id(adapter)] = (now, None if last is None else now - last)
         return self._put(_Task(lambda: None, Future(), adapter=adapter, loss=call))
 
     def submit_sample(self, request, lora) -> Future:
@@ -674,8 +672,8 @@ class Worker:
     def _gather_window(self, first: _Task) -> None:
         """Waits briefly for the loss tasks of other adapters that are due (clients in lock step
         submit their next requests a few ms apart), at most half the last step: a straggler that
-        misses the group costs a step of its own. An adapter is due when its usual interval since
-        its last loss task has (nearly) passed; one overdue by a whole interval has gone quiet."""
+        misses the group costs a step of its own. An adapter is due when the time since its last
+        loss task (nearly) equals the gap before that one; one overdue by a whole gap has gone quiet."""
         now = time.monotonic()
         deadline = now + min(LOSS_GATHER_MAX_SECONDS, 0.5 * self._loss_seconds)
         with self._cond:
