@@ -7,10 +7,8 @@ Both sides train the same model files on the same data: rank-32 LoRA on all line
 ``forward_backward`` + ``optim_step``. Reported: median tokens/s over the timed steps (warm-up
 excluded), the first step (compile) separately, the ratio, and MFU against a measured matmul peak.
 
-``--tune-malloc`` first sets glibc's allocator to keep freed memory (one arena, no ``mmap`` for large
-blocks, no trimming), for both sides alike. Otherwise every XLA:CPU execution ``mmap``s its temporary
-buffer (hundreds of MB here) afresh and page-faults it in: ~10% of jtinker's step on the 2-core CPU,
-~1-5% of torch's.
+Both run in one process after ``import jtinker``, which sets glibc's allocator up for XLA:CPU
+(``jtinker/hostmem.py``; torch gains 1-5% from it too). ``JTINKER_TUNE_MALLOC=0`` measures without.
 """
 
 from __future__ import annotations
@@ -25,18 +23,6 @@ from pathlib import Path
 import numpy as np
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tune_malloc() -> None:
-    """glibc: one arena (XLA's worker threads would otherwise get their own, which ``mmap`` every
-    block over 64 MiB), no ``mmap`` for large blocks, no trimming: freed memory is reused as is."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)):
-        if not libc.mallopt(param, value):
-            raise OSError(f"mallopt({param}, {value}) failed")
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -141,16 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--skip-torch", action="store_true")
-    parser.add_argument("--tune-malloc", action="store_true", help="see the module docstring")
     parser.add_argument("--out", type=Path, default=Path("bench_results/train.json"))
     args = parser.parse_args(argv)
-    if args.tune_malloc:
-        tune_malloc()  # before JAX and torch start their threads
-
     import jax
     import torch
 
-    from jtinker import registry
+    from jtinker import hostmem, registry  # before any JAX or torch work: see jtinker/hostmem.py
     from jtinker.models import ModelConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -171,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seq": args.seq,
         "rank": args.rank,
         "device": jax.devices()[0].device_kind,
-        "tune_malloc": args.tune_malloc,
+        "malloc_tuned": hostmem.tuned,
         "matmul_peak_gflops": peak,
         "jtinker_tokens_per_s": num_tokens / ours["step_s"],
         "jtinker_first_step_s": ours["first_step_s"],
@@ -186,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch_losses=theirs["losses"],
             speedup=theirs["step_s"] / ours["step_s"],
         )
-    tuned = ", glibc malloc tuned" if args.tune_malloc else ""
+    tuned = ", glibc malloc tuned" if hostmem.tuned else ""
     print(f"matmul peak: {peak:.0f} GFLOP/s ({result['device']}{tuned})")
     print(
         f"jtinker: {result['jtinker_tokens_per_s']:.0f} tokens/s, MFU {result['jtinker_mfu']:.1%}, "

@@ -3,7 +3,10 @@
 ``import jtinker as tinker`` runs scripts written for the official ``tinker`` SDK in process.
 """
 
-from jtinker import types
+from jtinker import (
+    hostmem,  # noqa: F401  (first: sets up the allocator before XLA starts threads)
+    types,
+)
 from jtinker.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
 from jtinker.types import (
     AdamParams,

@@ -101,19 +101,59 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     """Grouped-query attention with an f32 softmax.
 
     q ``[B, T, nH, D]``, k/v ``[B, S, nKV, D]``, mask ``[B, T, S]`` (True = attend). The heads that
-    share a key head are stacked with the query positions (``[B, nKV, G*T, D]``), so both products
-    are plain batched matmuls over (batch, key head) with ``G*T`` rows.
+    share a key head are stacked with the query positions (``[B, nKV, G*T, D]``), so every product
+    is a plain batched matmul over (batch, key head) with ``G*T`` rows.
     """
     b, t, num_heads, d = q.shape
     num_kv = k.shape[2]
     g = num_heads // num_kv
     q = q.reshape(b, t, num_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, num_kv, g * t, d)
-    scores = jnp.einsum("bkmd,bskd->bkms", q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, num_kv, g, t, -1) * (d**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, num_kv, g * t, -1)
-    out = jnp.einsum("bkms,bskd->bkmd", probs, v).reshape(b, num_kv, g, t, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
+    out = _attention(q, k, v, mask).reshape(b, num_kv, g, t, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, num_heads * d)
+
+
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, *, transposed: bool = False) -> jax.Array:
+    """Masked f32 scores ``[B, nKV, M, S]`` of grouped queries ``[B, nKV, M, D]``, keys ``[B, nKV, S, D]``
+    (``[B, nKV, S, M]`` if ``transposed``: computed so, not transposed afterwards)."""
+    spec, mask = ("bksd,bkmd->bksm", jnp.swapaxes(mask, -1, -2)) if transposed else ("bkmd,bksd->bkms", mask)
+    a, b = (k, q) if transposed else (q, k)
+    s = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    return jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention over ``[B, nKV, rows, D]`` operands; backward as in FlashAttention: only the
+    output and the row log-sum-exp are kept, the probabilities are recomputed from them."""
+    return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    s = _scores(q, k, mask)
+    top = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - top)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkms,bksd->bkmd", (p / total).astype(v.dtype), v)
+    return out, (q, k, v, mask, out, (top + jnp.log(total))[..., 0])
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    dt = v.dtype
+    # Transposed probabilities [B, nKV, S, rows]: dv and dk are then canonical products.
+    p_t = jnp.exp(_scores(q, k, mask, transposed=True) - lse[:, :, None, :])
+    dv = jnp.einsum("bksm,bkmd->bksd", p_t.astype(dt), d_out)
+    dp_t = jnp.einsum("bksd,bkmd->bksm", v, d_out, preferred_element_type=jnp.float32)
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, nKV, rows]
+    ds_t = (p_t * (dp_t - row_dot[:, :, None, :]) * q.shape[-1] ** -0.5).astype(dt)
+    dk = jnp.einsum("bksm,bkmd->bksd", ds_t, q)
+    dq = jnp.einsum("bkms,bksd->bkmd", lora_lib.materialized_t(ds_t), k)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _norm_and_rope(config: ModelConfig, q, k, cos, sin, q_norm, k_norm):
@@ -122,12 +162,6 @@ def _norm_and_rope(config: ModelConfig, q, k, cos, sin, q_norm, k_norm):
         q = rms_norm(q, q_norm, config.rms_norm_eps)
         k = rms_norm(k, k_norm, config.rms_norm_eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-
-def _self_attention(config: ModelConfig, q, k, v, cos, sin, q_norm, k_norm, mask) -> jax.Array:
-    """QK-norm, RoPE and attention over projected ``q, k, v`` (rematerialised in training)."""
-    q, k = _norm_and_rope(config, q, k, cos, sin, q_norm, k_norm)
-    return attention(q, k, v, mask)
 
 
 def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
@@ -175,14 +209,12 @@ def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
         ("q_bias", "k_bias", "v_bias"), adapters,
     )  # fmt: skip
     q, k, v = q.reshape(b, t, heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
+    q, k = _norm_and_rope(config, q, k, cos, sin, layer.get("q_norm"), layer.get("k_norm"))
     if cache_k is None:
-        # Backward recomputes the probabilities from q, k, v: not stored (B * nH * T * T per layer),
-        # at no measurable cost in step time.
-        self_attention = jax.checkpoint(functools.partial(_self_attention, config), prevent_cse=False)
-        attn = self_attention(q, k, v, cos, sin, layer.get("q_norm"), layer.get("k_norm"), mask)
+        # The backward recomputes the probabilities (see _attention): never stored, B * nH * T * T.
+        attn = attention(q, k, v, mask)
         new_kv = (None, None)
     else:
-        q, k = _norm_and_rope(config, q, k, cos, sin, layer.get("q_norm"), layer.get("k_norm"))
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attend to what is stored
         attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
         new_kv = (k, v)

@@ -240,9 +240,9 @@ def apply(x: jax.Array, ab: dict | None, scale: float, adapter_rows: jax.Array |
 # The adapted linear layer, with a hand-written backward.
 
 
-def _materialized_t(m: jax.Array) -> jax.Array:
-    """``m.T`` as an actual transposed array, for the ``[rows, k]`` operand of a product that sums
-    over rows (a weight gradient: ``m.T @ g``).
+def materialized_t(m: jax.Array) -> jax.Array:
+    """``m`` with its last two axes swapped as an actual array, for the operand of a product that
+    sums over that operand's rows (a weight gradient: ``m.T @ g``).
 
     XLA folds a plain transpose into the dot (one contracting dimension 0 of both operands), a form
     XLA:CPU's YNNPACK dots do not take: it then runs Eigen on a transposed copy of the other, often
@@ -250,9 +250,8 @@ def _materialized_t(m: jax.Array) -> jax.Array:
     ``[rows, r]``) explicitly, behind a barrier that keeps XLA from folding it back, gives the dot its
     canonical ``[m, k] x [k, n]`` form. Other backends transpose operands for free: plain ``m.T``.
     """
-    if jax.default_backend() == "cpu":
-        return jax.lax.optimization_barrier(m.T)
-    return m.T
+    t = jnp.swapaxes(m, -1, -2)
+    return jax.lax.optimization_barrier(t) if jax.default_backend() == "cpu" else t
 
 
 def _cat(arrays: list, axis: int = -1) -> jax.Array:
@@ -299,7 +298,7 @@ def project(
 
     * keeps only ``inputs`` and the rank-``r`` products ``x @ a`` for backward, recomputing the
       prologue there (activation memory: the RMSNorm output and ``silu(gate) * up`` are not stored);
-    * gives every product a form XLA:CPU's fast (YNNPACK) dots take (see :func:`_materialized_t`);
+    * gives every product a form XLA:CPU's fast (YNNPACK) dots take (see :func:`materialized_t`);
     * computes the base kernels' gradients only if something asks for them (XLA drops them when
       only the adapters are differentiated).
     """
@@ -327,17 +326,17 @@ def _project_bwd(prologue, scale, residuals, cotangents):
             continue
         part = g @ w.astype(dt).T
         dx = part if dx is None else dx + part
-        dweights.append((_materialized_t(rows) @ g).astype(w.dtype))  # dead unless W is trained
+        dweights.append((materialized_t(rows) @ g).astype(w.dtype))  # dead unless W is trained
     adapted = [i for i, ab in enumerate(loras) if ab is not None]
     dloras: list = [None] * len(loras)
     if adapted:
         s = jnp.asarray(scale, dt)
         dlow = [(gs[i] @ loras[i]["b"].astype(dt).T) * s for i in adapted]  # d(x @ a), [rows, r]
         for i, xa in zip(adapted, low, strict=True):
-            dloras[i] = {"b": ((_materialized_t(xa) @ gs[i]) * s).astype(loras[i]["b"].dtype)}
+            dloras[i] = {"b": ((materialized_t(xa) @ gs[i]) * s).astype(loras[i]["b"].dtype)}
         dlow_cat = _cat(dlow)
         # d a_i = x.T @ d(x @ a_i), formed transposed ([r, in]) so the big operand stays canonical.
-        da_t = _split(_materialized_t(dlow_cat) @ rows, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
+        da_t = _split(materialized_t(dlow_cat) @ rows, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
         for i, d in zip(adapted, da_t, strict=True):
             dloras[i]["a"] = d.T.astype(loras[i]["a"].dtype)
         part = dlow_cat @ _cat([loras[i]["a"].astype(dt) for i in adapted]).T

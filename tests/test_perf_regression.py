@@ -6,6 +6,7 @@
 * No program jtinker compiles for training or sampling calls back into the host (``pure_callback``,
   ``io_callback``, ``jax.debug.print``/``callback``, host send/recv, in/outfeed): a callback serialises
   the device with Python on every step.
+* ``import jtinker`` sets glibc's allocator up for XLA:CPU (``jtinker/hostmem.py``), unless opted out.
 
 Every program JAX lowers while a test runs is captured as StableHLO text through ``jax_dump_ir_to``,
 so the checks see exactly what the engine compiles. The tiny model has a config no other test uses
@@ -225,3 +226,16 @@ def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
     for stage in ("jit__prefill", "jit__expand", "jit__decode"):
         assert stage in names, f"{stage} was not lowered by this sample call: {sorted(programs)}"
     assert _flagged(programs) == {}
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_import_sets_up_the_allocator_unless_opted_out(opt_out):
+    """glibc keeps freed memory from the first import on (before XLA starts its threads)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JTINKER_TUNE_MALLOC": "0" if opt_out else "1"}
+    code = "import jtinker; print(jtinker.hostmem.tuned)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(not opt_out)
