@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -40,8 +41,23 @@ TIMEOUT_S = 20 * 60  # per benchmark
 # Running
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (Linux ``/proc/stat``)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_benchmark(name: str, results: Path) -> dict:
-    """Runs one benchmark script; returns its run record (exit code, wall time, load, log)."""
+    """Runs one benchmark script; returns its run record (exit code, wall time, CPU used by other processes, log)."""
     script, extra = BENCHMARKS[name]
     path = BENCH / script
     out = results / f"{name}.json"
@@ -50,14 +66,13 @@ def run_benchmark(name: str, results: Path) -> dict:
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     record = {
         "command": shlex.join(["python", f"bench/{script}", *extra, "--out", str(shown)]),
-        "load_before": os.getloadavg(),
     }
     if not path.is_file():
         return {**record, "status": "missing", "error": f"bench/{script} does not exist"}
     if out.exists():
         out.unlink()  # never report a stale result as this run's
     print(f"== {name}: {record['command']}", flush=True)
-    t = time.perf_counter()
+    t, busy, ours = time.perf_counter(), _busy_cpu_seconds(), _children_cpu_seconds()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         with log.open("w") as f:
@@ -67,7 +82,10 @@ def run_benchmark(name: str, results: Path) -> dict:
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
-    record.update(wall_s=time.perf_counter() - t, exit_code=code, load_after=os.getloadavg())
+    record.update(wall_s=time.perf_counter() - t, exit_code=code)
+    if busy is not None:  # what the rest of the machine used meanwhile, in cores
+        others = (_busy_cpu_seconds() - busy) - (_children_cpu_seconds() - ours)
+        record["other_cores"] = max(0.0, others) / record["wall_s"]
     tail = log.read_text(errors="replace").strip().splitlines()[-8:]
     if code == 0 and out.is_file():
         record["status"] = "ok"
@@ -427,7 +445,7 @@ def details(results: Path, runs: dict) -> list[str]:
         run = runs.get(name, {})
         out.append(f"### {title}\n")
         if run.get("command"):
-            load = f", load average {run['load_before'][0]:.1f}" if "load_before" in run else ""
+            load = f", other processes {run['other_cores']:.2f} cores" if "other_cores" in run else ""
             wall = f" ({run['wall_s']:.0f} s{load})" if "wall_s" in run else ""
             out.append(f"`{run['command']}`{wall}\n")
         data = _load(results, name)
@@ -445,7 +463,7 @@ def render(results: Path, runs: dict, env: dict, command: str, date: str) -> str
     _RUNS.clear()
     _RUNS.update(runs)
     m, v = env["machine"], env["versions"]
-    loads = [r[k][0] for r in runs.values() for k in ("load_before", "load_after") if k in r]
+    others = [r["other_cores"] for r in runs.values() if "other_cores" in r]
     commit = (v["commit"] or "unknown")[:12] + (" plus uncommitted changes" if v["dirty"] else "")
     lines = [
         "# jtinker benchmarks",
@@ -460,14 +478,17 @@ def render(results: Path, runs: dict, env: dict, command: str, date: str) -> str
         f"transformers {v['transformers']}, peft {v['peft']}, tinker SDK {v['tinker']}, Python {m['python']}",
         f"- jtinker {v['jtinker']} at commit {commit}",
     ]
-    if loads:
-        lines.append(f"- 1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f}")
-    if loads and max(loads) > 0.5 * m["cores_usable"]:
+    if others:
+        lines.append(
+            f"- CPU used by other processes while each benchmark ran: {min(others):.2f} to "
+            f"{max(others):.2f} cores on average"
+        )
+    if others and max(others) > 0.25 * m["cores_usable"]:
         lines += [
             "",
-            "> **Noisy run.** Other jobs shared this machine while the benchmarks ran (load average above "
-            "half the core count), so absolute timings are noisy and pessimistic. Compare the ratios: each "
-            "benchmark measures jtinker and its baseline in the same run.",
+            "> **Noisy run.** Other jobs used over a quarter of the cores while a benchmark ran, so absolute "
+            "timings are noisy and pessimistic. Compare the ratios: each benchmark measures jtinker and "
+            "its baseline in the same run.",
         ]
     lines += [
         "",
