@@ -222,19 +222,25 @@ def logits_with_pullback(lora, params, batch, *, config, remat=True):
     return jax.vjp(lambda lo: full_logits(config, params, lo, batch, remat=remat), lora)
 
 
-def stack_trees(trees):
-    """K pytrees of one structure → one pytree whose leaves have a leading ``[K]`` axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def adapter_axes(tree):
+    """Where the adapter axis goes in each leaf of K stacked adapters: right before the leaf's
+    matrix dims (``a [L, K, in, r]``, as ``models.lora.stack``), so that the layer scan slices a
+    stacked leaf as it is; a leading ``K`` would be transposed behind the layer axis every step."""
+    return jax.tree.map(lambda x: max(0, x.ndim - 2), tree)
 
 
-def _per_adapter(fn, loras, params, batch, loss_config):
+def _per_adapter(fn, loras, params, batch, loss_config, *, with_grads: bool):
     """``fn(lora_k, params, batch[k], loss_config[k])`` for every k in one program.
 
     ``jax.vmap`` over the adapters with the base params broadcast: every base matmul becomes one
     matmul over all ``K·B·T`` rows (one read of the shared weights), the LoRA matmuls become batched
-    matmuls, and each adapter's loss, metrics and gradients come out separately.
+    matmuls, and each adapter's loss, metrics and gradients (adapter axis as in :func:`adapter_axes`)
+    come out separately.
     """
-    return jax.vmap(fn, in_axes=(0, None, 0, 0))(stack_trees(loras), params, batch, loss_config)
+    axes = adapter_axes(loras[0])
+    stacked = jax.tree.map(lambda axis, *xs: jnp.stack(xs, axis), axes, *loras)
+    out_axes = (axes, 0, 0, 0) if with_grads else 0
+    return jax.vmap(fn, in_axes=(axes, None, 0, 0), out_axes=out_axes)(stacked, params, batch, loss_config)
 
 
 def accumulate_many(grad_accs, loras, params, batch, loss_config, active, *, config, loss_fn, remat=True):
@@ -247,10 +253,14 @@ def accumulate_many(grad_accs, loras, params, batch, loss_config, active, *, con
     ``[K, B, T]`` logprobs.
     """
     fn = functools.partial(grads_and_logprobs, config=config, loss_fn=loss_fn, remat=remat)
-    grads, loss, metrics, logprobs = _per_adapter(fn, loras, params, batch, loss_config)
+    grads, loss, metrics, logprobs = _per_adapter(fn, loras, params, batch, loss_config, with_grads=True)
+    axes = adapter_axes(loras[0])
+
+    def add(k, acc, g, axis):
+        return jnp.where(active[k], acc + jnp.take(g, k, axis), acc)
+
     new_accs = tuple(
-        jax.tree.map(lambda acc, g, k=k: jnp.where(active[k], acc + g[k], acc), grad_acc, grads)
-        for k, grad_acc in enumerate(grad_accs)
+        jax.tree.map(functools.partial(add, k), grad_acc, grads, axes) for k, grad_acc in enumerate(grad_accs)
     )
     return new_accs, loss, metrics, logprobs
 
@@ -258,7 +268,7 @@ def accumulate_many(grad_accs, loras, params, batch, loss_config, active, *, con
 def evaluate_many(loras, params, batch, loss_config, *, config, loss_fn, remat=False):
     """:func:`evaluate` for ``K`` adapters at once (shapes as in :func:`accumulate_many`)."""
     fn = functools.partial(evaluate, config=config, loss_fn=loss_fn, remat=remat)
-    return _per_adapter(fn, loras, params, batch, loss_config)
+    return _per_adapter(fn, loras, params, batch, loss_config, with_grads=False)
 
 
 def accumulate_pullback(grad_acc, pullback, cotangent):
