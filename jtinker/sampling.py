@@ -394,7 +394,9 @@ class _Adapters:
         members += [members[0]] * (adapter_bucket(len(members)) - len(members))
         local = {s: i for i, s in enumerate(used)}
         row_adapter = [local[self.slot[i]] for i in requests]
-        return _stack_adapters(members, jnp.asarray(row_adapter)), row_adapter
+        # Placeholder ids (one per adapter: shapes depend on the bucket only, so no recompiles);
+        # prefill and decode set their own rows' ids (_with_adapter_ids).
+        return _stack_adapters(members, jnp.arange(len(members))), row_adapter
 
 
 def _with_adapter_ids(lora, adapters: list[int] | None, rows: int):
