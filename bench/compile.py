@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workload import add_workload_args, make_datums, make_rows, resolve_model
+
 START = time.perf_counter()  # as early as possible: "process start" for time-to-first-step
 TARGET_S = 10.0
 CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
@@ -91,14 +93,7 @@ def worker(args) -> dict:
     load_s = time.perf_counter() - t
     events.take()  # loading runs a few small programs (LoRA init): not part of the step
 
-    rows = np.random.default_rng(0).integers(0, 256, size=(args.batch, args.seq + 1))
-    data = [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={"target_tokens": row[1:], "weights": np.ones(args.seq, np.float32)},
-        )
-        for row in rows
-    ]
+    data = make_datums(types, make_rows(args.batch, args.seq))
     adam = types.AdamParams(learning_rate=1e-4)
 
     def step() -> float:
@@ -201,11 +196,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=None, help="HF model dir (default: the small Qwen3)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="steady-state steps after the first")
+    add_workload_args(parser, steps=3, steps_help="steady-state steps after the first")
     parser.add_argument("--sample-batch", type=int, default=8, help="prompts per sample round")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -221,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     import jax
 
-    from jtinker import registry
-
-    args.model = (args.model or registry.resolve_base_model("jtinker/small-qwen3")).resolve()
+    args.model = resolve_model(args.model)
     print(
         f"model {args.model.name}, batch {args.batch} x {args.seq}, rank {args.rank}; jax {jax.__version__}"
     )

@@ -57,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workload import add_workload_args, make_datums, make_rows, resolve_model
+
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MB = 2**20
 TARGET_RATIO = 2.0  # issue #9: peak RSS <= 2x the analytic size
@@ -169,6 +171,16 @@ class Phases:
         }
         reset_peak()
 
+    def run_steps(self, step, steps: int) -> None:
+        """The ``first_step`` phase (compiles), then the ``steady_steps`` phase of ``steps`` more."""
+        t = time.perf_counter()
+        step()
+        self.end("first_step", time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        self.end("steady_steps", (time.perf_counter() - t) / max(steps, 1))
+
     def result(self) -> dict:
         peak = max([self.baseline] + [p["peak_mb"] for p in self.phases.values()])
         return {
@@ -181,15 +193,8 @@ class Phases:
         }
 
 
-def make_rows(vocab: int, batch: int, seq: int, seed: int = 0):
-    import numpy as np
-
-    return np.random.default_rng(seed).integers(0, min(vocab, 256), size=(batch, seq + 1))
-
-
 def worker_jtinker(args) -> dict:
     import jax
-    import numpy as np
 
     import jtinker as tinker
     from jtinker import types
@@ -206,14 +211,8 @@ def worker_jtinker(args) -> dict:
 
     from jtinker.models import ModelConfig
 
-    rows = make_rows(ModelConfig.from_pretrained(args.model).vocab_size, args.batch, args.seq)
-    data = [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={"target_tokens": row[1:], "weights": np.ones(len(row) - 1, np.float32)},
-        )
-        for row in rows
-    ]
+    rows = make_rows(args.batch, args.seq, ModelConfig.from_pretrained(args.model).vocab_size)
+    data = make_datums(types, rows)
     adam = types.AdamParams(learning_rate=1e-4)
     losses = []
 
@@ -222,13 +221,7 @@ def worker_jtinker(args) -> dict:
         training.optim_step(adam).result()
         losses.append(fb.result().metrics["loss:sum"])
 
-    t = time.perf_counter()
-    step()
-    phases.end("first_step", time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    phases.end("steady_steps", (time.perf_counter() - t) / max(args.steps, 1))
+    phases.run_steps(step, args.steps)
 
     adapter = training._adapter
     lora_params = sum(x.size for x in jax.tree.leaves(adapter.lora))
@@ -315,7 +308,7 @@ def worker_torch(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
     phases.end("load", time.perf_counter() - t)
 
-    ids = torch.tensor(np.asarray(make_rows(model.config.vocab_size, args.batch, args.seq)))
+    ids = torch.tensor(np.asarray(make_rows(args.batch, args.seq, model.config.vocab_size)))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     losses = []
 
@@ -329,13 +322,7 @@ def worker_torch(args) -> dict:
         optimizer.step()
         losses.append(float(loss.detach()))
 
-    t = time.perf_counter()
-    step()
-    phases.end("first_step", time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    phases.end("steady_steps", (time.perf_counter() - t) / max(args.steps, 1))
+    phases.run_steps(step, args.steps)
     return {**phases.result(), "losses": losses, "lora_params": sum(p.numel() for p in params)}
 
 
@@ -366,11 +353,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=None, help="HF model dir (default: the small Qwen3)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="steady-state steps after the first")
+    add_workload_args(parser, steps=3, steps_help="steady-state steps after the first")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-remat", action="store_true", help="no JTINKER_REMAT=1 run")
     parser.add_argument("--no-jax-analysis", dest="jax_analysis", action="store_false")
@@ -387,10 +370,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     import jax
     import transformers
 
-    from jtinker import registry
     from jtinker.models import ModelConfig
 
-    args.model = (args.model or registry.resolve_base_model("jtinker/small-qwen3")).resolve()
+    args.model = resolve_model(args.model)
     config = ModelConfig.from_pretrained(args.model)
     size = analytic(config, args.batch, args.seq, args.rank)
     analytic_mb = size["total_bytes"] / MB

@@ -57,7 +57,7 @@ def _children_cpu_seconds() -> float:
 
 
 def run_benchmark(name: str, results: Path) -> dict:
-    """Runs one benchmark script; returns its run record (exit code, wall time, CPU used by other processes, log)."""
+    """Runs one benchmark script; returns its run record (exit code, wall time, other processes' CPU, log)."""
     script, extra = BENCHMARKS[name]
     path = BENCH / script
     out = results / f"{name}.json"

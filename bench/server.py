@@ -38,28 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from workload import add_workload_args, make_datums, make_rows, resolve_model
 
 WARMUP = 2
 BLOCK = 3  # timed steps in a row per setup
 API_KEY = "tml-jtinker-bench-key-0000"
-
-
-def make_rows(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, min(vocab, 256), size=(batch, seq + 1))
-
-
-def make_data(ns, rows: np.ndarray) -> list:
-    """``ns``: ``jtinker.types`` or the SDK's ``tinker.types`` (same constructors)."""
-    return [
-        ns.Datum(
-            model_input=ns.ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={
-                "target_tokens": ns.TensorData.from_numpy(row[1:].astype(np.int64)),
-                "weights": ns.TensorData.from_numpy(np.ones(len(row) - 1, np.float32)),
-            },
-        )
-        for row in rows
-    ]
 
 
 def step(training, adam, data) -> None:
@@ -143,11 +126,11 @@ def setups(
     local = jtinker.ServiceClient(store_dir=str(store)).create_lora_training_client(
         str(model_dir), rank=rank, seed=0
     )
-    local_data, local_adam = make_data(jt, rows), jt.AdamParams(learning_rate=1e-4)
-    remote, data = sdk_client(url, model_dir, rank, 0), make_data(tinker.types, rows)
+    local_data, local_adam = make_datums(jt, rows), jt.AdamParams(learning_rate=1e-4)
+    remote, data = sdk_client(url, model_dir, rank, 0), make_datums(tinker.types, rows)
     adam = tinker.types.AdamParams(learning_rate=1e-4)
     many = [sdk_client(url, model_dir, rank, seed) for seed in range(1, clients + 1)]
-    shares = [make_data(tinker.types, part) for part in np.array_split(rows, clients)]
+    shares = [make_datums(tinker.types, part) for part in np.array_split(rows, clients)]
     pool = ThreadPoolExecutor(clients)  # one thread per client: they submit at the same time
 
     def round_of_clients() -> None:
@@ -191,11 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=None, help="HF model dir (default: the small Qwen3)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6)
+    add_workload_args(parser, steps=6)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--sample-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench_results/server.json"))
@@ -207,12 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     import jax
 
-    from jtinker import registry
     from jtinker.models import ModelConfig
 
-    model_dir = (args.model or registry.resolve_base_model("jtinker/small-qwen3")).resolve()
+    model_dir = resolve_model(args.model)
     config = ModelConfig.from_pretrained(model_dir)
-    rows = make_rows(config.vocab_size, args.batch, args.seq)
+    rows = make_rows(args.batch, args.seq, config.vocab_size)
     tokens = args.batch * args.seq
 
     with tempfile.TemporaryDirectory(prefix="jtinker-bench-server-") as tmp:

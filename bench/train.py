@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from workload import add_workload_args, make_datums, make_rows, resolve_model
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -62,23 +63,13 @@ def model_flops_per_token(config, seq: int, rank: int) -> float:
     return 4 * dense + 2 * attention + 6 * lora
 
 
-def make_data(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, min(vocab, 256), size=(batch, seq + 1))
-
-
 def bench_jtinker(model_dir: Path, tokens: np.ndarray, rank: int, steps: int) -> dict:
     import jtinker as tinker
     from jtinker import types
 
     service = tinker.ServiceClient()
     training = service.create_lora_training_client(str(model_dir), rank=rank, seed=0, train_unembed=False)
-    data = [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={"target_tokens": row[1:], "weights": np.ones(len(row) - 1, np.float32)},
-        )
-        for row in tokens
-    ]
+    data = make_datums(types, tokens)
     adam = types.AdamParams(learning_rate=1e-4)
     times, losses = [], []
     for _ in range(steps + 1):
@@ -121,24 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=None, help="HF model dir (default: the small Qwen3)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6)
+    add_workload_args(parser, steps=6)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_results/train.json"))
     args = parser.parse_args(argv)
     import jax
     import torch
 
-    from jtinker import hostmem, registry  # before any JAX or torch work: see jtinker/hostmem.py
+    from jtinker import hostmem  # before any JAX or torch work: see jtinker/hostmem.py
     from jtinker.models import ModelConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model_dir = args.model or registry.resolve_base_model("jtinker/small-qwen3")
+    model_dir = resolve_model(args.model)
     config = ModelConfig.from_pretrained(model_dir)
-    tokens = make_data(config.vocab_size, args.batch, args.seq)
+    tokens = make_rows(args.batch, args.seq, config.vocab_size)
     num_tokens = args.batch * args.seq
 
     peak = matmul_peak_gflops()

@@ -313,6 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rest += [x for skip in args.skip for x in ("--skip", skip)] + ["--reuse"] * args.reuse
         rest += ["--command", " ".join(["jtinker bench --all", *rest])]
     sys.argv = [str(script), *rest]
+    sys.path.insert(0, str(script.parent))  # as `python bench/NAME.py` has it: bench/workload.py imports
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:  # a benchmark's argparse --help / error, or report.py's exit status
