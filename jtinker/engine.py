@@ -60,8 +60,6 @@ class LoraSpec:
 class FullSpec:
     """Full fine-tuning: every weight trains (embeddings included); nothing to configure."""
 
-    rank: int = 0  # reported as Tinker's ``lora_rank``: no adapter
-
     def identity(self) -> dict:
         return {"full_finetune": True}
 
@@ -131,11 +129,7 @@ class BaseModel:
         """
 
         def place(x: np.ndarray) -> jax.Array:
-            if stacked_adapters:
-                spec = sharding.batch_sharding(self.mesh, self.rules, x.ndim - 1).spec
-                target = NamedSharding(self.mesh, PartitionSpec(None, *spec))
-            else:
-                target = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
+            target = sharding.batch_sharding(self.mesh, self.rules, x.ndim, stacked=stacked_adapters)
             return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
         return jax.tree.map(place, batch)
@@ -175,6 +169,7 @@ class BaseModel:
                 opt=sharding.lora_shardings(self.mesh, self.rules, opt_state),
                 params=sharding.params_shardings(self.mesh, self.rules, self.params),
                 batch=sharding.batch_sharding(self.mesh, self.rules, 1),
+                batch_many=sharding.batch_sharding(self.mesh, self.rules, 2, stacked=True),
                 replicated=replicated,
             )
         return self._steps[key]
@@ -329,7 +324,7 @@ class Adapter:
             "base_model": self.base.name,
             "model_config": dataclasses.asdict(self.base.config),
             "lora": self.spec.identity()
-            if isinstance(self.spec, FullSpec)
+            if self.is_full
             else {**dataclasses.asdict(self.spec), "use_rslora": self.lora.use_rslora},
         }
 
@@ -390,6 +385,8 @@ class PreparedLoss:
         """Requests with equal keys can run as one multi-adapter step; None: runs alone."""
         if len(self.batches) != 1:
             return None  # already split to the token budget: nothing to gain from grouping
+        if adapter.is_full:
+            return None  # its weights replace the base: no shared read to save, K model copies to stack
         batch = self.batches[0][1].batch
         return (
             adapter.base.layout_key(adapter.lora, adapter.opt_state),

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import losses as losses_lib
 from jtinker.models import ModelConfig, hidden_states, token_logprobs, unembed
@@ -290,14 +289,14 @@ class CompiledSteps:
 
     ``lora`` / ``opt`` / ``params`` are pytrees of shardings for the LoRA (and anything that mirrors
     it, like gradients), the optimizer state and the base params; ``batch`` shards batch-major
-    arrays by rows; ``replicated`` is for scalars and per-token outputs. One program is compiled
-    per (entry point, model config, loss, remat) and shape bucket.
+    arrays by rows, ``batch_many`` their ``[K, B, ...]`` stacks (``sharding.batch_sharding``);
+    ``replicated`` is for scalars and per-token outputs. One program is compiled per (entry point,
+    model config, loss, remat) and shape bucket.
     """
 
-    def __init__(self, *, lora, opt, params, batch, replicated):
+    def __init__(self, *, lora, opt, params, batch, batch_many, replicated):
         self._lora, self._params, self._replicated = lora, params, replicated
-        # Stacked ``[K, B, ...]`` batches: adapters unsplit, rows over the batch axes as before.
-        self._batch_many = NamedSharding(batch.mesh, PartitionSpec(None, *batch.spec))
+        self._batch_many = batch_many  # stacked [K, B, ...] batches of multi-adapter steps
         state_in = (lora, params, batch)
         self._shardings = {  # (in_shardings, out_shardings, donated argument indices)
             "accumulate": ((lora, *state_in, replicated), (lora, replicated, replicated, replicated), (0,)),

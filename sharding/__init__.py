@@ -219,9 +219,11 @@ def lora_shardings(mesh: Mesh, rules: ShardingRules, tree: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int) -> NamedSharding:
-    """Batch-major arrays ``[B, T, ...]``: rows split over the batch axes."""
-    return NamedSharding(mesh, rules.spec(("batch",) + (None,) * (ndim - 1)))
+def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int, *, stacked: bool = False) -> NamedSharding:
+    """Batch-major arrays ``[B, T, ...]``: rows split over the batch axes. ``stacked``: ``[K, B, T, ...]``,
+    one sub-batch per adapter of a multi-adapter step; the adapter axis stays whole."""
+    lead = (None,) if stacked else ()
+    return NamedSharding(mesh, rules.spec(lead + ("batch",) + (None,) * (ndim - 1 - len(lead))))
 
 
 def batch_multiple(mesh: Mesh, rules: ShardingRules) -> int:

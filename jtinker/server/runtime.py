@@ -67,8 +67,9 @@ FULL_FINETUNE_KEY = "jtinker_full_finetune"
 
 def _adapter(client: TrainingClient) -> Adapter:
     """The engine adapter behind a training client. Forward/backward and optim steps go to the
-    worker directly, tagged with their adapter, so that requests of different models waiting
-    together run as one jitted step (the in-process client submits untagged closures)."""
+    worker directly (tagged with their adapter, as the in-process client does), because the wire
+    wants its own output form (``ArrayRecord``, cleaned metric names) and the optimizer's device
+    scalars are made on the worker rather than on the event loop."""
     return client._adapter
 
 

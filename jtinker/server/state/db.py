@@ -212,9 +212,7 @@ def _loads(text: str | None) -> Any:
 class Database:
     """Thread-safe access to the server's metadata (SQLite or PostgreSQL, see :class:`Dialect`)."""
 
-    def __init__(self, dialect: Dialect | Path | str):
-        if not isinstance(dialect, Dialect):  # a path: SQLite, as before dialects existed
-            dialect = SqliteDialect(Path(dialect))
+    def __init__(self, dialect: Dialect):
         self.dialect = dialect
         self._lock = threading.Lock()
         self._conn = dialect.connect()
@@ -238,11 +236,6 @@ class Database:
     @property
     def location(self) -> str:
         return self.dialect.location
-
-    @property
-    def path(self) -> Path | None:
-        """The SQLite file (None on PostgreSQL)."""
-        return getattr(self.dialect, "path", None)
 
     def _one_locked(self, sql: str, args: tuple = ()) -> dict | None:
         row = self._conn.execute(self.dialect.sql(sql), args).fetchone()
