@@ -383,12 +383,56 @@ def token_logprobs(
     hidden_chunks = hidden.reshape(b, n, chunk, h).swapaxes(0, 1)
     target_chunks = tgt.reshape(b, n, chunk, tgt.shape[-1]).swapaxes(0, 1)
 
-    @jax.checkpoint
-    def one_chunk(h_chunk, t_chunk):
-        logits = unembed(params, h_chunk, lora)
-        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        return jnp.take_along_axis(logits, t_chunk, axis=-1) - lse
+    if lora is None or lora_lib.UNEMBED_TARGET not in lora.weights:
+        head = params["lm_head"] if "lm_head" in params else params["embed"].T
+
+        def one_chunk(h_chunk, t_chunk):
+            return _head_logprobs(head, h_chunk, t_chunk)
+    else:  # LoRA on the head needs the logits' gradient anyway: recompute the chunk's logits
+
+        @jax.checkpoint
+        def one_chunk(h_chunk, t_chunk):
+            logits = unembed(params, h_chunk, lora)
+            lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+            return jnp.take_along_axis(logits, t_chunk, axis=-1) - lse
 
     out = jax.lax.map(lambda ht: one_chunk(*ht), (hidden_chunks, target_chunks))
     out = out.swapaxes(0, 1).reshape(b, n * chunk, tgt.shape[-1])[:, :t]
     return out if multi else out[..., 0]
+
+
+@jax.custom_vjp
+def _head_logprobs(head: jax.Array, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """``log_softmax(hidden @ head)`` at ``targets [..., K]``; ``head`` is ``[H, V]``.
+
+    The gradient to ``hidden`` is ``g * (head[:, t] - E_p[head])``, so the forward keeps the expected
+    head column ``E_p[head]`` ``[..., H]`` instead of the logits, and the backward needs no product
+    over the vocabulary. Only the head's own gradient (full fine-tuning) recomputes the logits; with a
+    frozen head that branch is dead code and XLA removes it.
+    """
+    logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return jnp.take_along_axis(logits, targets, axis=-1) - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _head_logprobs_fwd(head, hidden, targets):
+    logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse).astype(hidden.dtype)
+    expected = jnp.matmul(probs, head.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
+    out = jnp.take_along_axis(logits, targets, axis=-1) - lse
+    return out, (head, hidden, targets, lse, expected)
+
+
+def _head_logprobs_bwd(residuals, g):
+    head, hidden, targets, lse, expected = residuals
+    g_total = jnp.sum(g, axis=-1, keepdims=True)
+    target_columns = jnp.take(head.astype(jnp.float32).T, targets, axis=0)  # [..., K, H]
+    d_hidden = jnp.einsum("...k,...kh->...h", g, target_columns) - g_total * expected
+    logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    one_hot = jax.nn.one_hot(targets, head.shape[-1], dtype=jnp.float32)
+    d_logits = jnp.einsum("...k,...kv->...v", g, one_hot) - g_total * jnp.exp(logits - lse)
+    d_head = jnp.einsum("...h,...v->hv", hidden.astype(jnp.float32), d_logits)
+    return d_head.astype(head.dtype), d_hidden.astype(hidden.dtype), None
+
+
+_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)

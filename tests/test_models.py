@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -336,8 +337,8 @@ def _full_logprobs(params, hidden, targets, lo):
 _token_logprobs = jax.jit(models.token_logprobs, static_argnames="chunk_size")
 _hidden_states = jax.jit(models.hidden_states, static_argnums=0)
 
-# untied lm_head without LoRA; tied embedding with an lm_head LoRA
-TOKEN_LOGPROB_CASES = [("llama", False), ("qwen3", True)]
+# untied lm_head and tied embedding without LoRA (the custom-VJP path); tied embedding with an lm_head LoRA
+TOKEN_LOGPROB_CASES = [("llama", False), ("qwen3", False), ("qwen3", True)]
 
 
 @pytest.mark.parametrize(("family", "with_lora"), TOKEN_LOGPROB_CASES)
@@ -397,6 +398,26 @@ def test_token_logprobs_gradient_matches_full_path(family, with_lora, tiny_model
         assert float(jnp.abs(g_full[2].weights["lm_head"]["a"]).max()) > 1e-3
     for got, want in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full), strict=True):
         assert max_err(got, want) <= 1e-5 * max(float(jnp.abs(want).max()), 1.0)
+
+
+def test_token_logprobs_frozen_head_backward_has_no_vocab_product(tiny_model_factory):
+    """With the head frozen (LoRA without an lm_head adapter), the backward reuses the forward's expected
+    head column: two products over the vocabulary in all (logits, expectation), not a third to recompute."""
+    config, params = models.load_pretrained(tiny_model_factory("llama"))
+    hidden = jnp.ones((2, 12, config.hidden_size), jnp.float32)
+    targets = jnp.zeros((2, 12), jnp.int32)
+
+    def vocab_products(argnums):
+        loss = lambda p, h: models.token_logprobs(p, h, targets, chunk_size=4).sum()  # noqa: E731
+        grad = jax.value_and_grad(loss, argnums)
+        hlo = jax.jit(grad).lower(params, hidden).compile().as_text()
+        shapes = dict(re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])", hlo))
+        dots = re.findall(r"= (\w+\[[\d,]*\])\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+        vocab = rf"\b{config.vocab_size}\b"
+        return [d for d in dots if any(re.search(vocab, x) for x in (d[0], shapes[d[1]], shapes[d[2]]))]
+
+    assert len(vocab_products(1)) == 2  # loss and d hidden (a recompute would make it 3)
+    assert len(vocab_products((0, 1))) == 4  # the head's own gradient recomputes the logits
 
 
 # --------------------------------------------------------------------------------------------------
