@@ -574,6 +574,7 @@ class Worker:
         self._cond = threading.Condition()
         # id(adapter) -> (when it last submitted a loss task, the time between its last two)
         self._loss_clock: dict[int, tuple[float, float | None]] = {}
+        self._loss_group: dict[int, int] = {}  # id(adapter) -> the step its last shared loss step ran as
         self._loss_seconds = 0.0  # duration of the last loss step, bounds the gather window
         self.loss_steps = 0  # loss steps run (one jitted step per group): for tests and the status page
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
@@ -670,20 +671,26 @@ class Worker:
         """Waits briefly for the loss tasks of other adapters that are due (clients in lock step
         submit their next requests a few ms apart), at most half the last step: a straggler that
         misses the group costs a step of its own. An adapter is due when the time since its last
-        loss task (nearly) equals the gap before that one; one overdue by a whole gap has gone quiet."""
+        loss task (nearly) equals the gap before that one (one overdue by a whole gap has gone
+        quiet), or when it shared ``first``'s last step: lock-step clients that pause together (an
+        eval, a checkpoint) come back together, whatever the length of the pause. A peer that does
+        not come costs one window, then runs apart and is no longer a peer."""
         now = time.monotonic()
         deadline = now + min(LOSS_GATHER_MAX_SECONDS, 0.5 * self._loss_seconds)
         with self._cond:
             for key in [k for k, (last, _) in self._loss_clock.items() if now - last > LOSS_ACTIVE_SECONDS]:
                 del self._loss_clock[key]
+                self._loss_group.pop(key, None)
+            me, group = id(first.adapter), self._loss_group.get(id(first.adapter))
             due = {
                 key
                 for key, (last, interval) in self._loss_clock.items()
-                if key != id(first.adapter)
+                if key != me
                 and interval is not None
                 and last + interval <= deadline
                 and now <= last + 2 * interval + LOSS_GATHER_MAX_SECONDS
             }
+            due |= {key for key, g in self._loss_group.items() if g == group and key != me}
             while due:
                 queued = {id(t.adapter) for t in self._tasks if t.loss is not None}
                 if due <= queued or any(t.adapter is None and t.sample is None for t in self._tasks):
@@ -718,6 +725,11 @@ class Worker:
         for items in runs:
             self.loss_steps += 1
             self.loss_requests += len(items)
+            for task, _ in items:
+                if len(items) > 1:
+                    self._loss_group[id(task.adapter)] = self.loss_steps
+                else:
+                    self._loss_group.pop(id(task.adapter), None)
             backward = items[0][0].loss.backward
             try:
                 if len(items) == 1:

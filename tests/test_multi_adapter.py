@@ -5,6 +5,7 @@ sampling requests as one batch (a stacked LoRA), and each gives what it would gi
 from __future__ import annotations
 
 import threading
+import time
 
 import jax
 import numpy as np
@@ -157,6 +158,34 @@ def test_four_adapters_in_one_step_equal_each_alone(base):
     for pool in pools:
         for tree in pool:
             assert all(not np.asarray(x).any() for x in jax.tree.leaves(tree))
+
+
+def test_lock_step_clients_regroup_after_a_pause(base):
+    """Clients that shared a step come back as one step after a pause (an eval, a checkpoint), however
+    long: their rhythm no longer predicts them, but having run together does."""
+    worker = engine.Worker(base, "regroup-test")
+    try:
+        adapters = new_adapters(base, 3, seed0=90)
+        datas = [make_data(30 + i, (10,)) for i in range(3)]
+        with Paused(worker):
+            first = [
+                worker.submit_loss(a, d, "cross_entropy", backward=True)
+                for a, d in zip(adapters, datas, strict=True)
+            ]
+        [f.result(120) for f in first]
+        time.sleep(0.3)  # the pause
+        worker._loss_seconds = 1.0  # as for a real model: the window is then LOSS_GATHER_MAX_SECONDS
+        before = worker.loss_steps
+        lead = worker.submit_loss(adapters[0], datas[0], "cross_entropy", backward=True)
+        time.sleep(0.02)  # the others arrive a little later, as HTTP requests do
+        rest = [
+            worker.submit_loss(a, d, "cross_entropy", backward=True)
+            for a, d in zip(adapters[1:], datas[1:], strict=True)
+        ]
+        [f.result(120) for f in [lead, *rest]]
+        assert worker.loss_steps - before == 1
+    finally:
+        worker.close()
 
 
 def test_adapter_buckets():
