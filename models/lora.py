@@ -337,8 +337,10 @@ def _project_bwd(prologue, scale, residuals, cotangents):
         dlow_cat = _cat(dlow)
         # d a_i = x.T @ d(x @ a_i), formed transposed ([r, in]) so the big operand stays canonical.
         da_t = _split(materialized_t(dlow_cat) @ rows, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
+        if jax.default_backend() == "cpu":  # else XLA folds the .T below into a "TN" dot over rows
+            da_t = jax.lax.optimization_barrier(da_t)
         for i, d in zip(adapted, da_t, strict=True):
-            dloras[i]["a"] = d.T.astype(loras[i]["a"].dtype)
+            dloras[i]["a"] = jnp.swapaxes(d, -1, -2).astype(loras[i]["a"].dtype)
         part = dlow_cat @ _cat([loras[i]["a"].astype(dt) for i in adapted]).T
         dx = part if dx is None else dx + part
     dx = dx.reshape(x.shape)
