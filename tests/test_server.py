@@ -254,10 +254,10 @@ def test_out_of_order_seq_ids_run_in_order(server, service):
         "/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.01}}
     )
     assert server.get("/status").json()["buffered_requests"] >= 2
-    assert (
-        server.post("/api/v1/retrieve_future", json={"request_id": optim.json()["request_id"]}).json()["type"]
-        == "try_again"
-    )
+    pending = server.post("/api/v1/retrieve_future", json={"request_id": optim.json()["request_id"]})
+    # "not yet" is the SDK's quiet retry: HTTP 408 with the queue state in the body
+    assert pending.status_code == 408
+    assert pending.json()["type"] == "try_again" and pending.json()["queue_state"] == "active"
     headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}
     first = server.post("/api/v1/forward_backward", content=body, headers=headers)
     again = server.post("/api/v1/forward_backward", content=body, headers=headers)  # a retried send
@@ -639,7 +639,8 @@ def test_restart_resumes_from_saved_state(server, service):
     )
     assert r.status_code == 200
     orphan = r.json()["request_id"]
-    assert server.post("/api/v1/retrieve_future", json={"request_id": orphan}).json()["type"] == "try_again"
+    pending = server.post("/api/v1/retrieve_future", json={"request_id": orphan})
+    assert pending.status_code == 408 and pending.json()["type"] == "try_again"
 
     server.restart()
 

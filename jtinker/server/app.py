@@ -1,8 +1,8 @@
 """HTTP routes of the Tinker wire protocol (SDK 0.38), as a FastAPI app over :class:`Runtime`.
 
 Handlers parse the request with the SDK's own types, enqueue work and return at once; results are
-fetched with ``retrieve_future`` (a short long-poll, then ``try_again``). Errors always come back as
-JSON ``{"detail": ...}`` with a 4xx status the SDK does not retry (400, 401, 404, 410, 413, 415);
+fetched with ``retrieve_future`` (a short long-poll, then ``try_again`` as HTTP 408). Errors always
+come back as JSON ``{"detail": ...}`` with a 4xx status the SDK does not retry (400, 401, 404, 410, 413, 415);
 failures of accepted work come back as ``RequestFailedResponse`` with category ``user`` or ``server``.
 """
 
@@ -351,7 +351,9 @@ class Api:
         kind, payload = await self.runtime.retrieve(owner, req.request_id, accept_proto=accept_proto)
         if kind == "proto":
             return Response(content=payload, media_type=PROTO)
-        return JSONResponse(payload)
+        # "Not yet" as HTTP 408, the SDK's quiet retry (it reads the queue state from the body); a
+        # 200 try_again body is also understood, but logs a warning per poll.
+        return JSONResponse(payload, status_code=408 if payload.get("type") == "try_again" else 200)
 
     async def cancel_future(self, request: Request) -> JSONResponse:
         owner = self.authorize(request)
