@@ -56,6 +56,7 @@ class ServerProcess:
             # Compiled programs survive the restart, so the restarted server starts warm.
             "JAX_COMPILATION_CACHE_DIR": str(home / "jax-cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JTINKER_SWEEP_SECONDS": "0.5",  # expired checkpoints go within a test's patience
         }
         self.proc: subprocess.Popen | None = None
 
@@ -455,6 +456,30 @@ def test_rest_listings(server, service):
         rc.delete_checkpoint(tc.model_id, "sampler_weights/listed-sampler").result()
 
 
+def test_checkpoints_expire_after_their_ttl(server, service):
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=6).result()
+    kept = tc.save_state("kept").result().path
+    short = tc.save_state("short-lived", ttl_seconds=1).result().path
+    rc = rest(server)
+    listed = {c.tinker_path: c for c in rc.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed[short].expires_at is not None and listed[kept].expires_at is None
+    service.create_training_client_from_state(short).result()  # usable until it expires
+
+    time.sleep(1.2)
+    assert {c.tinker_path for c in rc.list_checkpoints(tc.model_id).result().checkpoints} == {kept}
+    gone = r"expired|not found"  # "not found" once the sweeper has deleted it
+    with pytest.raises(tinker.NotFoundError, match=gone):
+        rc.get_weights_info_by_tinker_path(short).result()
+    with pytest.raises((tinker.NotFoundError, tinker.RequestFailedError), match=gone):
+        service.create_training_client_from_state(short).result()
+    directory = server.home / "runs" / tc.model_id / "weights" / "short-lived"
+    deadline = time.time() + 30
+    while directory.exists() and time.time() < deadline:  # the sweeper deletes the files
+        time.sleep(0.2)
+    assert not directory.exists()
+    service.create_training_client_from_state(kept).result()
+
+
 def test_api_keys_cannot_see_each_other(server, service):
     tc = service.create_lora_training_client(BASE, rank=RANK, seed=6).result()
     path = tc.save_state("private").result().path
@@ -784,6 +809,7 @@ def test_database_queries_on_both_backends(db_url, tmp_path):
     db.add_checkpoint(path, "r1", "alice", {"step": "2"}, 60)  # upsert: new metadata and TTL
     row = db.checkpoint_rows("r1")[path]
     assert row["user_metadata"] == {"step": "2"} and row["expires_at"] > time.time()
+    assert db.expired_checkpoints(time.time()) == [] and db.expired_checkpoints(time.time() + 61) == [path]
     db.delete_checkpoint(path)
     assert db.checkpoint_rows("r1") == {}
 

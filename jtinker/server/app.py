@@ -15,6 +15,7 @@ import functools
 import html
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -367,9 +368,12 @@ class Api:
     async def _checkpoints(self, run_id: str) -> list[sdk.Checkpoint]:
         listed = await _to_thread(self.runtime.store.list_checkpoints, run_id)
         rows = self.runtime.db.checkpoint_rows(run_id)
+        now = time.time()
         out = []
         for c in listed:
             row = rows.get(c["tinker_path"], {})
+            if row.get("expires_at") is not None and row["expires_at"] <= now:
+                continue  # expired: the sweeper deletes it
             out.append(
                 sdk.Checkpoint(
                     checkpoint_id=c["checkpoint_id"],

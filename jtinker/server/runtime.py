@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +44,7 @@ MAX_SEQ_AHEAD = 100_000  # a seq_id further ahead than this is a client bug, not
 SEEN_SEQ_IDS = 4096  # per model: seq_id -> request_id kept for idempotent retries
 RESULT_KEEP_AFTER_RETRIEVAL_S = 120.0
 RESULT_KEEP_S = 1800.0
+SWEEP_INTERVAL_S = float(os.environ.get("JTINKER_SWEEP_SECONDS", 15))  # results, sessions, checkpoint TTLs
 SESSION_TIMEOUT_S = 1800.0
 
 Op = Callable[[Any], concurrent.futures.Future]
@@ -175,6 +177,7 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_prune = time.time()
+        self._expiring: set[str] = set()  # expired checkpoints being deleted
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -221,15 +224,20 @@ class Runtime:
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(15)
+            await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 self.sweep()
             except Exception:  # the sweeper must outlive any bug
                 log.exception("sweep failed")
 
     def sweep(self, now: float | None = None) -> None:
-        """Drops retrieved/old results and unloads sessions whose heartbeats stopped."""
+        """Drops retrieved/old results, unloads sessions whose heartbeats stopped and deletes
+        checkpoints whose ``ttl_seconds`` ran out (on the thread pool: a large one takes a while)."""
         now = time.time() if now is None else now
+        for path in self.db.expired_checkpoints(now):
+            if path not in self._expiring:
+                self._expiring.add(path)
+                self.executor.submit(self._delete_expired, path)
         for request_id, slot in list(self.futures.items()):
             if slot.finished_at is None:
                 continue
@@ -244,6 +252,19 @@ class Runtime:
             log.info("session %s missed its heartbeats; finishing it", session_id)
             self.db.finish_session(session_id, "heartbeat_timeout")
             self._unload_session(session_id)
+
+    def _delete_expired(self, path: str) -> None:
+        try:
+            self.store.delete(path)
+        except FileNotFoundError:
+            pass  # deleted by hand: only the record is left
+        except Exception:
+            log.exception("deleting expired checkpoint %s failed", path)
+            self._expiring.discard(path)  # the next sweep tries again
+            return
+        self.db.delete_checkpoint(path)
+        self._expiring.discard(path)
+        log.info("checkpoint %s expired (ttl_seconds) and was deleted", path)
 
     # -- futures ----------------------------------------------------------------------------------
     def new_future(self, owner: str, kind: str, model_id: str | None) -> FutureSlot:
@@ -421,6 +442,9 @@ class Runtime:
         row = self.db.run(parsed.run_id)
         if row is None or row["owner"] != owner:
             raise UserError(f"{field}: checkpoint {path} not found", 404)
+        expires_at = self.db.checkpoint_rows(parsed.run_id).get(path, {}).get("expires_at")
+        if expires_at is not None and expires_at <= time.time():
+            raise UserError(f"{field}: checkpoint {path} expired (its ttl_seconds ran out)", 404)
         return parsed
 
     async def read_meta(self, path: str, field: str = "path") -> dict:

@@ -406,6 +406,10 @@ class Database:
             row["user_metadata"] = _loads(row["user_metadata"])
         return {r["tinker_path"]: r for r in rows}
 
+    def expired_checkpoints(self, now: float) -> list[str]:
+        rows = self._all("SELECT tinker_path FROM checkpoints WHERE expires_at <= ?", (now,))
+        return [r["tinker_path"] for r in rows]
+
     def delete_checkpoint(self, tinker_path: str) -> None:
         self._exec("DELETE FROM checkpoints WHERE tinker_path=?", (tinker_path,))
 
