@@ -130,9 +130,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     full = meta["lora"].get("full_finetune", False)
     if full and args.format == "peft":
         raise ValueError(f"{path} is a full fine-tune, not an adapter: export it with --format merged")
-    if full:
-        out = export_merged(model_dir, config, lora.weights, None, args.out_dir, dtype=args.dtype)
-        print(f"wrote merged model (full fine-tune, {args.dtype or meta.get('dtype', 'float32')}) to {out}")
+    if full:  # f32 master weights, written in the base model's dtype unless --dtype says otherwise
+        dtype = args.dtype or meta.get("dtype", "float32")
+        out = export_merged(model_dir, config, lora.weights, None, args.out_dir, dtype=dtype)
+        print(f"wrote merged model (full fine-tune, {dtype}) to {out}")
     elif args.format == "peft":
         base_name = peft_base_name(args.base_model or meta["base_model"], model_dir)
         out = export_peft(config, lora, args.out_dir, base_model_name_or_path=base_name)

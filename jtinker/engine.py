@@ -182,8 +182,10 @@ class BaseModel:
         return Adapter(self, spec, lora)
 
     def new_full_adapter(self) -> Adapter:
-        """A client that trains its own copy of every weight; the shared base stays frozen."""
-        return Adapter(self, FullSpec(), train.FullWeights(jax.tree.map(jnp.copy, self.params)))
+        """A client that trains its own copy of every weight; the shared base stays frozen. The copy
+        is f32 whatever the base dtype (master weights: Adam's small steps survive; the model still
+        computes in the base dtype, see :func:`train.model_weights`), so are its Adam moments."""
+        return Adapter(self, FullSpec(), train.FullWeights(jax.tree.map(train.master_copy, self.params)))
 
 
 class Adapter:
@@ -490,12 +492,14 @@ def lora_from_checkpoint(
     spec = meta["lora"]
     identity = {"base_model": base_name, "model_config": dataclasses.asdict(config), "lora": spec}
     check_compatible(meta, identity, path)
-    if spec.get("full_finetune"):
+    if spec.get("full_finetune"):  # f32 master weights (older checkpoints are cast on restore)
         if params is not None:
-            skeleton = abstract(params)
+            skeleton = abstract(jax.eval_shape(lambda p: jax.tree.map(train.master_copy, p), params))
+            skeleton = jax.tree.map(
+                lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), skeleton, params
+            )
         else:
-            dtype = jnp.dtype(meta.get("dtype", "float32"))
-            flat = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in param_shapes(config).items()}
+            flat = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(config).items()}
             skeleton = traverse_util.unflatten_dict(flat)
         restored, meta = store.restore(path, {"lora": skeleton}, field)
         return train.FullWeights(restored["lora"]), meta

@@ -82,10 +82,16 @@ class FullWeights:
     weights: dict
 
 
+def master_copy(weight: jax.Array) -> jax.Array:
+    """A full fine-tune's trainable copy of a base weight: f32 (floating) or a plain copy."""
+    return jnp.array(weight, jnp.float32 if jnp.issubdtype(weight.dtype, jnp.floating) else None)
+
+
 def model_weights(params: dict, trainable: Lora | FullWeights | None) -> tuple[dict, Lora | None]:
-    """``(params, lora)`` to run the model with: full weights replace the base and carry no LoRA."""
+    """``(params, lora)`` to run the model with: full weights replace the base (cast from their f32
+    masters to the base's dtypes, so a bf16 model computes in bf16) and carry no LoRA."""
     if isinstance(trainable, FullWeights):
-        return trainable.weights, None
+        return jax.tree.map(lambda w, p: w.astype(p.dtype), trainable.weights, params), None
     return params, trainable
 
 

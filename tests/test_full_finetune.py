@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,44 @@ def test_fsdp_sharded_matches_one_device(tiny_model_factory, tmp_path, monkeypat
             mu = adapter.opt_state.inner_state[0].mu.weights["layers"]["q_proj"]
             assert mu.sharding.spec == q.sharding.spec
     assert losses["dp=2,fsdp=4"] == pytest.approx(losses[None], rel=1e-5)
+
+
+def test_bf16_base_trains_f32_master_weights(tmp_path, monkeypatch, tiny_model_factory):
+    """On a bf16 base the trainable copy and Adam's moments are f32 (a 1e-5 step is below bf16's
+    resolution: bf16 weights would not move), while the model computes in bf16 as the base does."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))
+    service = tinker.ServiceClient(dtype=jnp.bfloat16)
+    base = str(tiny_model_factory("qwen3"))
+    full = service.create_full_training_client(base_model=base)
+    reference = service.create_lora_training_client(base_model=base, rank=4)  # b = 0: the base itself
+    data = [datum(TOKENS)]
+
+    def logprobs(client):
+        return client.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+    np.testing.assert_array_equal(logprobs(full), logprobs(reference))
+    adapter = full._adapter
+    assert {x.dtype for x in jax.tree.leaves(adapter.lora.weights)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(adapter.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+
+    before = np.asarray(adapter.base.params["layers"]["up_proj"])  # bf16
+    full.forward_backward(data, "cross_entropy")
+    full.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+    master = np.asarray(adapter.lora.weights["layers"]["up_proj"])
+    assert np.abs(master - before.astype(np.float32)).max() > 5e-6  # the masters moved ...
+    assert (master.astype(before.dtype) == before).mean() > 0.5  # ... mostly below bf16's resolution
+
+    state = full.save_state("bf16-state").result().path
+    resumed = service.create_training_client_from_state_with_optimizer(state)
+    for a, b in zip(jax.tree.leaves(resumed._adapter.lora), jax.tree.leaves(adapter.lora), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))  # masters restored exactly
+
+    from jtinker.cli import main
+
+    path = full.save_weights_for_sampler("bf16").result().path
+    assert main(["export", path, str(tmp_path / "merged"), "--format", "merged"]) == 0
+    hf_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert hf_config.get("torch_dtype", hf_config.get("dtype")) == "bfloat16"  # the base's dtype
