@@ -141,8 +141,7 @@ class BaseModel:
     @staticmethod
     def layout_key(lora: lora_lib.Lora, opt_state) -> tuple:
         """Adapters with equal keys share compiled programs and can be stacked into one step."""
-        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(lora))
-        return jax.tree.structure(lora), jax.tree.structure(opt_state), shapes
+        return lora_lib.layout(lora), jax.tree.structure(opt_state)
 
     def zero_grads(self, adapter: Adapter, n: int) -> list:
         """``n`` distinct zero gradient trees for the dummy slots of a multi-adapter step.
