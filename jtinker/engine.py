@@ -493,10 +493,11 @@ def lora_from_checkpoint(
     check_compatible(meta, identity, path)
     if spec.get("full_finetune"):  # f32 master weights (older checkpoints are cast on restore)
         if params is not None:
-            skeleton = abstract(jax.eval_shape(lambda p: jax.tree.map(train.master_copy, p), params))
-            skeleton = jax.tree.map(
-                lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), skeleton, params
-            )
+
+            def master(p):
+                return jax.ShapeDtypeStruct(p.shape, train.master_dtype(p.dtype), sharding=p.sharding)
+
+            skeleton = jax.tree.map(master, params)
         else:
             flat = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(config).items()}
             skeleton = traverse_util.unflatten_dict(flat)

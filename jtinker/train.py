@@ -20,6 +20,7 @@ from flax import struct
 
 from jtinker import losses as losses_lib
 from jtinker.models import ModelConfig, hidden_states, token_logprobs, unembed
+from jtinker.models import lora as lora_lib
 from jtinker.models.lora import Lora
 
 
@@ -82,9 +83,14 @@ class FullWeights:
     weights: dict
 
 
+def master_dtype(dtype) -> jnp.dtype:
+    """A full fine-tune's trainable dtype for a base weight's: f32 for floating weights."""
+    return jnp.dtype(jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype)
+
+
 def master_copy(weight: jax.Array) -> jax.Array:
-    """A full fine-tune's trainable copy of a base weight: f32 (floating) or a plain copy."""
-    return jnp.array(weight, jnp.float32 if jnp.issubdtype(weight.dtype, jnp.floating) else None)
+    """A full fine-tune's trainable copy of a base weight (see :func:`master_dtype`)."""
+    return jnp.array(weight, master_dtype(weight.dtype))
 
 
 def model_weights(params: dict, trainable: Lora | FullWeights | None) -> tuple[dict, Lora | None]:
@@ -227,25 +233,19 @@ def logits_with_pullback(lora, params, batch, *, config, remat=True):
     return jax.vjp(lambda lo: full_logits(config, params, lo, batch, remat=remat), lora)
 
 
-def adapter_axes(tree):
-    """Where the adapter axis goes in each leaf of K stacked adapters: right before the leaf's
-    matrix dims (``a [L, K, in, r]``, as ``models.lora.stack``), so that the layer scan slices a
-    stacked leaf as it is; a leading ``K`` would be transposed behind the layer axis every step."""
-    return jax.tree.map(lambda x: max(0, x.ndim - 2), tree)
-
-
 def _per_adapter(fn, loras, params, batch, loss_config, *, with_grads: bool):
     """``fn(lora_k, params, batch[k], loss_config[k])`` for every k in one program.
 
     ``jax.vmap`` over the adapters with the base params broadcast: every base matmul becomes one
     matmul over all ``K·B·T`` rows (one read of the shared weights), the LoRA matmuls become batched
-    matmuls, and each adapter's loss, metrics and gradients (adapter axis as in :func:`adapter_axes`)
-    come out separately.
+    matmuls, and each adapter's loss, metrics and gradients come out separately. Adapters are stacked
+    as ``models.lora.stack`` stacks them (``ADAPTER_AXIS``, right before each leaf's matrix dims), so
+    the layer scan slices them as they are; a leading ``K`` would be transposed behind the layer axis.
     """
-    axes = adapter_axes(loras[0])
-    stacked = jax.tree.map(lambda axis, *xs: jnp.stack(xs, axis), axes, *loras)
-    out_axes = (axes, 0, 0, 0) if with_grads else 0
-    return jax.vmap(fn, in_axes=(axes, None, 0, 0), out_axes=out_axes)(stacked, params, batch, loss_config)
+    axis = lora_lib.ADAPTER_AXIS
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *loras)
+    out_axes = (axis, 0, 0, 0) if with_grads else 0
+    return jax.vmap(fn, in_axes=(axis, None, 0, 0), out_axes=out_axes)(stacked, params, batch, loss_config)
 
 
 def accumulate_many(grad_accs, loras, params, batch, loss_config, active, *, config, loss_fn, remat=True):
@@ -259,13 +259,12 @@ def accumulate_many(grad_accs, loras, params, batch, loss_config, active, *, con
     """
     fn = functools.partial(grads_and_logprobs, config=config, loss_fn=loss_fn, remat=remat)
     grads, loss, metrics, logprobs = _per_adapter(fn, loras, params, batch, loss_config, with_grads=True)
-    axes = adapter_axes(loras[0])
 
-    def add(k, acc, g, axis):
-        return jnp.where(active[k], acc + jnp.take(g, k, axis), acc)
+    def add(k, acc, g):
+        return jnp.where(active[k], acc + jnp.take(g, k, lora_lib.ADAPTER_AXIS), acc)
 
     new_accs = tuple(
-        jax.tree.map(functools.partial(add, k), grad_acc, grads, axes) for k, grad_acc in enumerate(grad_accs)
+        jax.tree.map(functools.partial(add, k), grad_acc, grads) for k, grad_acc in enumerate(grad_accs)
     )
     return new_accs, loss, metrics, logprobs
 

@@ -392,13 +392,21 @@ def token_logprobs(
 
         @jax.checkpoint
         def one_chunk(h_chunk, t_chunk):
-            logits = unembed(params, h_chunk, lora)
-            lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-            return jnp.take_along_axis(logits, t_chunk, axis=-1) - lse
+            return _logprobs_at(unembed(params, h_chunk, lora), t_chunk)[0]
 
     out = jax.lax.map(lambda ht: one_chunk(*ht), (hidden_chunks, target_chunks))
     out = out.swapaxes(0, 1).reshape(b, n * chunk, tgt.shape[-1])[:, :t]
     return out if multi else out[..., 0]
+
+
+def _logprobs_at(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``log_softmax(logits)`` at ``targets [..., K]``, and the log-sum-exp ``[..., 1]``."""
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.take_along_axis(logits, targets, axis=-1) - lse, lse
+
+
+def _head_logits(head: jax.Array, hidden: jax.Array) -> jax.Array:
+    return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
@@ -410,27 +418,26 @@ def _head_logprobs(head: jax.Array, hidden: jax.Array, targets: jax.Array) -> ja
     over the vocabulary. Only the head's own gradient (full fine-tuning) recomputes the logits; with a
     frozen head that branch is dead code and XLA removes it.
     """
-    logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return jnp.take_along_axis(logits, targets, axis=-1) - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return _logprobs_at(_head_logits(head, hidden), targets)[0]
 
 
 def _head_logprobs_fwd(head, hidden, targets):
-    logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    logits = _head_logits(head, hidden)
+    out, lse = _logprobs_at(logits, targets)
     probs = jnp.exp(logits - lse).astype(hidden.dtype)
     expected = jnp.matmul(probs, head.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
-    out = jnp.take_along_axis(logits, targets, axis=-1) - lse
     return out, (head, hidden, targets, lse, expected)
 
 
 def _head_logprobs_bwd(residuals, g):
     head, hidden, targets, lse, expected = residuals
     g_total = jnp.sum(g, axis=-1, keepdims=True)
-    target_columns = jnp.take(head.astype(jnp.float32).T, targets, axis=0)  # [..., K, H]
+    # Gather the target columns first: [H, ..., K] -> [..., K, H] (no transposed copy of the head).
+    target_columns = jnp.moveaxis(jnp.take(head, targets, axis=1), 0, -1).astype(jnp.float32)
     d_hidden = jnp.einsum("...k,...kh->...h", g, target_columns) - g_total * expected
-    logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    probs = jnp.exp(_head_logits(head, hidden) - lse)  # the head's own gradient only (dead code otherwise)
     one_hot = jax.nn.one_hot(targets, head.shape[-1], dtype=jnp.float32)
-    d_logits = jnp.einsum("...k,...kv->...v", g, one_hot) - g_total * jnp.exp(logits - lse)
+    d_logits = jnp.einsum("...k,...kv->...v", g, one_hot) - g_total * probs
     d_head = jnp.einsum("...h,...v->hv", hidden.astype(jnp.float32), d_logits)
     return d_head.astype(head.dtype), d_hidden.astype(hidden.dtype), None
 

@@ -250,8 +250,12 @@ def materialized_t(m: jax.Array) -> jax.Array:
     ``[rows, r]``) explicitly, behind a barrier that keeps XLA from folding it back, gives the dot its
     canonical ``[m, k] x [k, n]`` form. Other backends transpose operands for free: plain ``m.T``.
     """
-    t = jnp.swapaxes(m, -1, -2)
-    return jax.lax.optimization_barrier(t) if jax.default_backend() == "cpu" else t
+    return _kept_as_is(jnp.swapaxes(m, -1, -2))
+
+
+def _kept_as_is(x):
+    """``x`` behind a barrier on CPU, so XLA cannot fold a neighbouring transpose into a product."""
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
 def _cat(arrays: list, axis: int = -1) -> jax.Array:
@@ -336,9 +340,9 @@ def _project_bwd(prologue, scale, residuals, cotangents):
             dloras[i] = {"b": ((materialized_t(xa) @ gs[i]) * s).astype(loras[i]["b"].dtype)}
         dlow_cat = _cat(dlow)
         # d a_i = x.T @ d(x @ a_i), formed transposed ([r, in]) so the big operand stays canonical.
-        da_t = _split(materialized_t(dlow_cat) @ rows, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
-        if jax.default_backend() == "cpu":  # else XLA folds the .T below into a "TN" dot over rows
-            da_t = jax.lax.optimization_barrier(da_t)
+        # Kept as computed: XLA would fold the swap below into a "TN" dot over rows (vmapped: Eigen).
+        da_t = _kept_as_is(materialized_t(dlow_cat) @ rows)
+        da_t = _split(da_t, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
         for i, d in zip(adapted, da_t, strict=True):
             dloras[i]["a"] = jnp.swapaxes(d, -1, -2).astype(loras[i]["a"].dtype)
         part = dlow_cat @ _cat([loras[i]["a"].astype(dt) for i in adapted]).T

@@ -28,7 +28,7 @@ from tinker import types as sdk
 from jtinker.checkpoints import CheckpointPath
 from jtinker.server import wire
 from jtinker.server.auth import KeyRing
-from jtinker.server.runtime import Runtime
+from jtinker.server.runtime import Runtime, expired
 from jtinker.server.state.db import Database
 from jtinker.server.wire import UserError
 
@@ -372,8 +372,8 @@ class Api:
         out = []
         for c in listed:
             row = rows.get(c["tinker_path"], {})
-            if row.get("expires_at") is not None and row["expires_at"] <= now:
-                continue  # expired: the sweeper deletes it
+            if expired(row, now):
+                continue
             out.append(
                 sdk.Checkpoint(
                     checkpoint_id=c["checkpoint_id"],

@@ -442,8 +442,7 @@ class Runtime:
         row = self.db.run(parsed.run_id)
         if row is None or row["owner"] != owner:
             raise UserError(f"{field}: checkpoint {path} not found", 404)
-        expires_at = self.db.checkpoint_rows(parsed.run_id).get(path, {}).get("expires_at")
-        if expires_at is not None and expires_at <= time.time():
+        if expired(self.db.checkpoint_rows(parsed.run_id).get(path, {})):
             raise UserError(f"{field}: checkpoint {path} expired (its ttl_seconds ran out)", 404)
         return parsed
 
@@ -980,6 +979,12 @@ def _render(kind: str, value: Any, accept_proto: bool) -> tuple[str, Any]:
             return "proto", wire.encode_sample_response(value)
         return "json", wire.sample_response_json(value)
     return "json", wire.dump(value)
+
+
+def expired(checkpoint_row: dict, now: float | None = None) -> bool:
+    """Whether a checkpoint's ``ttl_seconds`` ran out (its files go at the next sweep)."""
+    expires_at = checkpoint_row.get("expires_at")
+    return expires_at is not None and expires_at <= (time.time() if now is None else now)
 
 
 def _check_ttl(ttl_seconds: int | None) -> None:
