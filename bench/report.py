@@ -259,10 +259,11 @@ def _rows_compile(d: dict) -> list[list[str]]:
 
 
 def _details_train(d: dict) -> list[str]:
+    dtype = {"float32": "f32", "bfloat16": "bf16"}[d.get("dtype", "float32")]
     body = [
-        f"- Model `{Path(d['model']).name}` ({d['params'] / 1e6:.1f}M params), f32, rank-{d['rank']} LoRA on "
-        f"q/k/v/o/gate/up/down, AdamW, summed cross-entropy; batch {d['batch']} x {d['seq']}.",
-        f"- Measured f32 matmul peak: {_n(d['matmul_peak_gflops'])} GFLOP/s ({d['device']}).",
+        f"- Model `{Path(d['model']).name}` ({d['params'] / 1e6:.1f}M params), {dtype}, rank-{d['rank']} "
+        f"LoRA on q/k/v/o/gate/up/down, AdamW, summed cross-entropy; batch {d['batch']} x {d['seq']}.",
+        f"- Measured {dtype} matmul peak: {_n(d['matmul_peak_gflops'])} GFLOP/s ({d['device']}).",
         f"- jtinker: {_n(d['jtinker_tokens_per_s'])} tokens/s, MFU {d['jtinker_mfu']:.1%}, first step "
         f"{d['jtinker_first_step_s']:.1f} s (compile included).",
     ]

@@ -1,11 +1,17 @@
 """LoRA training throughput: jtinker vs torch + PEFT, measured in the same run.
 
     python bench/train.py [--model DIR] [--batch 8] [--seq 128] [--rank 32] [--steps 6] [--out FILE]
+                          [--dtype float32|bfloat16] [--skip-torch]
 
 Both sides train the same model files on the same data: rank-32 LoRA on all linear layers
 (q, k, v, o, gate, up, down), f32, AdamW, summed token cross-entropy. One step is
 ``forward_backward`` + ``optim_step``. Reported: median tokens/s over the timed steps (warm-up
 excluded), the first step (compile) separately, the ratio, and MFU against a measured matmul peak.
+
+On a GPU (issue #9's H100 run: a Llama-3.2-1B-shaped model in bf16 at 8 x 2048, no torch)::
+
+    jtinker make-tiny-model /tmp/llama-1b --family llama --size 1b
+    python bench/train.py --model /tmp/llama-1b --batch 8 --seq 2048 --dtype bfloat16 --skip-torch
 
 Both run in one process after ``import jtinker``, which sets glibc's allocator up for XLA:CPU
 (``jtinker/hostmem.py``; torch gains 1-5% from it too). ``JTINKER_TUNE_MALLOC=0`` measures without.
@@ -26,12 +32,14 @@ from workload import add_workload_args, make_datums, make_rows, resolve_model
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Measured f32 matmul throughput of this machine through XLA."""
+def matmul_peak_gflops(dtype: str = "float32", n: int | None = None, repeats: int = 10) -> float:
+    """Measured matmul throughput of this machine's first device through XLA, in ``dtype``
+    (``n``: the square size; 2048 on a CPU, 8192 on an accelerator)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []
@@ -63,11 +71,13 @@ def model_flops_per_token(config, seq: int, rank: int) -> float:
     return 4 * dense + 2 * attention + 6 * lora
 
 
-def bench_jtinker(model_dir: Path, tokens: np.ndarray, rank: int, steps: int) -> dict:
+def bench_jtinker(model_dir: Path, tokens: np.ndarray, rank: int, steps: int, dtype: str) -> dict:
+    import jax.numpy as jnp
+
     import jtinker as tinker
     from jtinker import types
 
-    service = tinker.ServiceClient()
+    service = tinker.ServiceClient(dtype=jnp.dtype(dtype))
     training = service.create_lora_training_client(str(model_dir), rank=rank, seed=0, train_unembed=False)
     data = make_datums(types, tokens)
     adam = types.AdamParams(learning_rate=1e-4)
@@ -114,22 +124,29 @@ def main(argv: list[str] | None = None) -> dict:
     )
     add_workload_args(parser, steps=6)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="jtinker's weights and compute"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results/train.json"))
     args = parser.parse_args(argv)
     import jax
-    import torch
 
     from jtinker import hostmem  # before any JAX or torch work: see jtinker/hostmem.py
     from jtinker.models import ModelConfig
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.dtype != "float32" and not args.skip_torch:
+        parser.error("--dtype: torch+PEFT runs f32 only; add --skip-torch")
+    if not args.skip_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
     model_dir = resolve_model(args.model)
     config = ModelConfig.from_pretrained(model_dir)
     tokens = make_rows(args.batch, args.seq, config.vocab_size)
     num_tokens = args.batch * args.seq
 
-    peak = matmul_peak_gflops()
-    ours = bench_jtinker(model_dir, tokens, args.rank, args.steps)
+    peak = matmul_peak_gflops(args.dtype)
+    ours = bench_jtinker(model_dir, tokens, args.rank, args.steps, args.dtype)
     theirs = None if args.skip_torch else bench_torch(model_dir, tokens, args.rank, args.steps)
     flops = model_flops_per_token(config, args.seq, args.rank) * num_tokens
     result = {
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "rank": args.rank,
+        "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "malloc_tuned": hostmem.tuned,
         "matmul_peak_gflops": peak,
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             speedup=theirs["step_s"] / ours["step_s"],
         )
     tuned = ", glibc malloc tuned" if hostmem.tuned else ""
-    print(f"matmul peak: {peak:.0f} GFLOP/s ({result['device']}{tuned})")
+    print(f"{args.dtype} matmul peak: {peak:.0f} GFLOP/s ({result['device']}{tuned})")
     print(
         f"jtinker: {result['jtinker_tokens_per_s']:.0f} tokens/s, MFU {result['jtinker_mfu']:.1%}, "
         f"first step {ours['first_step_s']:.1f} s"

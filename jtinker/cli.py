@@ -421,7 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="qwen3",
         help="default: %(default)s",
     )
-    p.add_argument("--size", choices=("tiny", "small"), default="tiny", help="default: %(default)s")
+    p.add_argument(
+        "--size",
+        choices=("tiny", "small", "1b"),  # models.tiny.SIZES (not imported: the CLI parses without JAX)
+        default="tiny",
+        help="tiny, small (30M) or 1b (Llama-3.2-1B's shape, for GPU benchmarks); default: %(default)s",
+    )
     p.add_argument("--seed", type=int, default=0, help="weight init seed (default: 0)")
     p.add_argument("--shards", type=_positive_int, default=1, help="safetensors shards (default: 1)")
     p.set_defaults(func=cmd_make_tiny_model)

@@ -97,21 +97,48 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Grouped-query attention with an f32 softmax.
 
-    q ``[B, T, nH, D]``, k/v ``[B, S, nKV, D]``, mask ``[B, T, S]`` (True = attend). The heads that
-    share a key head are stacked with the query positions (``[B, nKV, G*T, D]``), so every product
-    is a plain batched matmul over (batch, key head) with ``G*T`` rows.
+    q ``[B, T, nH, D]``, k/v ``[B, S, nKV, D]``, mask ``[B, T, S]`` (True = attend) or None (causal).
+    On an NVIDIA GPU, 16-bit inputs run cuDNN's flash attention (:func:`fused_attention`). Elsewhere
+    the heads that share a key head are stacked with the query positions (``[B, nKV, G*T, D]``), so
+    every product is a plain batched matmul over (batch, key head) with ``G*T`` rows.
     """
+    if _cudnn_attention(q):
+        return fused_attention(q, k, v, mask, implementation="cudnn")
     b, t, num_heads, d = q.shape
     num_kv = k.shape[2]
     g = num_heads // num_kv
+    if mask is None:
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, k.shape[1]), bool)), (b, t, k.shape[1]))
     q = q.reshape(b, t, num_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, num_kv, g * t, d)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
     out = _attention(q, k, v, mask).reshape(b, num_kv, g, t, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, num_heads * d)
+
+
+def _cudnn_attention(q: jax.Array) -> bool:
+    """cuDNN's flash attention takes 16-bit inputs on NVIDIA GPUs (jax.nn.dot_product_attention)."""
+    device = jax.devices()[0]
+    return (
+        q.dtype in (jnp.bfloat16, jnp.float16)
+        and device.platform == "gpu"
+        and "cuda" in device.client.platform_version.lower()
+    )
+
+
+def fused_attention(q, k, v, mask: jax.Array | None, *, implementation: str) -> jax.Array:
+    """:func:`attention` through ``jax.nn.dot_product_attention`` (``implementation``: "cudnn" for
+    flash attention on NVIDIA GPUs; "xla" runs anywhere). A None mask is causal, which cuDNN skips
+    instead of masking."""
+    b, t, num_heads, d = q.shape
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None else mask[:, None], is_causal=mask is None,
+        implementation=implementation,
+    )  # fmt: skip
+    return out.reshape(b, t, num_heads * d)
 
 
 def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, *, transposed: bool = False) -> jax.Array:
@@ -260,12 +287,12 @@ def _segment(config: ModelConfig, stacks: dict | None, start: int, end: int) -> 
 
 
 def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array | None:
-    if cache is not None:  # cached_attention derives its own mask from the positions
+    """``[B, T, T]`` for packed sequences; None when causal alone (or with a cache, whose
+    attention derives its own mask from the positions)."""
+    if cache is not None or segment_ids is None:
         return None
     t = positions.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
-    if segment_ids is None:
-        return causal
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal & same_segment
 

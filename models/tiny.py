@@ -44,6 +44,17 @@ SIZES: dict[str, dict[str, Any]] = {
         num_key_value_heads=4,
         max_position_embeddings=4096,
     ),
+    # Llama-3.2-1B's shape (1.24B parameters), for accelerator benchmarks: too big for tests.
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
 }
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -114,8 +125,8 @@ def hf_config(family: str, size: str = "tiny", **overrides: Any) -> dict[str, An
         "pad_token_id": 259,
         "use_cache": True,
         "torch_dtype": "float32",
-        **SIZES[size],
         **FAMILY_DEFAULTS[family],
+        **SIZES[size],
     }
     if family == "llama":
         cfg["attention_bias"] = False
