@@ -106,7 +106,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     every product is a plain batched matmul over (batch, key head) with ``G*T`` rows.
     """
     if _cudnn_attention(q):
-        return fused_attention(q, k, v, mask, implementation="cudnn")
+        try:
+            return fused_attention(q, k, v, mask, implementation="cudnn")
+        except NotImplementedError:  # shapes or vmapped layouts cuDNN refuses (at trace time)
+            pass
     b, t, num_heads, d = q.shape
     num_kv = k.shape[2]
     g = num_heads // num_kv
