@@ -8,10 +8,10 @@ Both sides train the same model files on the same data: rank-32 LoRA on all line
 ``forward_backward`` + ``optim_step``. Reported: median tokens/s over the timed steps (warm-up
 excluded), the first step (compile) separately, the ratio, and MFU against a measured matmul peak.
 
-On a GPU (issue #9's H100 run: a Llama-3.2-1B-shaped model in bf16 at 8 x 2048, no torch)::
+On a GPU (issue #9's H100 run: a Llama-3.2-1B-shaped model in bf16 at 8 x 2048, no torch),
+``bash bench/gpu_train.sh`` makes the model and runs::
 
-    jtinker make-tiny-model /tmp/llama-1b --family llama --size 1b
-    python bench/train.py --model /tmp/llama-1b --batch 8 --seq 2048 --dtype bfloat16 --skip-torch
+    python bench/train.py --model DIR --batch 8 --seq 2048 --dtype bfloat16 --skip-torch
 
 Both run in one process after ``import jtinker``, which sets glibc's allocator up for XLA:CPU
 (``jtinker/hostmem.py``; torch gains 1-5% from it too). ``JTINKER_TUNE_MALLOC=0`` measures without.
