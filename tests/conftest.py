@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -18,6 +19,10 @@ import pytest  # noqa: E402
 from jtinker.models import make_tiny  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+# The SDK's session heartbeats warn for every client whose server a test killed on purpose (restart
+# tests), from background threads that outlive pytest's captured streams: errors still show.
+logging.getLogger("tinker.lib.internal_client_holder").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="session")
