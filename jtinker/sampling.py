@@ -49,7 +49,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import sharding
-from jtinker.batching import adapter_bucket
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
 from jtinker.train import model_weights
@@ -385,13 +384,16 @@ class _Adapters:
     slot: list[int]
 
     def for_rows(self, requests: list[int]) -> tuple[Any, list[int] | None]:
-        """The adapter for a chunk of rows, stacked when they use several (padded to an
-        :func:`adapter_bucket` count, so varying mixes reuse few programs), and each row's index in it."""
+        """The adapter for a chunk of rows, stacked when they use several, and each row's index in it.
+
+        Stacks are padded to a power of two, so varying mixes of clients reuse few programs. Unlike a
+        training step's dummy slot (a whole sub-batch of compute: ``batching.adapter_bucket``), a dummy
+        adapter here has no rows: it costs one adapter's weight reads per decode step."""
         used = sorted({self.slot[i] for i in requests})
         if len(used) == 1:
             return self.distinct[used[0]], None
         members = [self.distinct[s] for s in used]
-        members += [members[0]] * (adapter_bucket(len(members)) - len(members))
+        members += [members[0]] * (bucket(len(members)) - len(members))
         local = {s: i for i, s in enumerate(used)}
         row_adapter = [local[self.slot[i]] for i in requests]
         # Placeholder ids (one per adapter: shapes depend on the bucket only, so no recompiles);

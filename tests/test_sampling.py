@@ -326,6 +326,27 @@ def test_requests_with_different_adapters_share_one_batch(qwen3):
         qwen3.sampler.sample(requests[:2], [los[0]])
 
 
+def test_adapter_mixes_share_power_of_two_programs(qwen3):
+    """Three adapters sample with the programs of four (stacks are padded to a power of two: a dummy
+    adapter has no rows), and each request still gets what it gets alone."""
+    los = [
+        jax.tree.map(lambda x, k=k: x + 0.02 * (k + 1), lora_lib.init(qwen3.config, 4, jax.random.key(k)))
+        for k in range(4)
+    ]
+    requests = [
+        SampleRequest(prompt=PROMPTS[0][:6], num_samples=2, max_tokens=8, seed=i, temperature=1.0)
+        for i in range(4)
+    ]
+    qwen3.sampler.sample(requests, los)
+    before = compile_counts()
+    three = [los[0], los[1], los[2], los[0]]
+    mixed = qwen3.sampler.sample(requests, three)
+    assert compile_counts() == before
+    for request, adapter, got in zip(requests, three, mixed, strict=True):
+        (want,) = qwen3.sampler.sample([request], adapter)
+        assert [s[0] for s in got.sequences] == [s[0] for s in want.sequences]
+
+
 def want_base_prompt(model, request):
     return model.sampler.compute_logprobs([request.prompt])[0][1:]
 
