@@ -35,9 +35,9 @@ from jtinker.models import ModelConfig, load_pretrained, param_shapes
 from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
-SAMPLE_GATHER_SECONDS = 0.002
-LOSS_GATHER_MAX_SECONDS = 0.1  # longest wait for other adapters' forward_backward to arrive
-LOSS_ACTIVE_SECONDS = 60.0  # forget the rhythm of an adapter idle this long
+SAMPLE_GATHER_SECONDS = 0.002  # a burst of sampling requests sent at once arrives within this
+GATHER_MAX_SECONDS = 0.1  # longest wait for other clients' requests that are due to arrive
+ACTIVE_SECONDS = 60.0  # forget the rhythm of a client idle this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,12 +560,60 @@ class _Task:
     loss: _LossCall | None = None
 
 
+class _Rhythm:
+    """When each client last submitted one kind of work (loss steps, or sampling), the gap before
+    that, and whom it last ran with: the worker waits briefly for the clients that are due, so
+    clients in lock step share one program call. Guarded by the worker's lock."""
+
+    def __init__(self):
+        self.clock: dict[Any, tuple[float, float | None]] = {}  # key -> (last submit, gap before it)
+        self.group: dict[Any, int] = {}  # key -> the call it last shared with other clients
+        self.seconds = 0.0  # duration of the last call, bounds the wait
+        self.calls = 0
+
+    def tick(self, key: Any, now: float) -> None:
+        last, _ = self.clock.get(key, (None, None))
+        # The latest gap, not an average: one slow call (a compile) must not skew the next rounds.
+        self.clock[key] = (now, None if last is None else now - last)
+
+    def ran(self, keys: list) -> None:
+        """Records one call that ran the requests of ``keys`` together."""
+        self.calls += 1
+        keys = list(dict.fromkeys(keys))  # a client may send several requests at once
+        for key in keys:
+            if len(keys) > 1:
+                self.group[key] = self.calls
+            else:
+                self.group.pop(key, None)
+
+    def due(self, me: Any, now: float, deadline: float) -> set:
+        """Clients other than ``me`` whose next request is due by ``deadline``: the time since their
+        last one (nearly) equals the gap before it (one overdue by a whole gap has gone quiet), or
+        they shared ``me``'s last call (lock-step clients that pause together come back together,
+        whatever the length of the pause)."""
+        for key in [k for k, (last, _) in self.clock.items() if now - last > ACTIVE_SECONDS]:
+            del self.clock[key]
+            self.group.pop(key, None)
+        due = {
+            key
+            for key, (last, interval) in self.clock.items()
+            if key != me
+            and interval is not None
+            and last + interval <= deadline
+            and now <= last + 2 * interval + GATHER_MAX_SECONDS
+        }
+        group = self.group.get(me)
+        return due | {key for key, g in self.group.items() if g == group and key != me and group is not None}
+
+
 class Worker:
     """Runs one base model's device work on a single thread, in submission order per adapter.
 
     * Sampling tasks waiting in the queue are drained and run as one batch, whatever their adapters
       (a stacked LoRA: each row multiplies only its own adapter). A sampling client reads a fixed
       snapshot of weights, so it need not wait behind training work.
+    * Before either kind of call, the worker waits briefly for the requests of other clients that
+      are due to arrive (:class:`_Rhythm`), so clients in lock step share one call.
     * ``forward``/``forward_backward`` tasks of *different* adapters waiting together run as one
       jitted step (:func:`run_loss_group`). A task is only taken ahead of tasks of other adapters,
       never ahead of an earlier task of its own adapter nor of an untagged task (which may touch
@@ -576,10 +624,8 @@ class Worker:
         self.base = base
         self._tasks: collections.deque[_Task] = collections.deque()
         self._cond = threading.Condition()
-        # id(adapter) -> (when it last submitted a loss task, the time between its last two)
-        self._loss_clock: dict[int, tuple[float, float | None]] = {}
-        self._loss_group: dict[int, int] = {}  # id(adapter) -> the step its last shared loss step ran as
-        self._loss_seconds = 0.0  # duration of the last loss step, bounds the gather window
+        self._loss_rhythm = _Rhythm()  # keyed by id(adapter)
+        self._sample_rhythm = _Rhythm()  # keyed by _sample_source
         self.loss_steps = 0  # loss steps run (one jitted step per group): for tests and the status page
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
         self.sample_requests = 0  # sampling requests run, in
@@ -618,14 +664,13 @@ class Worker:
     ) -> Future:
         """``adapter.forward_backward(...)`` as a task: resolves to ``(outputs, metrics)``."""
         call = _LossCall(data, loss_name, loss_fn_config, backward)
-        now = time.monotonic()
         with self._cond:
-            last, _ = self._loss_clock.get(id(adapter), (None, None))
-            # The latest gap, not an average: one slow step (a compile) must not skew the next rounds.
-            self._loss_clock[id(adapter)] = (now, None if last is None else now - last)
+            self._loss_rhythm.tick(id(adapter), time.monotonic())
         return self._put(_Task(lambda: None, Future(), adapter=adapter, loss=call))
 
     def submit_sample(self, request, lora) -> Future:
+        with self._cond:
+            self._sample_rhythm.tick(_sample_source(lora), time.monotonic())
         return self._put(_Task(lambda: None, Future(), sample=(request, lora)))
 
     @property
@@ -671,41 +716,32 @@ class Worker:
         self._tasks.extendleft(reversed(kept))
         return taken
 
-    def _gather_window(self, first: _Task) -> None:
-        """Waits briefly for the loss tasks of other adapters that are due (clients in lock step
-        submit their next requests a few ms apart), at most half the last step: a straggler that
-        misses the group costs a step of its own. An adapter is due when the time since its last
-        loss task (nearly) equals the gap before that one (one overdue by a whole gap has gone
-        quiet), or when it shared ``first``'s last step: lock-step clients that pause together (an
-        eval, a checkpoint) come back together, whatever the length of the pause. A peer that does
-        not come costs one window, then runs apart and is no longer a peer."""
+    def _gather_window(
+        self, rhythm: _Rhythm, me: Any, queued: Callable[[], set], barrier: Callable[[], bool]
+    ):
+        """Waits briefly for the requests of other clients that are due (see :meth:`_Rhythm.due`:
+        clients in lock step submit their next requests a few ms apart), at most half the last call
+        and :data:`GATHER_MAX_SECONDS`: a straggler that misses the group costs a call of its own. A
+        peer that does not come costs one window, then runs apart and is no longer a peer.
+        ``queued()``: the clients with a request waiting; ``barrier()``: stop waiting now."""
         now = time.monotonic()
-        deadline = now + min(LOSS_GATHER_MAX_SECONDS, 0.5 * self._loss_seconds)
+        deadline = now + min(GATHER_MAX_SECONDS, 0.5 * rhythm.seconds)
         with self._cond:
-            for key in [k for k, (last, _) in self._loss_clock.items() if now - last > LOSS_ACTIVE_SECONDS]:
-                del self._loss_clock[key]
-                self._loss_group.pop(key, None)
-            me, group = id(first.adapter), self._loss_group.get(id(first.adapter))
-            due = {
-                key
-                for key, (last, interval) in self._loss_clock.items()
-                if key != me
-                and interval is not None
-                and last + interval <= deadline
-                and now <= last + 2 * interval + LOSS_GATHER_MAX_SECONDS
-            }
-            due |= {key for key, g in self._loss_group.items() if g == group and key != me}
-            while due:
-                queued = {id(t.adapter) for t in self._tasks if t.loss is not None}
-                if due <= queued or any(t.adapter is None and t.sample is None for t in self._tasks):
-                    return
+            due = rhythm.due(me, now, deadline)
+            while due and not due <= queued() and not barrier():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
                 self._cond.wait(left)
 
     def _run_losses(self, first: _Task) -> None:
-        self._gather_window(first)
+        self._gather_window(
+            self._loss_rhythm,
+            id(first.adapter),
+            lambda: {id(t.adapter) for t in self._tasks if t.loss is not None},
+            # an untagged task may touch any adapter: nothing after it may move ahead of it
+            lambda: any(t.adapter is None and t.sample is None for t in self._tasks),
+        )
         with self._cond:
             tasks = self._take_losses(first)
         started = time.monotonic()
@@ -729,11 +765,7 @@ class Worker:
         for items in runs:
             self.loss_steps += 1
             self.loss_requests += len(items)
-            for task, _ in items:
-                if len(items) > 1:
-                    self._loss_group[id(task.adapter)] = self.loss_steps
-                else:
-                    self._loss_group.pop(id(task.adapter), None)
+            self._loss_rhythm.ran([id(task.adapter) for task, _ in items])
             backward = items[0][0].loss.backward
             try:
                 if len(items) == 1:
@@ -749,7 +781,7 @@ class Worker:
                 continue
             for (task, _), result in zip(items, results, strict=True):
                 task.future.set_result(result)
-        self._loss_seconds = time.monotonic() - started
+        self._loss_rhythm.seconds = time.monotonic() - started
 
     def _split_to_budget(self, items: list) -> list[list]:
         """Groups whose stacked ``[K_bucket, B, T]`` batch fits the base's token budget."""
@@ -770,6 +802,13 @@ class Worker:
     # -- sampling ----------------------------------------------------------------------------------
     def _run_samples(self, first: _Task) -> None:
         time.sleep(SAMPLE_GATHER_SECONDS)  # let a burst of concurrent requests arrive: one batch
+        self._gather_window(
+            self._sample_rhythm,
+            _sample_source(first.sample[1]),
+            lambda: {_sample_source(t.sample[1]) for t in self._tasks if t.sample is not None},
+            lambda: False,  # sampling reads fixed snapshots: it never waits behind other work
+        )
+        started = time.monotonic()
         with self._cond:  # take every queued sampling request; everything else keeps its order
             tasks = [first] + [t for t in self._tasks if t.sample is not None]
             rest = [t for t in self._tasks if t.sample is None]
@@ -791,6 +830,8 @@ class Worker:
         for group in groups.values():
             self.sample_batches += 1
             self.sample_requests += len(group)
+            with self._cond:
+                self._sample_rhythm.ran([_sample_source(t.sample[1]) for t in group])
             try:
                 results = self.base.sampler.sample([t.sample[0] for t in group], [t.sample[1] for t in group])
             except BaseException as e:
@@ -800,6 +841,12 @@ class Worker:
                 continue
             for task, result in zip(group, results, strict=True):
                 task.future.set_result(result)
+        self._sample_rhythm.seconds = time.monotonic() - started
+
+
+def _sample_source(lora) -> int | None:
+    """Which client a sampling request comes from, for the gather window: its weights' identity."""
+    return None if lora is None else id(lora)
 
 
 def _sample_group_key(lora) -> Any:

@@ -14,6 +14,7 @@ import pytest
 import jtinker as tinker
 from jtinker import batching, engine, train
 from jtinker.engine import LoraSpec
+from jtinker.sampling import SampleRequest
 
 VOCAB = 320
 RANK = 4
@@ -174,7 +175,8 @@ def test_lock_step_clients_regroup_after_a_pause(base):
             ]
         [f.result(120) for f in first]
         time.sleep(0.3)  # the pause
-        worker._loss_seconds = 1.0  # as for a real model: the window is then LOSS_GATHER_MAX_SECONDS
+        worker.submit(lambda: None).result(60)  # the worker is idle: its bookkeeping is done
+        worker._loss_rhythm.seconds = 1.0  # as for a real model: the window is then GATHER_MAX_SECONDS
         before = worker.loss_steps
         lead = worker.submit_loss(adapters[0], datas[0], "cross_entropy", backward=True)
         time.sleep(0.02)  # the others arrive a little later, as HTTP requests do
@@ -272,3 +274,32 @@ def test_sampling_requests_of_many_adapters_run_as_one_batch(base):
         for g, w in zip(got.sequences, want.sequences, strict=True):
             np.testing.assert_allclose(g[1], w[1], atol=2e-5)
     assert together[0].sequences != together[4].sequences
+
+
+def test_lock_step_samplers_regroup(base):
+    """Sampling clients that shared a batch wait briefly for each other: their next requests, a few ms
+    apart as HTTP requests are, still run as one batch."""
+    worker = engine.Worker(base, "sample-regroup-test")
+    try:
+        loras = [adapter.lora for adapter in new_adapters(base, 3, seed0=95)]
+
+        def sample(lora):
+            request = SampleRequest(prompt=[1, 2, 3], num_samples=1, max_tokens=4, temperature=0.0)
+            return worker.submit_sample(request, lora)
+
+        with Paused(worker):
+            first = [sample(lora) for lora in loras]
+        [f.result(120) for f in first]
+        assert worker.sample_batches == 1
+        worker.submit(lambda: None).result(60)  # the worker is idle: its bookkeeping is done
+        worker._sample_rhythm.seconds = 1.0  # as for a real model: the window is then GATHER_MAX_SECONDS
+        lead = sample(loras[0])
+        time.sleep(0.02)
+        rest = [sample(lora) for lora in loras[1:]]
+        [f.result(120) for f in [lead, *rest]]
+        assert worker.sample_batches == 2
+        alone = sample(loras[1])  # peers that do not come cost one short window, then it runs alone
+        alone.result(120)
+        assert worker.sample_batches == 3
+    finally:
+        worker.close()
