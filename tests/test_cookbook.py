@@ -94,7 +94,8 @@ def test_supervised_loop_on_a_local_jsonl_file(server, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     nll = [row["train_mean_nll"] for row in map(json.loads, lines) if "train_mean_nll" in row]
     assert len(nll) == 16  # 4 epochs of 4 batches
-    assert np.mean(nll[-4:]) < 0.75 * np.mean(nll[:4])
+    # Medians: at this learning rate one batch of an epoch can spike (the LoRA seed is random).
+    assert np.median(nll[-4:]) < 0.75 * np.median(nll[:4])
     # The final checkpoint was written through save_state / save_weights_for_sampler.
     saved = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
     assert saved and saved[-1]["state_path"].startswith("tinker://")
