@@ -563,7 +563,8 @@ class _Task:
 class _Rhythm:
     """When each client last submitted one kind of work (loss steps, or sampling), the gap before
     that, and whom it last ran with: the worker waits briefly for the clients that are due, so
-    clients in lock step share one program call. Guarded by the worker's lock."""
+    clients in lock step share one program call. ``clock`` is written by submitting threads, so it
+    is read and written under the worker's lock; the rest belongs to the worker thread."""
 
     def __init__(self):
         self.clock: dict[Any, tuple[float, float | None]] = {}  # key -> (last submit, gap before it)
@@ -603,7 +604,9 @@ class _Rhythm:
             and now <= last + 2 * interval + GATHER_MAX_SECONDS
         }
         group = self.group.get(me)
-        return due | {key for key, g in self.group.items() if g == group and key != me and group is not None}
+        if group is not None:
+            due |= {key for key, g in self.group.items() if g == group and key != me}
+        return due
 
 
 class Worker:
@@ -830,8 +833,7 @@ class Worker:
         for group in groups.values():
             self.sample_batches += 1
             self.sample_requests += len(group)
-            with self._cond:
-                self._sample_rhythm.ran([_sample_source(t.sample[1]) for t in group])
+            self._sample_rhythm.ran([_sample_source(t.sample[1]) for t in group])
             try:
                 results = self.base.sampler.sample([t.sample[0] for t in group], [t.sample[1] for t in group])
             except BaseException as e:

@@ -114,7 +114,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     num_kv = k.shape[2]
     g = num_heads // num_kv
     if mask is None:
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, k.shape[1]), bool)), (b, t, k.shape[1]))
+        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]  # broadcast over the batch below
     q = q.reshape(b, t, num_kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, num_kv, g * t, d)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
