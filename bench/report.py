@@ -303,21 +303,26 @@ def _details_sample(d: dict) -> list[str]:
 
 
 def _details_server(d: dict) -> list[str]:
-    return [
+    lines = [
         f"- Batch {d['batch']} x {d['seq']}, rank {d['rank']}. Median step: in-process "
         f"{d['inprocess_step_s'] * 1e3:.0f} ms, SDK {d['sdk_step_s'] * 1e3:.0f} ms, "
         f"{d['clients']} SDK clients {d['sdk_multi_round_s'] * 1e3:.0f} ms per round.",
-    ] + (
-        [
+    ]
+    if "multi_over_single_quartiles" in d:  # results from before the paired rounds have none
+        low, _, high = d["multi_over_single_quartiles"]
+        lines.append(
+            f"- {d['clients']} clients vs 1: the median over rounds of paired steps run moments apart; "
+            f"quartiles {low:.2f}-{high:.2f}."
+        )
+    if "sdk_sample_s" in d:
+        lines.append(
             f"- Sampling {d['batch']} x {d['sample_tokens']} tokens: one client "
             f"{d['sdk_sample_s'] * 1e3:.0f} ms; {d['clients']} clients with their own adapters "
             f"{d['sdk_sample_multi_round_s'] * 1e3:.0f} ms per round at once (one batch), "
             f"{d['sdk_sample_serial_s'] * 1e3:.0f} ms one after another (each decode step of the batch reads "
             f"all {d['clients']} adapters)."
-        ]
-        if "sdk_sample_s" in d
-        else []
-    )
+        )
+    return lines
 
 
 def _details_memory(d: dict) -> list[str]:
