@@ -35,7 +35,9 @@ from jtinker.models import ModelConfig, load_pretrained, param_shapes
 from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
-SAMPLE_GATHER_SECONDS = 0.002  # a burst of sampling requests sent at once arrives within this
+# Requests sent at once (client threads, HTTP handlers) land a few ms apart: a burst of sampling
+# requests has gathered once none has arrived for this long.
+SAMPLE_GATHER_SECONDS = 0.005
 GATHER_MAX_SECONDS = 0.1  # longest wait for other clients' requests that are due to arrive
 ACTIVE_SECONDS = 60.0  # forget the rhythm of a client idle this long
 
@@ -633,6 +635,7 @@ class Worker:
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
         self.sample_requests = 0  # sampling requests run, in
         self.sample_batches = 0  # Sampler.sample calls (one per batch of requests, any adapters)
+        self._sample_arrivals = 0  # sampling requests ever queued: the burst gather watches it
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -674,6 +677,7 @@ class Worker:
     def submit_sample(self, request, lora) -> Future:
         with self._cond:
             self._sample_rhythm.tick(_sample_source(lora), time.monotonic())
+            self._sample_arrivals += 1
         return self._put(_Task(lambda: None, Future(), sample=(request, lora)))
 
     @property
@@ -803,8 +807,26 @@ class Worker:
         return runs
 
     # -- sampling ----------------------------------------------------------------------------------
+    def _wait_for_burst(self, longest: float) -> None:
+        """Returns once no sampling request has arrived for :data:`SAMPLE_GATHER_SECONDS` (a burst
+        of requests sent at once has landed), or after ``longest`` seconds if they keep coming."""
+        deadline = time.monotonic() + longest
+        with self._cond:
+            seen, quiet_until = self._sample_arrivals, time.monotonic() + SAMPLE_GATHER_SECONDS
+            while not self._closed:
+                now = time.monotonic()
+                if self._sample_arrivals != seen:
+                    seen, quiet_until = self._sample_arrivals, now + SAMPLE_GATHER_SECONDS
+                end = min(quiet_until, deadline)
+                if now >= end:
+                    return
+                self._cond.wait(end - now)  # woken early by any new task
+
     def _run_samples(self, first: _Task) -> None:
-        time.sleep(SAMPLE_GATHER_SECONDS)  # let a burst of concurrent requests arrive: one batch
+        # Concurrent requests run as one batch: a lone one waits one quiet period, a burst up to half
+        # the last call (bounded, so a steady stream of requests cannot hold the batch back).
+        longest = min(GATHER_MAX_SECONDS, max(4 * SAMPLE_GATHER_SECONDS, 0.5 * self._sample_rhythm.seconds))
+        self._wait_for_burst(longest)
         self._gather_window(
             self._sample_rhythm,
             _sample_source(first.sample[1]),
