@@ -36,8 +36,9 @@ from jtinker.models import lora as lora_lib
 
 log = logging.getLogger("jtinker")
 # Requests sent at once (client threads, HTTP handlers) land a few ms apart: a burst of sampling
-# requests has gathered once none has arrived for this long.
-SAMPLE_GATHER_SECONDS = 0.005
+# requests has gathered once none has arrived for a quiet period, 5% of the last call within these
+# bounds (a lone request never waits longer than the bound or that share of its own run).
+SAMPLE_QUIET_SECONDS = (0.002, 0.005)
 GATHER_MAX_SECONDS = 0.1  # longest wait for other clients' requests that are due to arrive
 ACTIVE_SECONDS = 60.0  # forget the rhythm of a client idle this long
 
@@ -807,16 +808,16 @@ class Worker:
         return runs
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _wait_for_burst(self, longest: float) -> None:
-        """Returns once no sampling request has arrived for :data:`SAMPLE_GATHER_SECONDS` (a burst
-        of requests sent at once has landed), or after ``longest`` seconds if they keep coming."""
+    def _wait_for_burst(self, quiet: float, longest: float) -> None:
+        """Returns once no sampling request has arrived for ``quiet`` seconds (a burst of requests
+        sent at once has landed), or after ``longest`` seconds if they keep coming."""
         deadline = time.monotonic() + longest
         with self._cond:
-            seen, quiet_until = self._sample_arrivals, time.monotonic() + SAMPLE_GATHER_SECONDS
+            seen, quiet_until = self._sample_arrivals, time.monotonic() + quiet
             while not self._closed:
                 now = time.monotonic()
                 if self._sample_arrivals != seen:
-                    seen, quiet_until = self._sample_arrivals, now + SAMPLE_GATHER_SECONDS
+                    seen, quiet_until = self._sample_arrivals, now + quiet
                 end = min(quiet_until, deadline)
                 if now >= end:
                     return
@@ -825,8 +826,9 @@ class Worker:
     def _run_samples(self, first: _Task) -> None:
         # Concurrent requests run as one batch: a lone one waits one quiet period, a burst up to half
         # the last call (bounded, so a steady stream of requests cannot hold the batch back).
-        longest = min(GATHER_MAX_SECONDS, max(4 * SAMPLE_GATHER_SECONDS, 0.5 * self._sample_rhythm.seconds))
-        self._wait_for_burst(longest)
+        last = self._sample_rhythm.seconds
+        quiet = min(max(0.05 * last, SAMPLE_QUIET_SECONDS[0]), SAMPLE_QUIET_SECONDS[1])
+        self._wait_for_burst(quiet, min(GATHER_MAX_SECONDS, max(4 * quiet, 0.5 * last)))
         self._gather_window(
             self._sample_rhythm,
             _sample_source(first.sample[1]),

@@ -309,10 +309,11 @@ def test_a_burst_of_sampling_requests_runs_as_one_batch(base, monkeypatch):
     """Requests sent at once land some ms apart (client threads, HTTP handlers): the worker waits until
     none has come for a quiet period, so the whole burst runs as one batch even when it spans longer
     than that period."""
-    monkeypatch.setattr(engine, "SAMPLE_GATHER_SECONDS", 0.05)  # wide margins for a loaded machine
+    monkeypatch.setattr(engine, "SAMPLE_QUIET_SECONDS", (0.05, 0.05))  # wide margins for a loaded machine
     monkeypatch.setattr(engine, "GATHER_MAX_SECONDS", 1.0)
     worker = engine.Worker(base, "sample-burst-test")
     try:
+        worker._sample_rhythm.seconds = 1.0  # as after a real call: a burst may take up to half of it
         request = SampleRequest(prompt=[1, 2, 3], num_samples=1, max_tokens=4, temperature=0.0)
         futures = []
         for adapter in new_adapters(base, 4, seed0=120):  # 20 ms apart: 60 ms in all, over the period
