@@ -38,6 +38,7 @@ of the distribution predicting position ``i`` (``None`` at position 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import secrets
 from collections.abc import Sequence
@@ -349,9 +350,35 @@ def _program(kind: str, cache: NamedSharding | None, replicated: NamedSharding |
             outs = (
                 None if kv is None else _State(cache=kv, logits0=replicated, step=replicated, out=replicated)
             )
-            fn = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",), out_shardings=outs)
+            fn = jax.jit(
+                _decode,
+                static_argnames=("config",),
+                donate_argnames=("state",),
+                out_shardings=outs,
+                compiler_options=decode_compiler_options(),
+            )
         _PROGRAMS[key] = fn
     return _PROGRAMS[key]
+
+
+@functools.cache
+def decode_compiler_options() -> dict[str, str] | None:
+    """XLA:CPU compiles decode without YNNPACK's reduce fusions.
+
+    Those take decode's multiply-and-reduce attention over the KV cache, and a library fusion needs
+    its operands as whole buffers: every step then copied each layer's cache slice out of the stacked
+    cache (14% of decode time at batch 64). As XLA loop fusions they read the cache in place: decode
+    measured 1.15-1.3x faster at batch 8 to 64 and with long caches, 4% slower at batch 1. The option
+    is experimental, so a jax without it decodes with its defaults. Other backends: no options.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return None
+    return options
 
 
 def compile_counts() -> dict[str, int]:

@@ -27,10 +27,10 @@ import pytest
 from jax.experimental import io_callback
 
 import jtinker as tinker
-from jtinker import batching, losses, train
+from jtinker import batching, losses, sampling, train
 from jtinker.models import KVCache, load_pretrained, make_tiny
 from jtinker.models import lora as lora_lib
-from jtinker.sampling import _expand
+from jtinker.sampling import Sampler, SampleRequest, _expand
 
 UNIQUE_CONFIG = {"rms_norm_eps": 1.5e-6}  # no other test's model has it: fresh jit cache entries
 ADAM = tinker.AdamParams(learning_rate=1e-3)
@@ -236,6 +236,38 @@ def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
         )
         programs["expand"] = lowered.as_text()
     assert _flagged(programs) == {}
+
+
+def _layer_cache_copies(model_dir, monkeypatch) -> list[str]:
+    """Instructions of the compiled decode program that copy one layer's slice of the KV cache."""
+    real, calls = sampling._program, []
+
+    def spy(kind, *args, **kwargs):
+        program = real(kind, *args, **kwargs)
+        if kind != "decode":
+            return program
+
+        def call(*a):
+            calls.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a[1:]))
+            return program(*a)
+
+        return call
+
+    monkeypatch.setattr(sampling, "_program", spy)
+    config, params = load_pretrained(model_dir)
+    request = SampleRequest(prompt=[1, 2, 3], num_samples=4, max_tokens=4, temperature=0.0)
+    Sampler(config, params).sample([request])
+    args = calls[-1]
+    hlo = real("decode", None, None).lower(config, *args).compile().as_text()
+    _, b, s, kv, d = args[2].cache.k.shape  # (params, lora, state, rows, end_step)
+    layer = rf"f32\[(?:1,)?{b},{s},{kv},{d}\]"
+    return re.findall(rf"%[\w.-]*dynamic-slice[\w.-]* = {layer}[^\n]*", hlo)
+
+
+def test_decode_reads_the_kv_cache_in_place(model_dir, monkeypatch):
+    """No decode step copies a layer's slice of the stacked KV cache out of it: with YNNPACK's reduce
+    fusions XLA:CPU did, for every layer and step (see ``sampling.decode_compiler_options``)."""
+    assert _layer_cache_copies(model_dir, monkeypatch) == []
 
 
 @pytest.mark.parametrize("opt_out", [False, True])
