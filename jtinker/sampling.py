@@ -368,8 +368,8 @@ def decode_compiler_options() -> dict[str, str] | None:
     Those take decode's multiply-and-reduce attention over the KV cache, and a library fusion needs
     its operands as whole buffers: every step then copied each layer's cache slice out of the stacked
     cache (14% of decode time at batch 64). As XLA loop fusions they read the cache in place: decode
-    measured 1.15-1.3x faster at batch 8 to 64 and with long caches, 4% slower at batch 1. The option
-    is experimental, so a jax without it decodes with its defaults. Other backends: no options.
+    measured 1.15-1.3x faster at batch 8 to 64 and with long caches, within 1-4% at batch 1. The
+    option is experimental, so a jax without it decodes with its defaults. Other backends: none.
     """
     if jax.default_backend() != "cpu":
         return None
