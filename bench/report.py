@@ -30,7 +30,7 @@ BENCH = ROOT / "bench"
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "train": ("train.py", ["--steps", "8"]),
     "sample": ("sample.py", ["--repeats", "5"]),
-    "server": ("server.py", ["--steps", "6"]),
+    "server": ("server.py", ["--steps", "12"]),  # paired rounds: enough for quartiles
     "memory": ("memory.py", ["--steps", "3"]),
     "compile": ("compile.py", ["--steps", "5", "--sample-repeats", "5"]),
 }
