@@ -246,7 +246,12 @@ def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
         new_kv = (None, None)
     else:
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attend to what is stored
-        attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
+        if cache_k.shape[1] == t:
+            # The chunk fills the whole cache, so it starts at position 0 (slot == position): a
+            # prefill, with no past keys to read. Plain causal attention (cuDNN's on GPUs).
+            attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), None)
+        else:
+            attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
         new_kv = (k, v)
     (o,) = _project(None, (attn,), layer, lora_layer, ("o_proj",), scale, ("o_bias",), adapters)
     x = x + o

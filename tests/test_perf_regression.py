@@ -270,6 +270,19 @@ def test_decode_reads_the_kv_cache_in_place(model_dir, monkeypatch):
     assert _layer_cache_copies(model_dir, monkeypatch) == []
 
 
+def test_prefill_attends_within_the_prompt_only(model_dir):
+    """A prefill fills a fresh cache, so it runs plain causal attention over the prompt: no second set
+    of (fully masked) scores over the empty cache slots, which cost as much again."""
+    config, params = load_pretrained(model_dir)
+    p, t, kv = 2, 16, config.num_kv_heads
+    g = config.num_heads // kv
+    prefill = jax.jit(sampling._prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"))
+    tokens, lengths = jnp.zeros((p, t), jnp.int32), jnp.full(p, t, jnp.int32)
+    text = prefill.lower(config, jnp.float32, params, None, tokens, lengths, want_lp=False, topk=0).as_text()
+    assert f"tensor<{p}x{t}x{kv}x{g}x{t}xf32>" not in text  # cached_attention's scores [P, T, kv, G, S]
+    assert f"tensor<{p}x{kv}x{g * t}x{t}xf32>" in text  # the causal kernel's [P, kv, G * T, T]
+
+
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_import_sets_up_the_allocator_unless_opted_out(opt_out):
     """glibc keeps freed memory from the first import on (before XLA starts its threads)."""
