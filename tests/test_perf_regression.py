@@ -7,6 +7,8 @@
   ``io_callback``, ``jax.debug.print``/``callback``, host send/recv, in/outfeed): a callback serialises
   the device with Python on every step.
 * ``import jtinker`` sets glibc's allocator up for XLA:CPU (``jtinker/hostmem.py``), unless opted out.
+* Decode reads the KV cache in place (no per-step copy of a layer's slice), and prefill scores the
+  prompt once, with the causal kernel (no masked scores over the empty cache).
 
 Every program JAX lowers while a test runs is captured as StableHLO text through ``jax_dump_ir_to``,
 so the checks see exactly what the engine compiles. The tiny model has a config no other test uses
