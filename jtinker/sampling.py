@@ -381,14 +381,25 @@ def decode_compiler_options() -> dict[str, str] | None:
     return options
 
 
+# XLA compilations (or persistent-cache loads) of each stage's function, process-wide, counted as
+# JAX reports them: jits of one function with other settings (placements, compiler options) keep
+# compile caches of their own, so no one cache sees them all.
+_COMPILES = dict.fromkeys(("prefill", "expand", "decode"), 0)
+
+
+def _count_compile(event: str, duration: float, **kwargs: Any) -> None:
+    stage = str(kwargs.get("fun_name", "")).removeprefix("jit(").removesuffix(")").removeprefix("_")
+    if event == "/jax/core/compile/backend_compile_duration" and stage in _COMPILES:
+        _COMPILES[stage] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
 def compile_counts() -> dict[str, int]:
     """Programs compiled so far by each stage, process-wide (one per distinct bucketed shape,
-    config and LoRA structure)."""
-    return {
-        # Every jit of one Python function shares one compile cache: read it once per stage.
-        kind: max((f._cache_size() for key, f in _PROGRAMS.items() if key[0] == kind), default=0)
-        for kind in ("prefill", "expand", "decode")
-    }
+    config, LoRA structure and placement)."""
+    return dict(_COMPILES)
 
 
 # ---------------------------------------------------------------------------------------------
