@@ -377,7 +377,8 @@ def forward(
 
     With ``cache``, the tokens of each row sit at contiguous ``positions`` starting after what the
     cache already holds (slot == position); their keys and values are written at those slots and
-    ``(logits, new_cache)`` is returned. ``segment_ids`` keep packed sequences from attending to each other.
+    ``(logits, new_cache)`` is returned. A cache of exactly ``T`` slots is thus a prefill from
+    position 0 (plain causal attention). ``segment_ids`` keep packed sequences from attending to each other.
     """
     hidden, new_cache = hidden_states(
         config,
