@@ -574,8 +574,10 @@ class _Rhythm:
         self.group: dict[Any, int] = {}  # key -> the call it last shared with other clients
         self.seconds = 0.0  # duration of the last call, bounds the wait
         self.calls = 0
+        self.ticks = 0  # requests ever submitted: a burst has landed once this stops moving
 
     def tick(self, key: Any, now: float) -> None:
+        self.ticks += 1
         last, _ = self.clock.get(key, (None, None))
         # The latest gap, not an average: one slow call (a compile) must not skew the next rounds.
         self.clock[key] = (now, None if last is None else now - last)
@@ -636,7 +638,6 @@ class Worker:
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
         self.sample_requests = 0  # sampling requests run, in
         self.sample_batches = 0  # Sampler.sample calls (one per batch of requests, any adapters)
-        self._sample_arrivals = 0  # sampling requests ever queued: the burst gather watches it
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -678,7 +679,6 @@ class Worker:
     def submit_sample(self, request, lora) -> Future:
         with self._cond:
             self._sample_rhythm.tick(_sample_source(lora), time.monotonic())
-            self._sample_arrivals += 1
         return self._put(_Task(lambda: None, Future(), sample=(request, lora)))
 
     @property
@@ -808,16 +808,16 @@ class Worker:
         return runs
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _wait_for_burst(self, quiet: float, longest: float) -> None:
-        """Returns once no sampling request has arrived for ``quiet`` seconds (a burst of requests
-        sent at once has landed), or after ``longest`` seconds if they keep coming."""
+    def _wait_for_burst(self, rhythm: _Rhythm, quiet: float, longest: float) -> None:
+        """Returns once no request of ``rhythm``'s kind has arrived for ``quiet`` seconds (a burst of
+        requests sent at once has landed), or after ``longest`` seconds if they keep coming."""
         deadline = time.monotonic() + longest
         with self._cond:
-            seen, quiet_until = self._sample_arrivals, time.monotonic() + quiet
+            seen, quiet_until = rhythm.ticks, time.monotonic() + quiet
             while not self._closed:
                 now = time.monotonic()
-                if self._sample_arrivals != seen:
-                    seen, quiet_until = self._sample_arrivals, now + quiet
+                if rhythm.ticks != seen:
+                    seen, quiet_until = rhythm.ticks, now + quiet
                 end = min(quiet_until, deadline)
                 if now >= end:
                     return
@@ -828,7 +828,7 @@ class Worker:
         # the last call (bounded, so a steady stream of requests cannot hold the batch back).
         last = self._sample_rhythm.seconds
         quiet = min(max(0.05 * last, SAMPLE_QUIET_SECONDS[0]), SAMPLE_QUIET_SECONDS[1])
-        self._wait_for_burst(quiet, min(GATHER_MAX_SECONDS, max(4 * quiet, 0.5 * last)))
+        self._wait_for_burst(self._sample_rhythm, quiet, min(GATHER_MAX_SECONDS, max(4 * quiet, 0.5 * last)))
         self._gather_window(
             self._sample_rhythm,
             _sample_source(first.sample[1]),

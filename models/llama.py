@@ -199,9 +199,13 @@ def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
 
     Keys are the cache slots before ``start`` (slot == position; later slots are stale) plus the
     chunk's own keys, causally. The cache is only read: callers write the new keys afterwards, so a
-    layer scan never rebuilds the stacked cache. One f32 softmax over both parts.
+    layer scan never rebuilds the stacked cache. One f32 softmax over both parts. A chunk that fills
+    the whole cache starts at position 0 (a prefill): it has no past keys, so it runs plain causal
+    :func:`attention` (cuDNN's on GPUs).
     """
     b, t, num_heads, d = q.shape
+    if cache_k.shape[1] == t:
+        return attention(q, k.astype(q.dtype), v.astype(q.dtype), None)
     num_kv = k.shape[2]
     q = q.reshape(b, t, num_kv, num_heads // num_kv, d).astype(jnp.float32) * d**-0.5
     past = jnp.arange(cache_k.shape[1])[None, :] < start[:, None]  # [B, S]
@@ -246,12 +250,7 @@ def _decoder_layer(config: ModelConfig, scale: float, sparse: bool, carry, xs):
         new_kv = (None, None)
     else:
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attend to what is stored
-        if cache_k.shape[1] == t:
-            # The chunk fills the whole cache, so it starts at position 0 (slot == position): a
-            # prefill, with no past keys to read. Plain causal attention (cuDNN's on GPUs).
-            attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), None)
-        else:
-            attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
+        attn = cached_attention(q, k, v, cache_k, cache_v, positions[:, 0]).astype(x.dtype)
         new_kv = (k, v)
     (o,) = _project(None, (attn,), layer, lora_layer, ("o_proj",), scale, ("o_bias",), adapters)
     x = x + o
