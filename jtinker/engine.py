@@ -41,6 +41,9 @@ log = logging.getLogger("jtinker")
 SAMPLE_QUIET_SECONDS = (0.002, 0.005)
 GATHER_MAX_SECONDS = 0.1  # longest wait for other clients' requests that are due to arrive
 ACTIVE_SECONDS = 60.0  # forget the rhythm of a client idle this long
+# A client's rhythm predicts its next request only while its last two gaps agree to this fraction: a
+# client whose loop alternates between other work and this model has no rhythm to wait for.
+STEADY_TOLERANCE = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,23 +567,27 @@ class _Task:
 
 
 class _Rhythm:
-    """When each client last submitted one kind of work (loss steps, or sampling), the gap before
+    """When each client last submitted one kind of work (loss steps, or sampling), the gaps before
     that, and whom it last ran with: the worker waits briefly for the clients that are due, so
-    clients in lock step share one program call. ``clock`` is written by submitting threads, so it
-    is read and written under the worker's lock; the rest belongs to the worker thread."""
+    clients in lock step share one program call. ``clock`` and ``missed`` are written by submitting
+    threads too, so they are read and written under the worker's lock; the rest belongs to the
+    worker thread."""
 
     def __init__(self):
-        self.clock: dict[Any, tuple[float, float | None]] = {}  # key -> (last submit, gap before it)
+        # key -> (last submit, the gap before it, the gap before that)
+        self.clock: dict[Any, tuple[float, float | None, float | None]] = {}
         self.group: dict[Any, int] = {}  # key -> the call it last shared with other clients
+        self.missed: set = set()  # waited for in vain: not predicted again before its next request
         self.seconds = 0.0  # duration of the last call, bounds the wait
         self.calls = 0
         self.ticks = 0  # requests ever submitted: a burst has landed once this stops moving
 
     def tick(self, key: Any, now: float) -> None:
         self.ticks += 1
-        last, _ = self.clock.get(key, (None, None))
-        # The latest gap, not an average: one slow call (a compile) must not skew the next rounds.
-        self.clock[key] = (now, None if last is None else now - last)
+        last, gap, _ = self.clock.get(key, (None, None, None))
+        # The latest gaps, not an average: one slow call (a compile) must not skew the next rounds.
+        self.clock[key] = (now, None if last is None else now - last, gap)
+        self.missed.discard(key)
 
     def ran(self, keys: list) -> None:
         """Records one call that ran the requests of ``keys`` together."""
@@ -593,25 +600,30 @@ class _Rhythm:
                 self.group.pop(key, None)
 
     def due(self, me: Any, now: float, deadline: float) -> set:
-        """Clients other than ``me`` whose next request is due by ``deadline``: the time since their
-        last one (nearly) equals the gap before it (one overdue by a whole gap has gone quiet), or
+        """Clients other than ``me`` whose next request is due by ``deadline``: they keep a steady
+        gap (the last two agree to :data:`STEADY_TOLERANCE`), the time since their last request
+        (nearly) equals it, and they are not overdue by a whole gap (then they have gone quiet); or
         they shared ``me``'s last call (lock-step clients that pause together come back together,
-        whatever the length of the pause)."""
-        for key in [k for k, (last, _) in self.clock.items() if now - last > ACTIVE_SECONDS]:
+        whatever the length of the pause). A client waited for in vain is not due again until it
+        sends its next request."""
+        for key in [k for k, (last, _, _) in self.clock.items() if now - last > ACTIVE_SECONDS]:
             del self.clock[key]
             self.group.pop(key, None)
+            self.missed.discard(key)
         due = {
             key
-            for key, (last, interval) in self.clock.items()
+            for key, (last, gap, before) in self.clock.items()
             if key != me
-            and interval is not None
-            and last + interval <= deadline
-            and now <= last + 2 * interval + GATHER_MAX_SECONDS
+            and gap is not None
+            and before is not None
+            and abs(gap - before) <= STEADY_TOLERANCE * max(gap, before)
+            and last + gap <= deadline
+            and now <= last + 2 * gap + GATHER_MAX_SECONDS
         }
         group = self.group.get(me)
         if group is not None:
             due |= {key for key, g in self.group.items() if g == group and key != me}
-        return due
+        return due - self.missed
 
 
 class Worker:
@@ -739,6 +751,7 @@ class Worker:
             while due and not due <= queued() and not barrier():
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    rhythm.missed |= due - queued()
                     return
                 self._cond.wait(left)
 

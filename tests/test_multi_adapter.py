@@ -190,6 +190,25 @@ def test_lock_step_clients_regroup_after_a_pause(base):
         worker.close()
 
 
+def test_only_a_steady_rhythm_is_waited_for():
+    """The worker waits for a client whose next request its rhythm predicts: one whose last two gaps
+    agree, not one whose loop alternates between this model and other work, nor one it already
+    waited for in vain."""
+    rhythm = engine._Rhythm()
+    for t in (0.0, 1.0, 2.0):
+        rhythm.tick("steady", t)
+    for t in (0.0, 3.0, 4.0):  # gaps of 3 s and then 1 s: its next request may come any time
+        rhythm.tick("alternating", t)
+    assert rhythm.due("me", now=2.98, deadline=3.05) == {"steady"}
+    assert rhythm.due("me", now=4.98, deadline=5.05) == set()
+    assert rhythm.due("me", now=4.2, deadline=4.25) == set()  # the steady one is overdue by a gap
+
+    rhythm.missed.add("steady")  # waited for, and it did not come
+    assert rhythm.due("me", now=2.98, deadline=3.05) == set()
+    rhythm.tick("steady", 3.1)  # it came back, on its beat
+    assert rhythm.due("me", now=4.15, deadline=4.25) == {"steady"}
+
+
 def test_adapter_buckets():
     assert [batching.adapter_bucket(k) for k in range(1, 18)] == [
         1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
