@@ -194,6 +194,24 @@ def test_lora_grads_match_peft(family, service, tiny_model_factory):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{target}[{layer}]")
 
 
+def test_bf16_lora_grads_match_f32(service, qwen3_dir, tmp_path):
+    """A bf16 base model (bf16 products with f32 results, f32 LoRA master weights) gives the f32
+    model's LoRA gradients to bf16 accuracy: every product's operands are rounded to 8 significant
+    bits (unit roundoff 2^-9), and through a few layers the errors add up to a few percent."""
+    bf16 = tinker.ServiceClient(store_dir=str(tmp_path / "bf16"), dtype=jnp.bfloat16)
+    data = make_data(seed=3)
+    grads = []
+    for svc in (service, bf16):
+        tc = new_client(svc, qwen3_dir, seed=3)
+        tc.forward_backward(data, "cross_entropy").result()
+        grads.append(grads_np(tc))
+    assert tc._base.params["embed"].dtype == jnp.bfloat16
+    for want, got in zip(leaves(grads[0]), leaves(grads[1]), strict=True):
+        assert got.dtype == np.float32
+        error = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert 1e-3 < error < 6e-2  # really bf16 (1.3-4.5% here), and still the same gradient
+
+
 # --------------------------------------------------------------------------------------------------
 # accumulation and custom losses
 # --------------------------------------------------------------------------------------------------
