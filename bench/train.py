@@ -4,9 +4,11 @@
                           [--dtype float32|bfloat16] [--skip-torch]
 
 Both sides train the same model files on the same data: rank-32 LoRA on all linear layers
-(q, k, v, o, gate, up, down), f32, AdamW, summed token cross-entropy. One step is
-``forward_backward`` + ``optim_step``. Reported: median tokens/s over the timed steps (warm-up
-excluded), the first step (compile) separately, the ratio, and MFU against a measured matmul peak.
+(q, k, v, o, gate, up, down), in ``--dtype`` (f32 by default; with bf16 the base weights and
+activations are bf16 and the LoRA master weights f32 on both sides), AdamW, summed token
+cross-entropy. One step is ``forward_backward`` + ``optim_step``. Reported: median tokens/s over
+the timed steps (warm-up excluded), the first step (compile) separately, the ratio, and MFU against a
+measured matmul peak.
 
 On a GPU (issue #9's H100 run: a Llama-3.2-1B-shaped model in bf16 at 8 x 2048, no torch),
 ``bash bench/gpu_train.sh`` makes the model and runs::
@@ -34,13 +36,14 @@ LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 def matmul_peak_gflops(dtype: str = "float32", n: int | None = None, repeats: int = 10) -> float:
     """Measured matmul throughput of this machine's first device through XLA, in ``dtype``
-    (``n``: the square size; 2048 on a CPU, 8192 on an accelerator)."""
+    (``n``: the square size; 2048 on a CPU, 8192 on an accelerator). Low-precision operands multiply
+    into f32 results, as the model's products do (XLA:CPU's native bf16 kernels need that form)."""
     import jax
     import jax.numpy as jnp
 
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -91,13 +94,14 @@ def bench_jtinker(model_dir: Path, tokens: np.ndarray, rank: int, steps: int, dt
     return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "losses": losses}
 
 
-def bench_torch(model_dir: Path, tokens: np.ndarray, rank: int, steps: int) -> dict:
+def bench_torch(model_dir: Path, tokens: np.ndarray, rank: int, steps: int, dtype: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    # PEFT keeps a bf16 model's adapters in f32 (autocast_adapter_dtype), as jtinker does.
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, target_modules=LINEAR_TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_workload_args(parser, steps=6)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="jtinker's weights and compute"
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute, both sides"
     )
     parser.add_argument("--out", type=Path, default=Path("bench_results/train.json"))
     args = parser.parse_args(argv)
@@ -134,8 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
     from jtinker import hostmem  # before any JAX or torch work: see jtinker/hostmem.py
     from jtinker.models import ModelConfig
 
-    if args.dtype != "float32" and not args.skip_torch:
-        parser.error("--dtype: torch+PEFT runs f32 only; add --skip-torch")
     if not args.skip_torch:
         import torch
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     peak = matmul_peak_gflops(args.dtype)
     ours = bench_jtinker(model_dir, tokens, args.rank, args.steps, args.dtype)
-    theirs = None if args.skip_torch else bench_torch(model_dir, tokens, args.rank, args.steps)
+    theirs = None if args.skip_torch else bench_torch(model_dir, tokens, args.rank, args.steps, args.dtype)
     flops = model_flops_per_token(config, args.seq, args.rank) * num_tokens
     result = {
         "benchmark": "train",
