@@ -250,11 +250,13 @@ def materialized_t(m: jax.Array) -> jax.Array:
     ``[rows, r]``) explicitly, behind a barrier that keeps XLA from folding it back, gives the dot its
     canonical ``[m, k] x [k, n]`` form. Other backends transpose operands for free: plain ``m.T``.
 
-    The barrier holds the transpose with a trailing unit axis: a transpose's own result enters XLA
-    laid out as its operand was (column-major), and XLA:CPU picks the products its native bf16
+    A bf16 transpose passes the barrier with a trailing unit axis: a transpose's own result enters
+    XLA laid out as its operand was (column-major), and XLA:CPU picks the products its native bf16
     kernels take before it assigns layouts, so such an operand sent a bf16 product back to f32.
     """
-    return _kept_as_is(jnp.swapaxes(m, -1, -2)[..., None])[..., 0]
+    if _native_low_precision(m):
+        return _kept_as_is(jnp.swapaxes(m, -1, -2)[..., None])[..., 0]
+    return _kept_as_is(jnp.swapaxes(m, -1, -2))
 
 
 def _kept_as_is(x):
