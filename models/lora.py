@@ -265,8 +265,8 @@ def _kept_as_is(x):
 
 
 def _native_low_precision(x: jax.Array) -> bool:
-    """Whether products of ``x`` need XLA:CPU's native low-precision form (see :func:`_mm`)."""
-    return x.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    """Whether products of ``x`` need the form of XLA:CPU's native bf16 kernels (see :func:`_mm`)."""
+    return x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:

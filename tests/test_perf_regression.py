@@ -9,6 +9,8 @@
 * ``import jtinker`` sets glibc's allocator up for XLA:CPU (``jtinker/hostmem.py``), unless opted out.
 * Decode reads the KV cache in place (no per-step copy of a layer's slice), and prefill scores the
   prompt once, with the causal kernel (no masked scores over the empty cache).
+* A bf16 model's training step multiplies in XLA:CPU's native bf16 kernels: no product is widened
+  to f32 operands.
 
 Every program JAX lowers while a test runs is captured as StableHLO text through ``jax_dump_ir_to``,
 so the checks see exactly what the engine compiles. The tiny model has a config no other test uses
