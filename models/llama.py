@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from . import lora as lora_lib
-from . import moe
+from . import moe, products
 from .config import ModelConfig
 
 Params = dict
@@ -179,7 +179,7 @@ def _attention_bwd(residuals, d_out):
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, nKV, rows]
     ds_t = (p_t * (dp_t - row_dot[:, :, None, :]) * q.shape[-1] ** -0.5).astype(dt)
     dk = jnp.einsum("bksm,bkmd->bksd", ds_t, q)
-    dq = jnp.einsum("bkms,bksd->bkmd", lora_lib.materialized_t(ds_t), k)
+    dq = jnp.einsum("bkms,bksd->bkmd", products.materialized_t(ds_t), k)
     return dq, dk, dv, None
 
 

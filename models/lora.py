@@ -33,6 +33,7 @@ from flax import struct
 
 from .config import EXPERTS_PREFIX, ModelConfig
 from .moe import grouped_matmul
+from .products import kept_as_is, materialized_t, mm, mm_t
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -240,50 +241,6 @@ def apply(x: jax.Array, ab: dict | None, scale: float, adapter_rows: jax.Array |
 # The adapted linear layer, with a hand-written backward.
 
 
-def materialized_t(m: jax.Array) -> jax.Array:
-    """``m`` with its last two axes swapped as an actual array, for the operand of a product that
-    sums over that operand's rows (a weight gradient: ``m.T @ g``).
-
-    XLA folds a plain transpose into the dot (one contracting dimension 0 of both operands), a form
-    XLA:CPU's YNNPACK dots do not take: it then runs Eigen on a transposed copy of the other, often
-    much larger, operand (the ``[rows, out]`` cotangent). Transposing ``m`` (small: ``x @ a`` is
-    ``[rows, r]``) explicitly, behind a barrier that keeps XLA from folding it back, gives the dot its
-    canonical ``[m, k] x [k, n]`` form. Other backends transpose operands for free: plain ``m.T``.
-
-    A bf16 transpose passes the barrier with a trailing unit axis: a transpose's own result enters
-    XLA laid out as its operand was (column-major), and XLA:CPU picks the products its native bf16
-    kernels take before it assigns layouts, so such an operand sent a bf16 product back to f32.
-    """
-    if _native_low_precision(m):
-        return _kept_as_is(jnp.swapaxes(m, -1, -2)[..., None])[..., 0]
-    return _kept_as_is(jnp.swapaxes(m, -1, -2))
-
-
-def _kept_as_is(x):
-    """``x`` behind a barrier on CPU, so XLA cannot fold a neighbouring transpose into a product."""
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
-
-
-def _native_low_precision(x: jax.Array) -> bool:
-    """Whether products of ``x`` need the form of XLA:CPU's native bf16 kernels (see :func:`_mm`)."""
-    return x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` in ``a``'s dtype. On CPU, bf16 operands multiply into an f32 result that is rounded
-    once: XLA:CPU then runs its native bf16 kernels (AVX512-BF16, about 1.8x its f32 rate), where a
-    bf16 result makes it widen both operands and multiply in f32."""
-    if not _native_low_precision(a):
-        return a @ b
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-
-
-def _mm_t(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b.T`` (:func:`_mm`). XLA:CPU's native bf16 kernels take only ``[m, k] x [k, n]``: a
-    transpose folded into the product would send it back to f32, so on CPU ``b.T`` is formed."""
-    return _mm(a, materialized_t(b) if _native_low_precision(a) else b.T)
-
-
 def _cat(arrays: list, axis: int = -1) -> jax.Array:
     return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis)
 
@@ -298,16 +255,16 @@ def _split(x: jax.Array, sizes: list[int], axis: int = -1) -> list[jax.Array]:
 def _project(prologue, inputs, weights, loras, scale):
     x = prologue(*inputs) if prologue is not None else inputs[0]
     lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    outs = [None if w is None else _mm(rows, w) for w in weights]
+    outs = [None if w is None else mm(rows, w) for w in weights]
     adapted = [i for i, ab in enumerate(loras) if ab is not None]
     low = []
     if adapted:
         s = jnp.asarray(scale, x.dtype)
         # One x @ a per adapter (not one x @ [a_1 | a_2 | ...]): the forward stays the same, bit for bit,
         # whatever the other adapters' ranks (a rank-padded export reimports exactly).
-        low = [_mm(rows, loras[i]["a"].astype(x.dtype)) for i in adapted]
+        low = [mm(rows, loras[i]["a"].astype(x.dtype)) for i in adapted]
         for i, xa in zip(adapted, low, strict=True):
-            delta = _mm(xa, loras[i]["b"].astype(x.dtype)) * s
+            delta = mm(xa, loras[i]["b"].astype(x.dtype)) * s
             outs[i] = delta if outs[i] is None else outs[i] + delta
     outs = tuple(y.reshape(*lead, y.shape[-1]) for y in outs)
     # Residuals: the op's inputs (the prologue's output is recomputed in backward) and x @ a.
@@ -328,7 +285,7 @@ def project(
 
     * keeps only ``inputs`` and the rank-``r`` products ``x @ a`` for backward, recomputing the
       prologue there (activation memory: the RMSNorm output and ``silu(gate) * up`` are not stored);
-    * gives every product a form XLA:CPU's fast (YNNPACK) dots take (see :func:`materialized_t`);
+    * gives every product a form XLA:CPU's fast (YNNPACK) dots take (see :func:`products.materialized_t`);
     * computes the base kernels' gradients only if something asks for them (XLA drops them when
       only the adapters are differentiated).
     """
@@ -354,24 +311,24 @@ def _project_bwd(prologue, scale, residuals, cotangents):
         if w is None:
             dweights.append(None)
             continue
-        part = _mm_t(g, w.astype(dt))
+        part = mm_t(g, w.astype(dt))
         dx = part if dx is None else dx + part
-        dweights.append(_mm(materialized_t(rows), g).astype(w.dtype))  # dead unless W is trained
+        dweights.append(mm(materialized_t(rows), g).astype(w.dtype))  # dead unless W is trained
     adapted = [i for i, ab in enumerate(loras) if ab is not None]
     dloras: list = [None] * len(loras)
     if adapted:
         s = jnp.asarray(scale, dt)
-        dlow = [_mm_t(gs[i], loras[i]["b"].astype(dt)) * s for i in adapted]  # d(x @ a), [rows, r]
+        dlow = [mm_t(gs[i], loras[i]["b"].astype(dt)) * s for i in adapted]  # d(x @ a), [rows, r]
         for i, xa in zip(adapted, low, strict=True):
-            dloras[i] = {"b": (_mm(materialized_t(xa), gs[i]) * s).astype(loras[i]["b"].dtype)}
+            dloras[i] = {"b": (mm(materialized_t(xa), gs[i]) * s).astype(loras[i]["b"].dtype)}
         dlow_cat = _cat(dlow)
         # d a_i = x.T @ d(x @ a_i), formed transposed ([r, in]) so the big operand stays canonical.
         # Kept as computed: XLA would fold the swap below into a "TN" dot over rows (vmapped: Eigen).
-        da_t = _kept_as_is(_mm(materialized_t(dlow_cat), rows))
+        da_t = kept_as_is(mm(materialized_t(dlow_cat), rows))
         da_t = _split(da_t, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
         for i, d in zip(adapted, da_t, strict=True):
             dloras[i]["a"] = jnp.swapaxes(d, -1, -2).astype(loras[i]["a"].dtype)
-        part = _mm_t(dlow_cat, _cat([loras[i]["a"].astype(dt) for i in adapted]))
+        part = mm_t(dlow_cat, _cat([loras[i]["a"].astype(dt) for i in adapted]))
         dx = part if dx is None else dx + part
     dx = dx.reshape(x.shape)
     dinputs = pullback(dx) if prologue is not None else (dx,)
