@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import EXPERTS_PREFIX, ROUTER_PARAM, ModelConfig
+from .products import materialized_t, mm
 
 
 def route(config: ModelConfig, x: jax.Array, router: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -30,7 +31,7 @@ def route(config: ModelConfig, x: jax.Array, router: jax.Array) -> tuple[jax.Arr
     As transformers 5.24's ``Qwen3MoeTopKRouter``: logits in the activation dtype, softmax in f32,
     top-k, optional renormalisation, then cast back.
     """
-    logits = x @ router.astype(x.dtype)
+    logits = mm(x, router.astype(x.dtype))
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
     if config.norm_topk_prob:
@@ -38,8 +39,79 @@ def route(config: ModelConfig, x: jax.Array, router: jax.Array) -> tuple[jax.Arr
     return weights.astype(x.dtype), experts.astype(jnp.int32)
 
 
+# Multiply-adds a dense pass would waste on other groups' matrices beyond which tiles pay for their
+# loop (measured on XLA:CPU: a decode step's LoRA products stay dense, expert matmuls are tiled).
+TILED_MIN_WASTE = 1 << 24
+
+
+def _tiled_on_cpu(rows: int, w: jax.Array) -> bool:
+    """Whether to multiply ``rows`` grouped rows by ``w [G, in, out]`` with :func:`_tiled`.
+
+    XLA:CPU runs ``ragged_dot`` as one dense product of every row with every group's matrix (masked):
+    ``G`` times the multiply-adds. Other backends have grouped-matmul kernels for ``ragged_dot``."""
+    groups, fan_in, fan_out = w.shape
+    return jax.default_backend() == "cpu" and rows * (groups - 1) * fan_in * fan_out >= TILED_MIN_WASTE
+
+
+def _tiles(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fixed number of ``tile``-row tiles covering ``rows`` rows grouped by ``group_sizes``, in
+    row order: tile ``t`` holds rows ``[start[t], start[t] + tile)``, of which the first
+    ``count[t]`` belong to group ``group[t]``. Unused tiles start at ``rows`` (the padding)."""
+    num_groups = group_sizes.shape[0]
+    per_group = (group_sizes + tile - 1) // tile
+    tiles_end = jnp.cumsum(per_group)
+    t = jnp.arange(-(-rows // tile) + num_groups)  # each group adds at most one partial tile
+    group = jnp.minimum(jnp.searchsorted(tiles_end, t, side="right"), num_groups - 1)
+    rows_end = jnp.cumsum(group_sizes)
+    start = rows_end[group] - group_sizes[group] + (t - tiles_end[group] + per_group[group]) * tile
+    used = t < tiles_end[-1]
+    count = jnp.where(used, jnp.minimum(rows_end[group] - start, tile), 0)
+    return group, jnp.where(used, start, rows), count
+
+
+def _tile_rows(rows: int, num_groups: int) -> int:
+    """About half a group's share of rows, in [8, 128]: partial tiles waste little, and each tile's
+    product stays large enough to run at full speed (measured on XLA:CPU)."""
+    return int(min(128, max(8, -(-rows // (2 * num_groups) + 7) // 8 * 8)))
+
+
+def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``ragged_dot(x, w, group_sizes)`` one tile of rows at a time, each times its group's matrix.
+
+    Tiles run in row order and write whole tiles: rows past a tile's own are overwritten by the
+    tiles that own them, which come later."""
+    rows, tile = x.shape[0], _tile_rows(x.shape[0], w.shape[0])
+    group, start, _ = _tiles(group_sizes, rows, tile)
+    padded = jnp.pad(x, ((0, tile), (0, 0)))
+
+    def one_tile(i, out):
+        y = mm(jax.lax.dynamic_slice_in_dim(padded, start[i], tile), w[group[i]])
+        return jax.lax.dynamic_update_slice_in_dim(out, y, start[i], 0)
+
+    out = jnp.zeros((rows + tile, w.shape[-1]), x.dtype)
+    return jax.lax.fori_loop(0, group.shape[0], one_tile, out)[:rows]
+
+
+def _tiled_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    """The gradient of :func:`_tiled` to ``w``: each group's rows of ``x.T @ g``, summed in f32."""
+    rows, tile = x.shape[0], _tile_rows(x.shape[0], w.shape[0])
+    group, start, count = _tiles(group_sizes, rows, tile)
+    x_padded, g_padded = (jnp.pad(a, ((0, tile), (0, 0))) for a in (x, g))
+
+    def one_tile(i, dw):
+        own = (jnp.arange(tile) < count[i])[:, None]
+        x_t = materialized_t(jnp.where(own, jax.lax.dynamic_slice_in_dim(x_padded, start[i], tile), 0))
+        g_tile = jax.lax.dynamic_slice_in_dim(g_padded, start[i], tile)
+        return dw.at[group[i]].add(jnp.matmul(x_t, g_tile, preferred_element_type=jnp.float32))
+
+    dw = jax.lax.fori_loop(0, group.shape[0], one_tile, jnp.zeros(w.shape, jnp.float32))
+    return dw.astype(w.dtype)
+
+
 @jax.custom_batching.sequential_vmap
 def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    if _tiled_on_cpu(x.shape[0], w):
+        return _tiled(x, w, group_sizes)
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -47,11 +119,15 @@ def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array
 # code even inside the loop ``vmap`` turns them into.
 @jax.custom_batching.sequential_vmap
 def _ragged_dot_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    if _tiled_on_cpu(g.shape[0], w):
+        return _tiled(g, jnp.swapaxes(w, -1, -2), group_sizes)
     return jax.lax.ragged_dot(g, jnp.swapaxes(w, -1, -2), group_sizes)
 
 
 @jax.custom_batching.sequential_vmap
 def _ragged_dot_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    if _tiled_on_cpu(x.shape[0], w):
+        return _tiled_dw(x, w, group_sizes, g)
     _, pullback = jax.vjp(lambda w: jax.lax.ragged_dot(x, w, group_sizes), w)
     return pullback(g)[0]
 

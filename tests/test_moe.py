@@ -174,14 +174,56 @@ def test_all_sparse_is_one_scan_of_grouped_matmuls(sparse, mixed):
         scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
         assert len(scans) == 1 and scans[0].params["length"] == n
         body = str(scans[0].params["jaxpr"])
-        # the three expert matmuls are ragged (rows grouped by expert); every other matmul is
-        # q/k/v/o, the router, and attention's two: no dense pass over all experts
-        ragged = body.count("ragged_dot_general")
-        assert ragged == 3 and body.count("dot_general") - ragged == 7
+        # the three expert matmuls are grouped (rows grouped by expert; one product each, a
+        # ragged_dot or, on CPU, a loop over row tiles); every other matmul is q/k/v/o, the router,
+        # and attention's two
+        assert body.count("custom_vmap_call") == 3 and body.count("dot_general") == 3 + 7
     assert len(jaxprs[2].eqns) == len(jaxprs[6].eqns)  # no Python loop over layers
     # mixed: one scan per run of same-kind layers
     scans = [e for e in _jaxpr(mixed.config).eqns if e.primitive.name == "scan"]
     assert [s.params["length"] for s in scans] == [1, 1, 3, 1]
+
+
+GROUP_SIZES = {  # rows per group: an empty group, groups within one tile and across several
+    "uneven": [0, 3, 40, 1, 0, 70, 9, 5],
+    "one group": [0, 0, 128, 0],
+}
+
+
+@pytest.mark.parametrize("case", sorted(GROUP_SIZES))
+def test_grouped_matmul_matches_ragged_dot(case, monkeypatch):
+    """The grouped product (tiled on CPU, whatever its size) and both its gradients equal
+    jax.lax.ragged_dot's, XLA's own reference."""
+    monkeypatch.setattr(models.moe, "TILED_MIN_WASTE", 0)
+    sizes = jnp.asarray(GROUP_SIZES[case], jnp.int32)
+    rows, groups = int(sizes.sum()), len(GROUP_SIZES[case])
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (rows, 48))
+    w = jax.random.normal(kw, (groups, 48, 24))
+    g = jax.random.normal(kg, (rows, 24))
+    got, pullback = jax.vjp(lambda x, w: models.moe.grouped_matmul(x, w, sizes), x, w)
+    want, want_pullback = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, sizes), x, w)
+    assert max_err(got, want) <= 1e-4
+    for ours, ref in zip(pullback(g), want_pullback(g), strict=True):
+        assert max_err(ours, ref) <= 1e-4 * float(jnp.abs(ref).max())
+
+
+def test_grouped_matmul_multiplies_each_row_by_its_group_only():
+    """XLA:CPU lowers ragged_dot to one product of every row with every group's matrix (rows widened
+    to ``[M, G*in]``): ``G`` times the multiply-adds. An expert-sized grouped product (forward and
+    backward) compiles to no such operand."""
+    rows, groups, fan_in, fan_out = 512, 8, 128, 64
+    sizes = jnp.full((groups,), rows // groups, jnp.int32)
+    x, w, g = jnp.ones((rows, fan_in)), jnp.ones((groups, fan_in, fan_out)), jnp.ones((rows, fan_out))
+    widened = f"f32[{rows},{groups * fan_in}]"
+    assert widened in jax.jit(jax.lax.ragged_dot).lower(x, w, sizes).compile().as_text()  # the check sees it
+
+    def forward_backward(x, w):
+        y, pullback = jax.vjp(lambda x, w: models.moe.grouped_matmul(x, w, sizes), x, w)
+        return y, pullback(g)
+
+    hlo = jax.jit(forward_backward).lower(x, w).compile().as_text()
+    assert widened not in hlo and f"f32[{groups * fan_in},{fan_out}]" not in hlo
 
 
 # --------------------------------------------------------------------------------------------------
