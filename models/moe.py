@@ -7,8 +7,10 @@ Params of a sparse layer (kernels ``[in, out]``, stacked over the sparse layers 
 LoRA on the experts mirrors them: ``{"a": [Ls, E, in, r], "b": [Ls, E, r, out]}``.
 
 Every (token, choice) pair is one row; rows are sorted by expert so that each expert's rows are
-contiguous, and ``jax.lax.ragged_dot`` multiplies each group by its own expert's matrix. No token
-is dropped (there is no capacity), so results never depend on what else is in the batch.
+contiguous, and ``jax.lax.ragged_dot`` multiplies each group by its own expert's matrix (on CPU,
+where XLA runs it as a dense product against every expert, a loop over row tiles does: see
+:func:`_tiled`). No token is dropped (there is no capacity), so results never depend on what else is
+in the batch.
 
 ``jax.lax.ragged_dot`` cannot be vmapped unless every argument is batched, and not at all once
 differentiated (jax 0.10), while the engine vmaps the whole model over adapters. So the grouped
