@@ -74,7 +74,8 @@ def _tiles(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, jax
 def _tile_rows(rows: int, num_groups: int) -> int:
     """About half a group's share of rows, in [8, 128]: partial tiles waste little, and each tile's
     product stays large enough to run at full speed (measured on XLA:CPU)."""
-    return int(min(128, max(8, -(-rows // (2 * num_groups) + 7) // 8 * 8)))
+    half_share = -(-rows // (2 * num_groups))
+    return int(min(128, max(8, -(-half_share // 8) * 8)))
 
 
 def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
