@@ -55,20 +55,20 @@ def _tiled_on_cpu(rows: int, w: jax.Array) -> bool:
     return jax.default_backend() == "cpu" and rows * (groups - 1) * fan_in * fan_out >= TILED_MIN_WASTE
 
 
-def _tiles(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A fixed number of ``tile``-row tiles covering ``rows`` rows grouped by ``group_sizes``, in
-    row order: tile ``t`` holds rows ``[start[t], start[t] + tile)``, of which the first
-    ``count[t]`` belong to group ``group[t]``. Unused tiles start at ``rows`` (the padding)."""
+def _tiles(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, ...]:
+    """``tile``-row tiles covering ``rows`` rows grouped by ``group_sizes``, in row order: tile ``t``
+    holds rows ``[start[t], start[t] + tile)``, of which the first ``count[t]`` belong to group
+    ``group[t]``. The arrays have room for every split of the rows (each group adds at most one
+    partial tile); the first ``used`` tiles are the ones this split needs."""
     num_groups = group_sizes.shape[0]
     per_group = (group_sizes + tile - 1) // tile
     tiles_end = jnp.cumsum(per_group)
-    t = jnp.arange(-(-rows // tile) + num_groups)  # each group adds at most one partial tile
+    t = jnp.arange(-(-rows // tile) + num_groups)
     group = jnp.minimum(jnp.searchsorted(tiles_end, t, side="right"), num_groups - 1)
     rows_end = jnp.cumsum(group_sizes)
     start = rows_end[group] - group_sizes[group] + (t - tiles_end[group] + per_group[group]) * tile
-    used = t < tiles_end[-1]
-    count = jnp.where(used, jnp.minimum(rows_end[group] - start, tile), 0)
-    return group, jnp.where(used, start, rows), count
+    count = jnp.minimum(rows_end[group] - start, tile)
+    return group, start, count, tiles_end[-1]
 
 
 def _tile_rows(rows: int, num_groups: int) -> int:
@@ -82,9 +82,10 @@ def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """``ragged_dot(x, w, group_sizes)`` one tile of rows at a time, each times its group's matrix.
 
     Tiles run in row order and write whole tiles: rows past a tile's own are overwritten by the
-    tiles that own them, which come later."""
+    tiles that own them, which come later (the last tile's spill into the padding). The loop runs
+    only the tiles the split needs."""
     rows, tile = x.shape[0], _tile_rows(x.shape[0], w.shape[0])
-    group, start, _ = _tiles(group_sizes, rows, tile)
+    group, start, _, used = _tiles(group_sizes, rows, tile)
     padded = jnp.pad(x, ((0, tile), (0, 0)))
 
     def one_tile(i, out):
@@ -92,13 +93,13 @@ def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(out, y, start[i], 0)
 
     out = jnp.zeros((rows + tile, w.shape[-1]), x.dtype)
-    return jax.lax.fori_loop(0, group.shape[0], one_tile, out)[:rows]
+    return jax.lax.fori_loop(0, used, one_tile, out)[:rows]
 
 
 def _tiled_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
     """The gradient of :func:`_tiled` to ``w``: each group's rows of ``x.T @ g``, summed in f32."""
     rows, tile = x.shape[0], _tile_rows(x.shape[0], w.shape[0])
-    group, start, count = _tiles(group_sizes, rows, tile)
+    group, start, count, used = _tiles(group_sizes, rows, tile)
     x_padded, g_padded = (jnp.pad(a, ((0, tile), (0, 0))) for a in (x, g))
 
     def one_tile(i, dw):
@@ -107,7 +108,7 @@ def _tiled_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) 
         g_tile = jax.lax.dynamic_slice_in_dim(g_padded, start[i], tile)
         return dw.at[group[i]].add(jnp.matmul(x_t, g_tile, preferred_element_type=jnp.float32))
 
-    dw = jax.lax.fori_loop(0, group.shape[0], one_tile, jnp.zeros(w.shape, jnp.float32))
+    dw = jax.lax.fori_loop(0, used, one_tile, jnp.zeros(w.shape, jnp.float32))
     return dw.astype(w.dtype)
 
 
