@@ -368,7 +368,10 @@ def _details_memory(d: dict) -> list[str]:
         "",
         "MiB. *baseline*: peak RSS after the imports, before the model loads. Phase columns: the peak during "
         "that phase minus the baseline (the kernel's high-water mark is reset between phases). jtinker's "
-        "*first step* includes XLA compilation.",
+        "*first step* includes XLA compilation. jtinker's steady peak varies between runs by about one XLA "
+        "temp buffer: the allocator set up by jtinker/hostmem.py keeps freed memory in one heap, so when a "
+        "small allocation lands in a step's freed temp block, the next step's temp goes above it "
+        "(JTINKER_TUNE_MALLOC=0 gives a steadier, higher peak and a slower step).",
     ]
     analysis = d["runs"]["jtinker"].get("jax_analysis", {})
     if "saved_residuals" in analysis:
