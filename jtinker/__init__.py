@@ -6,6 +6,7 @@
 from jtinker import (
     hostmem,  # noqa: F401  (first: sets up the allocator before XLA starts threads)
     types,
+    xlaflags,  # noqa: F401  (before any backend starts: XLA reads XLA_FLAGS once)
 )
 from jtinker.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
 from jtinker.types import (

@@ -6,7 +6,8 @@
 * No program jtinker compiles for training or sampling calls back into the host (``pure_callback``,
   ``io_callback``, ``jax.debug.print``/``callback``, host send/recv, in/outfeed): a callback serialises
   the device with Python on every step.
-* ``import jtinker`` sets glibc's allocator up for XLA:CPU (``jtinker/hostmem.py``), unless opted out.
+* ``import jtinker`` sets glibc's allocator up for XLA:CPU (``jtinker/hostmem.py``), unless opted out,
+  and its XLA:CPU flags (``jtinker/xlaflags.py``) while no backend has started; XLA compiles with them.
 * Decode reads the KV cache in place (no per-step copy of a layer's slice), and prefill scores the
   prompt once, with the causal kernel (no masked scores over the empty cache).
 * A bf16 model's training step multiplies in XLA:CPU's native bf16 kernels: no product is widened
@@ -340,3 +341,53 @@ def test_import_sets_up_the_allocator_unless_opted_out(opt_out):
     code = "import jtinker; print(jtinker.hostmem.tuned)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(not opt_out)
+
+
+_SCHEDULED = """
+import hashlib, os, sys
+{before}
+import jtinker, jax, jax.numpy as jnp
+
+def layer(x, w):  # three independent products of one input: the schedulers order them differently
+    return jnp.tanh(x @ w) + jnp.sin(x) @ w * (jnp.cos(x) @ w), None
+
+program = jax.jit(lambda x, ws: jax.lax.scan(layer, x, ws)[0])
+hlo = program.lower(jnp.ones((8, 64)), jnp.ones((4, 64, 64))).compile().as_text()
+print(os.environ.get("XLA_FLAGS", ""), "|", hashlib.md5(hlo.encode()).hexdigest())
+"""
+
+
+def test_import_sets_xla_cpu_flags_that_reach_the_compiler():
+    """``import jtinker`` adds its XLA:CPU flags (jtinker/xlaflags.py) while no backend has started, and
+    XLA compiles with them; the user's own setting, an opt-out, or a backend already running leave
+    ``XLA_FLAGS`` as it was."""
+    import os
+    import subprocess
+    import sys
+
+    from jtinker import xlaflags
+
+    flag = xlaflags.FLAGS[0]
+    name = flag.split("=")[0]
+
+    def run(before: str = "", **env: str) -> tuple[str, str]:
+        clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JTINKER_XLA_FLAGS")}
+        clean["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        code = _SCHEDULED.format(before=before)
+        out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        flags, hlo = out.stdout.strip().rsplit("|", 1)
+        return flags.strip(), hlo.strip()
+
+    added, hlo_with_flag = run()
+    assert added == flag
+    opted_out, hlo_default = run(JTINKER_XLA_FLAGS="0")
+    assert opted_out == ""
+    assert hlo_with_flag != hlo_default  # the flag changes how XLA schedules the program
+    users = f"{name}=true"
+    assert run(XLA_FLAGS=users)[0] == users
+    assert run(XLA_FLAGS="--xla_force_host_platform_device_count=2")[0] == (
+        f"--xla_force_host_platform_device_count=2 {flag}"
+    )
+    started, hlo_started = run("import jax; jax.numpy.ones(1).block_until_ready()")
+    assert started == "" and hlo_started == hlo_default  # too late to change: left alone
