@@ -6,7 +6,8 @@ thunks (q, k and v; gate and up) side by side. Each product already uses every c
 reads its weights from memory, so side by side they only contend. Measured on a 2-core CPU:
 
 * decode 1.15-1.3x faster at batch 8 and 64, the same at batch 1;
-* training steps as fast as before, with XLA temp buffers 11% smaller (26% with remat).
+* training steps as fast as before, with XLA temp buffers 11% smaller (26% with remat), though peak RSS
+  in ``bench/memory.py`` measured 555 -> 587 MiB (the allocator reuses the heap differently).
 
 XLA reads this flag only from ``XLA_FLAGS`` (jax 0.10 ignores it as a per-program compiler option), so
 it applies to the whole process. It is added only:
