@@ -748,10 +748,13 @@ class Worker:
         deadline = now + min(GATHER_MAX_SECONDS, 0.5 * rhythm.seconds)
         with self._cond:
             due = rhythm.due(me, now, deadline)
-            while due and not due <= queued() and not barrier():
+            while due and not barrier():
+                missing = due - queued()
+                if not missing:
+                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    rhythm.missed |= due - queued()
+                    rhythm.missed |= missing
                     return
                 self._cond.wait(left)
 

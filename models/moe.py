@@ -55,12 +55,21 @@ def _tiled_on_cpu(rows: int, w: jax.Array) -> bool:
     return jax.default_backend() == "cpu" and rows * (groups - 1) * fan_in * fan_out >= TILED_MIN_WASTE
 
 
-def _tiles(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, ...]:
-    """``tile``-row tiles covering ``rows`` rows grouped by ``group_sizes``, in row order: tile ``t``
-    holds rows ``[start[t], start[t] + tile)``, of which the first ``count[t]`` belong to group
-    ``group[t]``. The arrays have room for every split of the rows (each group adds at most one
-    partial tile); the first ``used`` tiles are the ones this split needs."""
+def _tile_rows(rows: int, num_groups: int) -> int:
+    """About half a group's share of rows, in [8, 128]: partial tiles waste little, and each tile's
+    product stays large enough to run at full speed (measured on XLA:CPU)."""
+    half_share = -(-rows // (2 * num_groups))
+    return int(min(128, max(8, -(-half_share // 8) * 8)))
+
+
+def _tiles(group_sizes: jax.Array, rows: int) -> tuple[int, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(tile, group, start, count, used)``: ``tile``-row tiles (:func:`_tile_rows`) covering ``rows``
+    rows grouped by ``group_sizes``, in row order. Tile ``t`` holds rows ``[start[t], start[t] + tile)``,
+    of which the first ``count[t]`` belong to group ``group[t]``. The arrays have room for every split
+    of the rows (each group adds at most one partial tile); the first ``used`` tiles are the ones this
+    split needs."""
     num_groups = group_sizes.shape[0]
+    tile = _tile_rows(rows, num_groups)
     per_group = (group_sizes + tile - 1) // tile
     tiles_end = jnp.cumsum(per_group)
     t = jnp.arange(-(-rows // tile) + num_groups)
@@ -68,14 +77,7 @@ def _tiles(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, ...
     rows_end = jnp.cumsum(group_sizes)
     start = rows_end[group] - group_sizes[group] + (t - tiles_end[group] + per_group[group]) * tile
     count = jnp.minimum(rows_end[group] - start, tile)
-    return group, start, count, tiles_end[-1]
-
-
-def _tile_rows(rows: int, num_groups: int) -> int:
-    """About half a group's share of rows, in [8, 128]: partial tiles waste little, and each tile's
-    product stays large enough to run at full speed (measured on XLA:CPU)."""
-    half_share = -(-rows // (2 * num_groups))
-    return int(min(128, max(8, -(-half_share // 8) * 8)))
+    return tile, group, start, count, tiles_end[-1]
 
 
 def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -84,8 +86,8 @@ def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     Tiles run in row order and write whole tiles: rows past a tile's own are overwritten by the
     tiles that own them, which come later (the last tile's spill into the padding). The loop runs
     only the tiles the split needs."""
-    rows, tile = x.shape[0], _tile_rows(x.shape[0], w.shape[0])
-    group, start, _, used = _tiles(group_sizes, rows, tile)
+    rows = x.shape[0]
+    tile, group, start, _, used = _tiles(group_sizes, rows)
     padded = jnp.pad(x, ((0, tile), (0, 0)))
 
     def one_tile(i, out):
@@ -98,8 +100,8 @@ def _tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
 
 def _tiled_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
     """The gradient of :func:`_tiled` to ``w``: each group's rows of ``x.T @ g``, summed in f32."""
-    rows, tile = x.shape[0], _tile_rows(x.shape[0], w.shape[0])
-    group, start, count, used = _tiles(group_sizes, rows, tile)
+    rows = x.shape[0]
+    tile, group, start, count, used = _tiles(group_sizes, rows)
     x_padded, g_padded = (jnp.pad(a, ((0, tile), (0, 0))) for a in (x, g))
 
     def one_tile(i, dw):
