@@ -252,26 +252,6 @@ def _split(x: jax.Array, sizes: list[int], axis: int = -1) -> list[jax.Array]:
     return jnp.split(x, bounds, axis)
 
 
-def _project(prologue, inputs, weights, loras, scale):
-    x = prologue(*inputs) if prologue is not None else inputs[0]
-    lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    outs = [None if w is None else mm(rows, w) for w in weights]
-    adapted = [i for i, ab in enumerate(loras) if ab is not None]
-    low = []
-    if adapted:
-        s = jnp.asarray(scale, x.dtype)
-        # One x @ a per adapter (not one x @ [a_1 | a_2 | ...]): the forward stays the same, bit for bit,
-        # whatever the other adapters' ranks (a rank-padded export reimports exactly).
-        low = [mm(rows, loras[i]["a"].astype(x.dtype)) for i in adapted]
-        for i, xa in zip(adapted, low, strict=True):
-            delta = mm(xa, loras[i]["b"].astype(x.dtype)) * s
-            outs[i] = delta if outs[i] is None else outs[i] + delta
-    outs = tuple(y.reshape(*lead, y.shape[-1]) for y in outs)
-    # Residuals: the op's inputs (the prologue's output is recomputed in backward) and x @ a.
-    return outs, (inputs, weights, loras, low)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def project(
     prologue: Callable | None, inputs: tuple, weights: tuple, loras: tuple, scale: float
 ) -> tuple[jax.Array, ...]:
@@ -288,12 +268,39 @@ def project(
     * gives every product a form XLA:CPU's fast (YNNPACK) dots take (see :func:`products.materialized_t`);
     * computes the base kernels' gradients only if something asks for them (XLA drops them when
       only the adapters are differentiated).
+
+    The op itself takes ``[rows, features]`` activations, flattened before the prologue. Under
+    ``vmap`` (several adapters) a base product then reads the prologue's ``[K, rows, in]`` output as
+    ``[K * rows, in]`` and a LoRA product reads it as it is; when both reshaped a ``[K, B, T, in]``
+    output, XLA computed the prologue once for each.
     """
+    lead = inputs[0].shape[:-1]
+    rows = tuple(v.reshape(-1, v.shape[-1]) if v.shape[:-1] == lead else v for v in inputs)
+    outs = _project_rows(prologue, rows, weights, loras, scale)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in outs)
+
+
+def _project(prologue, inputs, weights, loras, scale):
+    x = prologue(*inputs) if prologue is not None else inputs[0]
+    outs = [None if w is None else mm(x, w) for w in weights]
+    adapted = [i for i, ab in enumerate(loras) if ab is not None]
+    low = []
+    if adapted:
+        s = jnp.asarray(scale, x.dtype)
+        # One x @ a per adapter (not one x @ [a_1 | a_2 | ...]): the forward stays the same, bit for bit,
+        # whatever the other adapters' ranks (a rank-padded export reimports exactly).
+        low = [mm(x, loras[i]["a"].astype(x.dtype)) for i in adapted]
+        for i, xa in zip(adapted, low, strict=True):
+            delta = mm(xa, loras[i]["b"].astype(x.dtype)) * s
+            outs[i] = delta if outs[i] is None else outs[i] + delta
+    # Residuals: the op's inputs (the prologue's output is recomputed in backward) and x @ a.
+    return tuple(outs), (inputs, weights, loras, low)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _project_rows(prologue, inputs, weights, loras, scale):
+    """:func:`project` on ``[rows, features]`` activations, with the hand-written backward."""
     return _project(prologue, inputs, weights, loras, scale)[0]
-
-
-def _project_fwd(prologue, inputs, weights, loras, scale):
-    return _project(prologue, inputs, weights, loras, scale)
 
 
 def _project_bwd(prologue, scale, residuals, cotangents):
@@ -303,8 +310,7 @@ def _project_bwd(prologue, scale, residuals, cotangents):
     else:
         x = inputs[0]
     dt = x.dtype
-    rows = x.reshape(-1, x.shape[-1])
-    gs = [g.reshape(-1, g.shape[-1]).astype(dt) for g in cotangents]
+    gs = [g.astype(dt) for g in cotangents]
     dx = None
     dweights = []
     for g, w in zip(gs, weights, strict=True):
@@ -313,7 +319,7 @@ def _project_bwd(prologue, scale, residuals, cotangents):
             continue
         part = mm_t(g, w.astype(dt))
         dx = part if dx is None else dx + part
-        dweights.append(mm(materialized_t(rows), g).astype(w.dtype))  # dead unless W is trained
+        dweights.append(mm(materialized_t(x), g).astype(w.dtype))  # dead unless W is trained
     adapted = [i for i, ab in enumerate(loras) if ab is not None]
     dloras: list = [None] * len(loras)
     if adapted:
@@ -324,15 +330,14 @@ def _project_bwd(prologue, scale, residuals, cotangents):
         dlow_cat = _cat(dlow)
         # d a_i = x.T @ d(x @ a_i), formed transposed ([r, in]) so the big operand stays canonical.
         # Kept as computed: XLA would fold the swap below into a "TN" dot over rows (vmapped: Eigen).
-        da_t = kept_as_is(mm(materialized_t(dlow_cat), rows))
+        da_t = kept_as_is(mm(materialized_t(dlow_cat), x))
         da_t = _split(da_t, [loras[i]["a"].shape[-1] for i in adapted], axis=0)
         for i, d in zip(adapted, da_t, strict=True):
             dloras[i]["a"] = jnp.swapaxes(d, -1, -2).astype(loras[i]["a"].dtype)
         part = mm_t(dlow_cat, _cat([loras[i]["a"].astype(dt) for i in adapted]))
         dx = part if dx is None else dx + part
-    dx = dx.reshape(x.shape)
     dinputs = pullback(dx) if prologue is not None else (dx,)
     return tuple(dinputs), tuple(dweights), tuple(dloras)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+_project_rows.defvjp(_project, _project_bwd)
