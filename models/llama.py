@@ -82,8 +82,8 @@ def _project(
     if adapters is None:
         outs = lora_lib.project(prologue, inputs, weights, loras, scale)
     else:  # several adapters: the shared base linears as one op, then each adapter on its own rows
-        outs = lora_lib.project(prologue, inputs, weights, (None,) * len(names), scale)
         x = prologue(*inputs) if prologue is not None else inputs[0]
+        outs = lora_lib.project(None, (x,), weights, (None,) * len(names), scale)
         outs = tuple(
             y if ab is None else y + lora_lib.apply(x, ab, scale, adapters[1])
             for y, ab in zip(outs, loras, strict=True)
