@@ -274,7 +274,7 @@ def project(
     ``[K * rows, in]`` and a LoRA product reads it as it is; when both reshaped a ``[K, B, T, in]``
     output, XLA computed the prologue once for each.
     """
-    lead = inputs[0].shape[:-1]
+    lead = inputs[0].shape[:-1]  # activations share it; a prologue's weights (the norm's) do not
     rows = tuple(v.reshape(-1, v.shape[-1]) if v.shape[:-1] == lead else v for v in inputs)
     outs = _project_rows(prologue, rows, weights, loras, scale)
     return tuple(y.reshape(*lead, y.shape[-1]) for y in outs)
