@@ -9,7 +9,8 @@ LoRA on the experts mirrors them: ``{"a": [Ls, E, in, r], "b": [Ls, E, r, out]}`
 Every (token, choice) pair is one row; rows are sorted by expert so that each expert's rows are
 contiguous, and ``jax.lax.ragged_dot`` multiplies each group by its own expert's matrix (on CPU,
 where XLA runs it as a dense product against every expert, a loop over row tiles does: see
-:func:`_tiled`). No token is dropped (there is no capacity), so results never depend on what else is
+:func:`_tiled`; products too small to tile run dense without XLA's copy of the matrices, see
+:func:`_dense`). No token is dropped (there is no capacity), so results never depend on what else is
 in the batch.
 
 ``jax.lax.ragged_dot`` cannot be vmapped unless every argument is batched, and not at all once
@@ -114,10 +115,45 @@ def _tiled_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) 
     return dw.astype(w.dtype)
 
 
+def _own_group(group_sizes: jax.Array, rows: int) -> jax.Array:
+    """``[rows, G]`` bool: row ``i`` is in group ``g`` (rows past every group are in none)."""
+    row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")
+    return row_group[:, None] == jnp.arange(group_sizes.shape[0])
+
+
+def _spread(x: jax.Array, own: jax.Array) -> jax.Array:
+    """``[M, G * in]``: each row of ``x`` in its own group's block, zeros in the others'."""
+    return jnp.where(own[..., None], x[:, None, :], 0).reshape(x.shape[0], -1)
+
+
+def _dense(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``ragged_dot(x, w, group_sizes)`` on CPU as one ``[M, G * in] @ [G * in, out]`` product, for
+    products too small to tile. XLA:CPU's own lowering of ``ragged_dot`` is this product too, but it
+    first transposes ``w`` (every group's matrix) into a new array, on every call."""
+    return mm(_spread(x, _own_group(group_sizes, x.shape[0])), w.reshape(-1, w.shape[-1]))
+
+
+def _dense_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    """The gradient of :func:`_dense` to ``x``: ``g`` times every group's ``w.T`` (read in place as
+    the transposed operand of one product), each row keeping its own group's block."""
+    rows, (groups, fan_in, fan_out) = g.shape[0], w.shape
+    every = jax.lax.dot_general(g, w.reshape(-1, fan_out), (((1,), (1,)), ((), ())))
+    own = _own_group(group_sizes, rows)
+    return jnp.sum(jnp.where(own[..., None], every.reshape(rows, groups, fan_in), 0), axis=1).astype(g.dtype)
+
+
+def _dense_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
+    """The gradient of :func:`_dense` to ``w``: ``spread(x).T @ g``, in f32."""
+    spread = materialized_t(_spread(x, _own_group(group_sizes, x.shape[0])))
+    return jnp.matmul(spread, g, preferred_element_type=jnp.float32).reshape(w.shape).astype(w.dtype)
+
+
 @jax.custom_batching.sequential_vmap
 def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     if _tiled_on_cpu(x.shape[0], w):
         return _tiled(x, w, group_sizes)
+    if jax.default_backend() == "cpu":
+        return _dense(x, w, group_sizes)
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
@@ -127,6 +163,8 @@ def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array
 def _ragged_dot_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
     if _tiled_on_cpu(g.shape[0], w):
         return _tiled(g, jnp.swapaxes(w, -1, -2), group_sizes)
+    if jax.default_backend() == "cpu":
+        return _dense_dx(w, group_sizes, g)
     return jax.lax.ragged_dot(g, jnp.swapaxes(w, -1, -2), group_sizes)
 
 
@@ -134,6 +172,8 @@ def _ragged_dot_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Ar
 def _ragged_dot_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
     if _tiled_on_cpu(x.shape[0], w):
         return _tiled_dw(x, w, group_sizes, g)
+    if jax.default_backend() == "cpu":
+        return _dense_dw(x, w, group_sizes, g)
     _, pullback = jax.vjp(lambda w: jax.lax.ragged_dot(x, w, group_sizes), w)
     return pullback(g)[0]
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import jax
@@ -191,10 +192,12 @@ GROUP_SIZES = {  # rows per group: an empty group, groups within one tile and ac
 
 
 @pytest.mark.parametrize("case", sorted(GROUP_SIZES))
-def test_grouped_matmul_matches_ragged_dot(case, monkeypatch):
-    """The grouped product (tiled on CPU, whatever its size) and both its gradients equal
-    jax.lax.ragged_dot's, XLA's own reference."""
-    monkeypatch.setattr(models.moe, "TILED_MIN_WASTE", 0)
+@pytest.mark.parametrize("cpu_form", ["tiled", "dense"])
+def test_grouped_matmul_matches_ragged_dot(case, cpu_form, monkeypatch):
+    """The grouped product in either of its CPU forms (row tiles, or one product of rows spread over
+    the groups' blocks), whatever its size, and both its gradients equal jax.lax.ragged_dot's, XLA's
+    own reference."""
+    monkeypatch.setattr(models.moe, "TILED_MIN_WASTE", 0 if cpu_form == "tiled" else 1 << 62)
     sizes = jnp.asarray(GROUP_SIZES[case], jnp.int32)
     rows, groups = int(sizes.sum()), len(GROUP_SIZES[case])
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -224,6 +227,25 @@ def test_grouped_matmul_multiplies_each_row_by_its_group_only():
 
     hlo = jax.jit(forward_backward).lower(x, w).compile().as_text()
     assert widened not in hlo and f"f32[{groups * fan_in},{fan_out}]" not in hlo
+
+
+def test_small_grouped_products_read_each_matrix_in_place():
+    """XLA:CPU's lowering of ragged_dot copies every group's matrix into a transposed array first; a
+    several-adapter decode step did so for each stacked LoRA matrix of every layer. The grouped
+    product too small to tile (forward and backward) reads the matrices as they are stored."""
+    rows, groups, fan_in, fan_out = 8, 4, 64, 16
+    sizes = jnp.asarray([2, 3, 0, 3], jnp.int32)
+    x, w, g = jnp.ones((rows, fan_in)), jnp.ones((groups, fan_in, fan_out)), jnp.ones((rows, fan_out))
+    assert not models.moe._tiled_on_cpu(rows, w)
+    shapes = f"(?:{groups * fan_in},{fan_out}|{fan_in},{groups},{fan_out})"  # w's values, rearranged
+    copied = re.compile(rf"= f32\[{shapes}\]\S* (?:copy\(|fusion\([^\n]*kind=kLoop)")
+    assert copied.search(jax.jit(jax.lax.ragged_dot).lower(x, w, sizes).compile().as_text())  # seen
+
+    def forward_backward(x, w):
+        y, pullback = jax.vjp(lambda x, w: models.moe.grouped_matmul(x, w, sizes), x, w)
+        return y, pullback(g)
+
+    assert not copied.search(jax.jit(forward_backward).lower(x, w).compile().as_text())
 
 
 # --------------------------------------------------------------------------------------------------
