@@ -137,7 +137,9 @@ def _dense_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
     """The gradient of :func:`_dense` to ``x``: ``g`` times every group's ``w.T`` (read in place as
     the transposed operand of one product), each row keeping its own group's block."""
     rows, (groups, fan_in, fan_out) = g.shape[0], w.shape
-    every = jax.lax.dot_general(g, w.reshape(-1, fan_out), (((1,), (1,)), ((), ())))
+    every = jax.lax.dot_general(
+        g, w.reshape(-1, fan_out), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
     own = _own_group(group_sizes, rows)
     return jnp.sum(jnp.where(own[..., None], every.reshape(rows, groups, fan_in), 0), axis=1).astype(g.dtype)
 
