@@ -121,8 +121,9 @@ def _own_group(group_sizes: jax.Array, rows: int) -> jax.Array:
     return row_group[:, None] == jnp.arange(group_sizes.shape[0])
 
 
-def _spread(x: jax.Array, own: jax.Array) -> jax.Array:
+def _spread(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """``[M, G * in]``: each row of ``x`` in its own group's block, zeros in the others'."""
+    own = _own_group(group_sizes, x.shape[0])
     return jnp.where(own[..., None], x[:, None, :], 0).reshape(x.shape[0], -1)
 
 
@@ -130,7 +131,7 @@ def _dense(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """``ragged_dot(x, w, group_sizes)`` on CPU as one ``[M, G * in] @ [G * in, out]`` product, for
     products too small to tile. XLA:CPU's own lowering of ``ragged_dot`` is this product too, but it
     first transposes ``w`` (every group's matrix) into a new array, on every call."""
-    return mm(_spread(x, _own_group(group_sizes, x.shape[0])), w.reshape(-1, w.shape[-1]))
+    return mm(_spread(x, group_sizes), w.reshape(-1, w.shape[-1]))
 
 
 def _dense_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
@@ -146,7 +147,7 @@ def _dense_dx(w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
 
 def _dense_dw(x: jax.Array, w: jax.Array, group_sizes: jax.Array, g: jax.Array) -> jax.Array:
     """The gradient of :func:`_dense` to ``w``: ``spread(x).T @ g``, in f32."""
-    spread = materialized_t(_spread(x, _own_group(group_sizes, x.shape[0])))
+    spread = materialized_t(_spread(x, group_sizes))
     return jnp.matmul(spread, g, preferred_element_type=jnp.float32).reshape(w.shape).astype(w.dtype)
 
 
