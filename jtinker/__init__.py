@@ -9,6 +9,8 @@ from jtinker import (
     xlaflags,  # noqa: F401  (before any backend starts: XLA reads XLA_FLAGS once)
 )
 from jtinker.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
+from jtinker.errors import APIError, NotFoundError, TinkerError
+from jtinker.rest import RestClient
 from jtinker.types import (
     AdamParams,
     Datum,
@@ -24,6 +26,7 @@ from jtinker.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "APIError",
     "APIFuture",
     "AdamParams",
     "Datum",
@@ -31,11 +34,14 @@ __all__ = [
     "ForwardBackwardOutput",
     "LossFnType",
     "ModelInput",
+    "NotFoundError",
+    "RestClient",
     "SampleResponse",
     "SamplingClient",
     "SamplingParams",
     "ServiceClient",
     "TensorData",
+    "TinkerError",
     "TrainingClient",
     "types",
 ]

@@ -4,6 +4,9 @@
 ``tinker://<run_id>/sampler_weights/<name>`` (LoRA only) live under
 ``$JTINKER_HOME/runs/<run_id>/{weights,sampler_weights}/<name>``.
 
+A checkpoint whose metadata has an ``expires_at`` (Unix time, from a save's ``ttl_seconds``) is gone
+once that time passes: reads and listings treat it as missing and delete it.
+
 Every save is written by Orbax into a hidden staging directory (``.<name>.staging``, never a valid
 checkpoint name) and swapped in when complete. A process killed at any point of a save leaves either
 the previous or the new checkpoint complete under ``<name>`` (a swap cut short between its two
@@ -15,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -27,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jtinker import registry
+from jtinker.errors import NotFoundError
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
@@ -43,6 +49,16 @@ def _hidden(directory: Path, suffix: str) -> Path:
 
 def _complete(directory: Path) -> bool:
     return (directory / _COMPLETE_MARKER).is_file()
+
+
+def _meta_file(directory: Path) -> Path:
+    return directory / "meta" / "metadata"  # Orbax's JsonSave item "meta"
+
+
+def expired(meta: dict, now: float | None = None) -> bool:
+    """Whether a checkpoint's ``expires_at`` (in its metadata, or the server's record) has passed."""
+    expires_at = meta.get("expires_at")
+    return expires_at is not None and expires_at <= (time.time() if now is None else now)
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -105,13 +121,13 @@ class CheckpointStore:
         return self.root / path.run_id / path.kind / path.name
 
     def resolve(self, path: str, field: str = "path") -> tuple[CheckpointPath, Path]:
-        """The parsed path and its directory; FileNotFoundError if it does not exist (complete)."""
+        """The parsed path and its directory; NotFoundError if it is missing, incomplete or expired."""
         parsed = CheckpointPath.parse(path, field)
         self.wait_until_finished()
         directory = self.directory(parsed)
         self._recover(directory)
-        if not _complete(directory):
-            raise FileNotFoundError(f"{field}: checkpoint {path} not found")
+        if not _complete(directory) or self._expire(directory):
+            raise NotFoundError(f"{field}: checkpoint {path} not found")
         return parsed, directory
 
     def save(
@@ -204,9 +220,26 @@ class CheckpointStore:
                     candidate.rename(directory)
                     return
 
+    def _expire(self, directory: Path) -> bool:
+        """True if the complete checkpoint at ``directory`` has expired; then deletes it."""
+        if not expired(json.loads(_meta_file(directory).read_text())):
+            return False
+        if not (jax.distributed.is_initialized() and jax.process_index() != 0):
+            shutil.rmtree(directory, ignore_errors=True)
+        return True
+
     def read_meta(self, path: str, field: str = "path") -> dict:
         _, directory = self.resolve(path, field)
-        return json.loads((directory / "meta" / "metadata").read_text())
+        return json.loads(_meta_file(directory).read_text())
+
+    def set_expiry(self, path: str, expires_at: float | None, field: str = "path") -> None:
+        """Sets (or with None, removes) the Unix time at which the checkpoint expires."""
+        _, directory = self.resolve(path, field)
+        meta_file = _meta_file(directory)
+        meta = {**json.loads(meta_file.read_text()), "expires_at": expires_at}
+        staged = meta_file.with_name(".metadata.staging")
+        staged.write_text(json.dumps(meta))
+        os.replace(staged, meta_file)  # atomic: a reader sees the old or the new metadata
 
     def restore(self, path: str, abstract_items: dict[str, Any], field: str = "path") -> tuple[dict, dict]:
         """Restores ``abstract_items`` (trees of ``jax.ShapeDtypeStruct``) and the metadata."""
@@ -243,9 +276,9 @@ class CheckpointStore:
                     if not _NAME.match(name) or ".." in name:
                         continue  # temporary files of Orbax, or not ours
                     self._recover(directory)
-                    if not _complete(directory):
-                        continue  # an interrupted first save
-                    meta = json.loads((directory / "meta" / "metadata").read_text())
+                    if not _complete(directory) or self._expire(directory):
+                        continue  # an interrupted first save, or past its TTL
+                    meta = json.loads(_meta_file(directory).read_text())
                     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
                     found.append(
                         {
@@ -259,9 +292,36 @@ class CheckpointStore:
                     )
         return sorted(found, key=lambda c: c["time"] or "", reverse=True)
 
-    def delete(self, path: str) -> None:
-        _, directory = self.resolve(path)
+    def delete(self, path: str, field: str = "path") -> None:
+        _, directory = self.resolve(path, field)
         shutil.rmtree(directory)
+
+
+def checkpoint_fields(entry: dict, *, user_metadata: dict | None, expires_at: float | None) -> dict:
+    """The SDK's ``Checkpoint`` fields for one :meth:`CheckpointStore.list_checkpoints` entry."""
+    return {
+        "checkpoint_id": entry["checkpoint_id"],
+        "checkpoint_type": entry["checkpoint_type"],
+        "time": dt.datetime.fromisoformat(entry["time"]),
+        "tinker_path": entry["tinker_path"],
+        "size_bytes": entry.get("size_bytes"),
+        "public": False,
+        "user_metadata": user_metadata,
+        "expires_at": None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC),
+    }
+
+
+def weights_info(meta: dict) -> dict:
+    """The SDK's ``WeightsInfoResponse`` fields for a checkpoint's metadata."""
+    lora = meta.get("lora", {})
+    return {
+        "base_model": meta["base_model"],
+        "is_lora": not lora.get("full_finetune", False),
+        "lora_rank": lora.get("rank"),
+        "train_unembed": lora.get("train_unembed"),
+        "train_mlp": lora.get("train_mlp"),
+        "train_attn": lora.get("train_attn"),
+    }
 
 
 def abstract(tree: Any) -> Any:

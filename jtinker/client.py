@@ -12,9 +12,10 @@ import concurrent.futures
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,9 @@ from jtinker.engine import (
     lora_from_checkpoint,
 )
 from jtinker.sampling import SampleRequest, SampleResult
+
+if TYPE_CHECKING:
+    from jtinker.rest import RestClient
 
 log = logging.getLogger("jtinker")
 T = TypeVar("T")
@@ -60,6 +64,54 @@ class APIFuture(Generic[T]):
 
     def future(self) -> concurrent.futures.Future:
         return self._future
+
+
+class _ResolvedClient:
+    """SDK 0.38's client-creating calls return a future of the client that also acts as the client.
+    Here the client is ready at once, so it is its own future: ``.result()`` and ``await`` give it."""
+
+    def result(self, timeout: float | None = None):
+        return self
+
+    async def result_async(self, timeout: float | None = None):
+        return self
+
+    def __await__(self):
+        return self.result_async().__await__()
+
+    def done(self) -> bool:
+        return True
+
+
+def _check_user_metadata(value: Any, field: str = "user_metadata") -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"{field}: must be a dict of str to str, got {value!r}")
+    return dict(value)
+
+
+def _expires_at(ttl_seconds: Any) -> float | None:
+    """The Unix time a checkpoint saved now with ``ttl_seconds`` expires (None: never)."""
+    if ttl_seconds is None:
+        return None
+    if not isinstance(ttl_seconds, int) or isinstance(ttl_seconds, bool) or ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds: must be a positive int or None, got {ttl_seconds!r}")
+    return time.time() + ttl_seconds
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if optimizer is not None and getattr(optimizer, "type", None) != "adamw":
+        raise ValueError(f"optimizer: only AdamW (types.AdamOptimizerConfig) is supported, got {optimizer!r}")
+
+
+def _reject_unsupported(**options: Any) -> None:
+    """SDK options jtinker does not implement: a clear error naming the field, never a silent no-op."""
+    for name, value in options.items():
+        if value:
+            raise ValueError(f"{name}: not supported by jtinker")
 
 
 def _adam_hyperparams(adam_params: types.AdamParams) -> train.AdamHyperparams:
@@ -126,13 +178,16 @@ def _copy_tree(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-class TrainingClient:
+class TrainingClient(_ResolvedClient):
     """One LoRA being trained on a shared base model (Tinker's ``TrainingClient``)."""
 
-    def __init__(self, service: ServiceClient, adapter: Adapter, model_id: str):
+    def __init__(
+        self, service: ServiceClient, adapter: Adapter, model_id: str, user_metadata: dict | None = None
+    ):
         self._service = service
         self._adapter = adapter
         self.model_id = model_id
+        self.user_metadata = user_metadata  # the run's, kept in each of its checkpoints
 
     @property
     def _base(self) -> BaseModel:
@@ -213,29 +268,60 @@ class TrainingClient:
         return self._base.tokenizer
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _save(self, name: str, kind: str, *, with_optimizer: bool, overwrite: bool) -> APIFuture:
+    def _save(
+        self, name: str, kind: str, *, with_optimizer: bool, overwrite: bool, ttl_seconds, user_metadata
+    ) -> APIFuture:
         path = CheckpointPath(self.model_id, kind, validate_name(name))
+        metadata = {
+            "expires_at": _expires_at(ttl_seconds),
+            "user_metadata": _check_user_metadata(user_metadata),
+            "run_user_metadata": self.user_metadata,
+        }
         store = self._service.store
         saving = self._base.worker.submit(
-            lambda: self._adapter.save(store, path, with_optimizer=with_optimizer, overwrite=overwrite),
+            lambda: self._adapter.save(
+                store, path, with_optimizer=with_optimizer, overwrite=overwrite, metadata=metadata
+            ),
             adapter=self._adapter,
         )
         return APIFuture(_chain(saving, lambda written: written))  # resolves once durable
 
     def save_state(
-        self, name: str, ttl_seconds: int | None = None, overwrite: bool = False, user_metadata: Any = None
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[types.SaveWeightsResponse]:
-        """LoRA weights, Adam state and step, at ``tinker://<model_id>/weights/<name>``."""
-        del ttl_seconds, user_metadata
-        fut = self._save(name, "weights", with_optimizer=True, overwrite=overwrite)
+        """LoRA weights, Adam state and step, at ``tinker://<model_id>/weights/<name>``; after
+        ``ttl_seconds`` the checkpoint is gone (reads and listings delete it)."""
+        fut = self._save(
+            name,
+            "weights",
+            with_optimizer=True,
+            overwrite=overwrite,
+            ttl_seconds=ttl_seconds,
+            user_metadata=user_metadata,
+        )
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsResponse(path=path)))
 
     def save_weights_for_sampler(
-        self, name: str, ttl_seconds: int | None = None, overwrite: bool = False
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+        *,
+        overwrite: bool = False,
     ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """LoRA weights only (cheaper), at ``tinker://<model_id>/sampler_weights/<name>``."""
-        del ttl_seconds
-        fut = self._save(name, "sampler_weights", with_optimizer=False, overwrite=overwrite)
+        fut = self._save(
+            name,
+            "sampler_weights",
+            with_optimizer=False,
+            overwrite=overwrite,
+            ttl_seconds=ttl_seconds,
+            user_metadata=user_metadata,
+        )
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsForSamplerResponse(path=path)))
 
     def load_state(
@@ -259,15 +345,26 @@ class TrainingClient:
 
         return self._submit(load)
 
-    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
-        return self._service.create_sampling_client(model_path=model_path, retry_config=retry_config)
+    def create_sampling_client(
+        self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
+    ) -> SamplingClient:
+        return self._service.create_sampling_client(
+            model_path=model_path, retry_config=retry_config, record_stability_info=record_stability_info
+        )
 
     # -- sampling -----------------------------------------------------------------------------
     def save_weights_and_get_sampling_client(
-        self, name: str | None = None, retry_config: Any = None
+        self,
+        name: str | None = None,
+        retry_config: Any = None,
+        record_stability_info: bool = False,
+        kind: str = "snapshot",
     ) -> SamplingClient:
         """A sampling client over a snapshot of the current adapter (taken in request order)."""
         del name, retry_config  # Tinker ignores the name: the snapshot is ephemeral
+        if kind != "snapshot":
+            raise ValueError(f"kind: only 'snapshot' sampling clients are supported by jtinker, got {kind!r}")
+        _reject_unsupported(record_stability_info=record_stability_info)
         return self.snapshot_sampling_client().result()
 
     def snapshot_sampling_client(self) -> APIFuture[SamplingClient]:
@@ -277,9 +374,9 @@ class TrainingClient:
         return APIFuture(_chain(snapshot.future(), lambda lora: SamplingClient(self._base, lora)))
 
     async def save_weights_and_get_sampling_client_async(
-        self, name: str | None = None, retry_config: Any = None
-    ):
-        return self.save_weights_and_get_sampling_client(name, retry_config)
+        self, name=None, retry_config=None, record_stability_info=False, kind="snapshot"
+    ) -> SamplingClient:
+        return self.save_weights_and_get_sampling_client(name, retry_config, record_stability_info, kind)
 
     # -- async forms (Tinker's two-await contract: the first await submits) ---------------------
     async def forward_async(self, data, loss_fn, loss_fn_config=None) -> APIFuture:
@@ -302,8 +399,10 @@ class TrainingClient:
     ) -> APIFuture:
         return self.save_state(name, ttl_seconds, overwrite, user_metadata)
 
-    async def save_weights_for_sampler_async(self, name, ttl_seconds=None, overwrite=False) -> APIFuture:
-        return self.save_weights_for_sampler(name, ttl_seconds, overwrite)
+    async def save_weights_for_sampler_async(
+        self, name, ttl_seconds=None, user_metadata=None, *, overwrite=False
+    ) -> APIFuture:
+        return self.save_weights_for_sampler(name, ttl_seconds, user_metadata, overwrite=overwrite)
 
     async def load_state_async(self, path, weights_access_token=None) -> APIFuture:
         return self.load_state(path, weights_access_token)
@@ -311,8 +410,10 @@ class TrainingClient:
     async def load_state_with_optimizer_async(self, path, weights_access_token=None) -> APIFuture:
         return self.load_state_with_optimizer(path, weights_access_token)
 
-    async def create_sampling_client_async(self, model_path, retry_config=None) -> SamplingClient:
-        return self.create_sampling_client(model_path, retry_config)
+    async def create_sampling_client_async(
+        self, model_path, retry_config=None, record_stability_info=False
+    ) -> SamplingClient:
+        return self.create_sampling_client(model_path, retry_config, record_stability_info)
 
 
 def _sample_request(
@@ -354,7 +455,27 @@ def _sample_request(
     )
 
 
-def _sample_response(result: SampleResult, request_id: str) -> types.SampleResponse:
+def _check_last_n(last_n: Any, request: SampleRequest) -> None:
+    if last_n is None:
+        return
+    n = len(request.prompt)
+    if not isinstance(last_n, int) or isinstance(last_n, bool) or not 1 <= last_n <= n - 1:
+        raise ValueError(f"prompt_logprobs_last_n: must be an int between 1 and len(prompt) - 1 = {n - 1}")
+    if not (request.include_prompt_logprobs or request.topk_prompt_logprobs):
+        raise ValueError("prompt_logprobs_last_n: needs include_prompt_logprobs or topk_prompt_logprobs")
+
+
+def _keep_last(values: list | None, last_n: int | None) -> list | None:
+    """``prompt_logprobs_last_n``: the last ``last_n`` prompt positions scored, None before them."""
+    if values is None or last_n is None:
+        return values
+    cut = max(len(values) - last_n, 0)
+    return [None] * cut + list(values[cut:])
+
+
+def _sample_response(
+    result: SampleResult, request_id: str, last_n: int | None = None
+) -> types.SampleResponse:
     sequences = [
         types.SampledSequence(
             stop_reason=reason,
@@ -366,13 +487,13 @@ def _sample_response(result: SampleResult, request_id: str) -> types.SampleRespo
     ]
     extra = {}
     if result.prompt_logprobs is not None:
-        extra["_prompt_logprobs_list"] = list(result.prompt_logprobs)
+        extra["_prompt_logprobs_list"] = _keep_last(result.prompt_logprobs, last_n)
     if result.topk_prompt_logprobs is not None:
-        extra["_topk_prompt_logprobs_list"] = list(result.topk_prompt_logprobs)
+        extra["_topk_prompt_logprobs_list"] = _keep_last(result.topk_prompt_logprobs, last_n)
     return types.SampleResponse(sequences=sequences, **extra)
 
 
-class SamplingClient:
+class SamplingClient(_ResolvedClient):
     """Samples from the shared base weights plus an (immutable) adapter snapshot."""
 
     def __init__(self, base: BaseModel, lora=None, model_path: str | None = None):
@@ -390,30 +511,68 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
-    ) -> concurrent.futures.Future[types.SampleResponse]:
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+    ) -> APIFuture[types.SampleResponse]:
+        """``prompt_logprobs_last_n`` scores only the last N prompt positions (earlier ones are None)."""
+        _reject_unsupported(
+            topk_sample_logprobs=topk_sample_logprobs,
+            target_prompt_logprobs=target_prompt_logprobs is not None,
+            prompt_alt_tokens_k=prompt_alt_tokens_k,
+        )
         request = _sample_request(
             prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
         )
+        _check_last_n(prompt_logprobs_last_n, request)
         request_id = uuid.uuid4().hex
-        return _chain(self._submit_sample(request), lambda result: _sample_response(result, request_id))
+        return APIFuture(
+            _chain(
+                self._submit_sample(request),
+                lambda result: _sample_response(result, request_id, prompt_logprobs_last_n),
+            )
+        )
 
     async def sample_async(
-        self, prompt, num_samples, sampling_params, include_prompt_logprobs=False, topk_prompt_logprobs=0
+        self,
+        prompt,
+        num_samples,
+        sampling_params,
+        include_prompt_logprobs=False,
+        topk_prompt_logprobs=0,
+        topk_sample_logprobs=0,
+        target_prompt_logprobs=None,
+        prompt_alt_tokens_k=0,
+        prompt_logprobs_last_n=None,
     ) -> types.SampleResponse:
-        future = self.sample(
-            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+        return await self.sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
         )
-        return await asyncio.wrap_future(future)
 
-    def compute_logprobs(self, prompt: types.ModelInput) -> concurrent.futures.Future[list[float | None]]:
-        """Per-token logprobs of ``prompt``; the first entry is None, as in Tinker."""
+    def compute_logprobs(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> APIFuture[list[float | None]]:
+        """Per-token logprobs of ``prompt``; the first entry is None, as in Tinker (and every entry
+        before the last ``prompt_logprobs_last_n``)."""
         params = types.SamplingParams(max_tokens=1, temperature=1.0)
-        return _chain(
-            self.sample(prompt, 1, params, include_prompt_logprobs=True), lambda r: r.prompt_logprobs
+        response = self.sample(
+            prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=prompt_logprobs_last_n
         )
+        return APIFuture(_chain(response.future(), lambda r: r.prompt_logprobs))
 
-    async def compute_logprobs_async(self, prompt: types.ModelInput) -> list[float | None]:
-        return await asyncio.wrap_future(self.compute_logprobs(prompt))
+    async def compute_logprobs_async(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> list[float | None]:
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     def get_tokenizer(self):
         return self._base.tokenizer
@@ -423,6 +582,14 @@ class SamplingClient:
 
     async def get_base_model_async(self) -> str:
         return self._base.name
+
+
+def server_capabilities() -> types.GetServerCapabilitiesResponse:
+    """The base models this process can load: registered names, then the built-in tiny models."""
+    names = sorted(registry.registered_models()) + registry.builtin_names()
+    return types.GetServerCapabilitiesResponse(
+        supported_models=[types.SupportedModel(model_name=name) for name in names]
+    )
 
 
 def enable_compile_cache() -> None:
@@ -473,6 +640,7 @@ class ServiceClient:
         self.mesh = _mesh_from(mesh if mesh is not None else os.environ.get("JTINKER_MESH"))
         self.store = CheckpointStore(store_dir)
         self._connection_kwargs = connection_kwargs
+        self.runs: dict[str, dict] = {}  # model_id -> what the REST client reports of this process's runs
 
     def _base(self, base_model: str) -> BaseModel:
         return get_base_model(base_model, registry.resolve_base_model(base_model), self.dtype, self.mesh)
@@ -482,10 +650,7 @@ class ServiceClient:
         return self._base(base_model)
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
-        names = sorted(registry.registered_models()) + registry.builtin_names()
-        return types.GetServerCapabilitiesResponse(
-            supported_models=[types.SupportedModel(model_name=name) for name in names]
-        )
+        return server_capabilities()
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return self.get_server_capabilities()
@@ -499,20 +664,21 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        optimizer: types.OptimizerConfig | None = None,
         *,
         model_id: str | None = None,
     ) -> TrainingClient:
         """``model_id`` (jtinker only) fixes the run id, e.g. the SDK's ``<session>:train:<n>`` used by
-        the HTTP server; by default a fresh ``<uuid>:train:0``."""
+        the HTTP server; by default a fresh ``<uuid>:train:0``. ``optimizer``: AdamW only."""
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank: must be a positive int, got {rank!r}")
         if not (train_mlp or train_attn or train_unembed):
             raise ValueError("train_mlp, train_attn, train_unembed: at least one must be True")
-        del user_metadata
+        _check_optimizer(optimizer)
         spec = LoraSpec(
             rank=rank, seed=seed, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
         )
-        return self._new_training_client(base_model, spec, model_id)
+        return self._new_training_client(base_model, spec, model_id, user_metadata)
 
     def create_full_training_client(
         self, base_model: str, user_metadata: dict[str, str] | None = None, *, model_id: str | None = None
@@ -526,19 +692,31 @@ class ServiceClient:
         ``jtinker export PATH OUT --format merged``. Over HTTP, the SDK reaches it through
         ``create_lora_training_client(base_model, user_metadata={"jtinker_full_finetune": "true"})``.
         """
-        del user_metadata
-        return self._new_training_client(base_model, FullSpec(), model_id)
+        return self._new_training_client(base_model, FullSpec(), model_id, user_metadata)
 
     def _new_training_client(
-        self, base_model: str, spec: LoraSpec | FullSpec, model_id: str | None = None
+        self, base_model: str, spec: LoraSpec | FullSpec, model_id: str | None = None, user_metadata=None
     ) -> TrainingClient:
+        user_metadata = _check_user_metadata(user_metadata)
         base = self._base(base_model)
         make = base.new_full_adapter if isinstance(spec, FullSpec) else lambda: base.new_adapter(spec)
         adapter = base.worker.submit(make).result()
-        return TrainingClient(self, adapter, model_id=model_id or new_run_id())
+        client = TrainingClient(self, adapter, model_id=model_id or new_run_id(), user_metadata=user_metadata)
+        self.runs[client.model_id] = {
+            "base_model": base.name,
+            "lora_rank": None if adapter.is_full else spec.rank,
+            "user_metadata": user_metadata,
+            "created": time.time(),
+        }
+        return client
 
     def _client_from_state(
-        self, path: str, base_model: str | None, with_optimizer: bool, model_id: str | None = None
+        self,
+        path: str,
+        base_model: str | None,
+        with_optimizer: bool,
+        model_id: str | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingClient:
         meta = self.store.read_meta(path)
         lora = meta["lora"]
@@ -554,7 +732,7 @@ class ServiceClient:
                 alpha=lora["alpha"],
             )
         )
-        client = self._new_training_client(base_model or meta["base_model"], spec, model_id)
+        client = self._new_training_client(base_model or meta["base_model"], spec, model_id, user_metadata)
         client._load(path, with_optimizer=with_optimizer).result()
         return client
 
@@ -562,35 +740,39 @@ class ServiceClient:
         self,
         path: str,
         base_model: str | None = None,
-        user_metadata: Any = None,
+        user_metadata: dict[str, str] | None = None,
         weights_access_token: Any = None,
+        optimizer: types.OptimizerConfig | None = None,
         *,
         model_id: str | None = None,
     ) -> TrainingClient:
         """A new training client with the checkpoint's weights and a fresh optimizer."""
-        return self._client_from_state(path, base_model, with_optimizer=False, model_id=model_id)
+        _check_optimizer(optimizer)
+        return self._client_from_state(path, base_model, False, model_id, user_metadata)
 
     def create_training_client_from_state_with_optimizer(
         self,
         path: str,
         base_model: str | None = None,
-        user_metadata: Any = None,
+        user_metadata: dict[str, str] | None = None,
         weights_access_token: Any = None,
         *,
         model_id: str | None = None,
     ) -> TrainingClient:
         """A new training client that resumes the checkpoint exactly, Adam state included."""
-        return self._client_from_state(path, base_model, with_optimizer=True, model_id=model_id)
+        return self._client_from_state(path, base_model, True, model_id, user_metadata)
 
     async def create_training_client_from_state_async(
-        self, path, base_model=None, user_metadata=None, weights_access_token=None
+        self, path, base_model=None, user_metadata=None, weights_access_token=None, optimizer=None
     ) -> TrainingClient:
-        return self.create_training_client_from_state(path, base_model)
+        return self.create_training_client_from_state(
+            path, base_model, user_metadata, weights_access_token, optimizer
+        )
 
     async def create_training_client_from_state_with_optimizer_async(
         self, path, base_model=None, user_metadata=None, weights_access_token=None
     ) -> TrainingClient:
-        return self.create_training_client_from_state_with_optimizer(path, base_model)
+        return self.create_training_client_from_state_with_optimizer(path, base_model, user_metadata)
 
     async def create_lora_training_client_async(
         self,
@@ -601,13 +783,21 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata=None,
+        optimizer=None,
     ) -> TrainingClient:
-        return self.create_lora_training_client(base_model, rank, seed, train_mlp, train_attn, train_unembed)
+        return self.create_lora_training_client(
+            base_model, rank, seed, train_mlp, train_attn, train_unembed, user_metadata, optimizer
+        )
 
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None, retry_config: Any = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: Any = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         del retry_config
+        _reject_unsupported(record_stability_info=record_stability_info)
         if model_path is None and base_model is None:
             raise ValueError("model_path or base_model: one is required")
         if model_path is None:
@@ -619,8 +809,25 @@ class ServiceClient:
         )
         return SamplingClient(base, lora, model_path=model_path)
 
-    async def create_sampling_client_async(self, model_path=None, base_model=None, retry_config=None):
-        return self.create_sampling_client(model_path, base_model, retry_config)
+    async def create_sampling_client_async(
+        self, model_path=None, base_model=None, retry_config=None, record_stability_info=False
+    ) -> SamplingClient:
+        return self.create_sampling_client(model_path, base_model, retry_config, record_stability_info)
+
+    def create_rest_client(self) -> RestClient:
+        """Runs and checkpoints of this client's store (and of the runs this process created)."""
+        from jtinker.rest import RestClient
+
+        return RestClient(service=self)
+
+    def close(self, status: str = "success", detail: str | None = None) -> APIFuture[None]:
+        """Ends the session. In process there is no session to end: base models stay loaded for
+        other clients of this process, so this only checks ``status``."""
+        if status not in ("success", "errored", "interrupted"):
+            raise ValueError(f"status: must be 'success', 'errored' or 'interrupted', got {status!r}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(None)
+        return APIFuture(done)
 
 
 __all__ = ["APIFuture", "SamplingClient", "ServiceClient", "TrainingClient"]

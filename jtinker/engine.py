@@ -339,11 +339,21 @@ class Adapter:
     def is_full(self) -> bool:
         return isinstance(self.spec, FullSpec)
 
-    def save(self, store: CheckpointStore, path: CheckpointPath, *, with_optimizer: bool, overwrite: bool):
+    def save(
+        self,
+        store: CheckpointStore,
+        path: CheckpointPath,
+        *,
+        with_optimizer: bool,
+        overwrite: bool,
+        metadata: dict | None = None,
+    ):
+        """``metadata``: more JSON fields for the checkpoint's metadata (user metadata, expiry)."""
         items = {"lora": self.lora.weights}
         if with_optimizer:
             items["optimizer"] = self.opt_state
         meta = {
+            **(metadata or {}),
             **self.identity(),
             "step": self.step,
             "with_optimizer": with_optimizer,

@@ -25,10 +25,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinker import types as sdk
 
-from jtinker.checkpoints import CheckpointPath
+from jtinker.checkpoints import CheckpointPath, checkpoint_fields, expired, weights_info
 from jtinker.server import wire
 from jtinker.server.auth import KeyRing
-from jtinker.server.runtime import Runtime, expired
+from jtinker.server.runtime import Runtime
 from jtinker.server.state.db import Database
 from jtinker.server.wire import UserError
 
@@ -374,18 +374,10 @@ class Api:
             row = rows.get(c["tinker_path"], {})
             if expired(row, now):
                 continue
-            out.append(
-                sdk.Checkpoint(
-                    checkpoint_id=c["checkpoint_id"],
-                    checkpoint_type=c["checkpoint_type"],
-                    time=c["time"],
-                    tinker_path=c["tinker_path"],
-                    size_bytes=c.get("size_bytes"),
-                    public=False,
-                    user_metadata=_str_dict(row.get("user_metadata")),
-                    expires_at=_ts(row.get("expires_at")),
-                )
+            fields = checkpoint_fields(
+                c, user_metadata=_str_dict(row.get("user_metadata")), expires_at=row.get("expires_at")
             )
+            out.append(sdk.Checkpoint(**fields))
         return out
 
     async def _training_run(self, row: dict) -> sdk.TrainingRun:
@@ -482,17 +474,7 @@ class Api:
             raise UserError("weights_info: tinker_path is required")
         self.runtime.own_checkpoint(owner, path, "tinker_path")
         meta = await self.runtime.read_meta(path, "tinker_path")
-        lora = meta.get("lora", {})
-        return self.ok(
-            sdk.WeightsInfoResponse(
-                base_model=meta["base_model"],
-                is_lora=not lora.get("full_finetune", False),
-                lora_rank=lora.get("rank"),
-                train_unembed=lora.get("train_unembed"),
-                train_mlp=lora.get("train_mlp"),
-                train_attn=lora.get("train_attn"),
-            )
-        )
+        return self.ok(sdk.WeightsInfoResponse(**weights_info(meta)))
 
     async def not_supported(self, request: Request) -> JSONResponse:
         self.authorize(request)

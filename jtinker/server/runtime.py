@@ -31,7 +31,7 @@ from tinker.types.try_again_response import TryAgainResponse
 
 from jtinker import registry
 from jtinker import types as jt
-from jtinker.checkpoints import CheckpointPath
+from jtinker.checkpoints import CheckpointPath, expired
 from jtinker.client import ServiceClient, TrainingClient, _adam_hyperparams
 from jtinker.engine import Adapter
 from jtinker.server import wire
@@ -912,9 +912,6 @@ class Runtime:
             while len(sampler.seen) > SEEN_SEQ_IDS:
                 sampler.seen.popitem(last=False)
 
-        def on_result(resp: jt.SampleResponse) -> jt.SampleResponse:
-            return wire.mask_prompt_logprobs(resp, last_n) if last_n is not None else resp
-
         def submit() -> None:
             if sampler.error is not None:
                 self.fail(future, sampler.error, "server")
@@ -926,11 +923,12 @@ class Runtime:
                     params,
                     include_prompt_logprobs=bool(req.prompt_logprobs),
                     topk_prompt_logprobs=req.topk_prompt_logprobs,
-                )
+                    prompt_logprobs_last_n=last_n,
+                ).future()
             except BaseException as e:
                 self.fail(future, e)
                 return
-            self.attach(future, engine_future, on_result)
+            self.attach(future, engine_future)
 
         if sampler.ready.is_set():
             submit()
@@ -979,12 +977,6 @@ def _render(kind: str, value: Any, accept_proto: bool) -> tuple[str, Any]:
             return "proto", wire.encode_sample_response(value)
         return "json", wire.sample_response_json(value)
     return "json", wire.dump(value)
-
-
-def expired(checkpoint_row: dict, now: float | None = None) -> bool:
-    """Whether a checkpoint's ``ttl_seconds`` ran out (its files go at the next sweep)."""
-    expires_at = checkpoint_row.get("expires_at")
-    return expires_at is not None and expires_at <= (time.time() if now is None else now)
 
 
 def _check_ttl(ttl_seconds: int | None) -> None:

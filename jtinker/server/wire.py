@@ -352,22 +352,6 @@ def encode_sample_response(resp: jt.SampleResponse) -> bytes:
     return msg.SerializeToString()
 
 
-def mask_prompt_logprobs(resp: jt.SampleResponse, last_n: int) -> jt.SampleResponse:
-    """``prompt_logprobs_last_n``: keep the last ``last_n`` prompt positions, blank the rest."""
-    update: dict[str, Any] = {}
-    if resp.prompt_logprobs_np is not None:
-        lps = np.array(resp.prompt_logprobs_np, np.float32)
-        lps[: max(len(lps) - last_n, 0)] = np.nan
-        update["prompt_logprobs_np"] = lps
-    if resp.topk_prompt_logprobs_np is not None:
-        ids = np.array(resp.topk_prompt_logprobs_np.token_ids, np.int32)
-        lps = np.array(resp.topk_prompt_logprobs_np.logprobs, np.float32)
-        cut = max(len(ids) - last_n, 0)
-        ids[:cut], lps[:cut] = 0, -99999.0
-        update["topk_prompt_logprobs_np"] = jt.TopkLogprobs(token_ids=ids, logprobs=lps)
-    return jt.SampleResponse(sequences=list(resp.sequences), **update)
-
-
 def sample_response_json(resp: jt.SampleResponse) -> dict:
     """JSON fallback for clients that do not accept protobuf (the 0.38 SDK always does)."""
     return {
