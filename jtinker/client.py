@@ -422,6 +422,7 @@ def _sample_request(
     sampling_params: types.SamplingParams,
     include_prompt_logprobs: bool,
     topk_prompt_logprobs: int,
+    target_prompt_logprobs: types.TensorData | None = None,
 ) -> SampleRequest:
     stop = sampling_params.stop
     stop_strings: tuple[str, ...] = ()
@@ -440,6 +441,11 @@ def _sample_request(
             )
     if sampling_params.max_tokens is None:
         raise ValueError("sampling_params.max_tokens: required")
+    target_ids = None
+    if target_prompt_logprobs is not None:
+        if not isinstance(target_prompt_logprobs, types.TensorData):
+            raise ValueError("target_prompt_logprobs: must be a types.TensorData of token ids")
+        target_ids = target_prompt_logprobs.to_numpy(pad_value=-1)
     return SampleRequest(
         prompt=list(prompt.to_ints()),
         num_samples=num_samples,
@@ -452,6 +458,24 @@ def _sample_request(
         seed=sampling_params.seed,
         include_prompt_logprobs=include_prompt_logprobs,
         topk_prompt_logprobs=topk_prompt_logprobs,
+        target_prompt_ids=target_ids,
+    )
+
+
+def _in_layout_of(values: np.ndarray, request: types.TensorData) -> types.TensorData:
+    """``values`` (dense, the request's shape) as a float32 tensor laid out like ``request``: a
+    sparse CSR request gets back only its listed cells."""
+    values = np.asarray(values, np.float32)
+    if request.sparse_crow_indices is None:
+        return types.TensorData.from_numpy(values)
+    crow = np.asarray(request.sparse_crow_indices, np.int64)
+    rows = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
+    return types.TensorData(
+        data=values[rows, np.asarray(request.sparse_col_indices, np.int64)],
+        dtype="float32",
+        shape=list(values.shape),
+        sparse_crow_indices=list(request.sparse_crow_indices),
+        sparse_col_indices=list(request.sparse_col_indices),
     )
 
 
@@ -474,7 +498,10 @@ def _keep_last(values: list | None, last_n: int | None) -> list | None:
 
 
 def _sample_response(
-    result: SampleResult, request_id: str, last_n: int | None = None
+    result: SampleResult,
+    request_id: str,
+    last_n: int | None = None,
+    target_request: types.TensorData | None = None,
 ) -> types.SampleResponse:
     sequences = [
         types.SampledSequence(
@@ -490,6 +517,8 @@ def _sample_response(
         extra["_prompt_logprobs_list"] = _keep_last(result.prompt_logprobs, last_n)
     if result.topk_prompt_logprobs is not None:
         extra["_topk_prompt_logprobs_list"] = _keep_last(result.topk_prompt_logprobs, last_n)
+    if result.target_prompt_logprobs is not None:
+        extra["target_prompt_logprobs"] = _in_layout_of(result.target_prompt_logprobs, target_request)
     return types.SampleResponse(sequences=sequences, **extra)
 
 
@@ -516,21 +545,28 @@ class SamplingClient(_ResolvedClient):
         prompt_alt_tokens_k: int = 0,
         prompt_logprobs_last_n: int | None = None,
     ) -> APIFuture[types.SampleResponse]:
-        """``prompt_logprobs_last_n`` scores only the last N prompt positions (earlier ones are None)."""
+        """``prompt_logprobs_last_n`` scores only the last N prompt positions (earlier ones are None);
+        ``target_prompt_logprobs`` ``[len(prompt) - 1, K]`` asks for the logprob of id ``[i, j]`` at
+        prompt position ``i + 1`` (-1: none), returned in the same layout (dense or sparse CSR)."""
         _reject_unsupported(
-            topk_sample_logprobs=topk_sample_logprobs,
-            target_prompt_logprobs=target_prompt_logprobs is not None,
-            prompt_alt_tokens_k=prompt_alt_tokens_k,
+            topk_sample_logprobs=topk_sample_logprobs, prompt_alt_tokens_k=prompt_alt_tokens_k
         )
         request = _sample_request(
-            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            target_prompt_logprobs,
         )
         _check_last_n(prompt_logprobs_last_n, request)
         request_id = uuid.uuid4().hex
         return APIFuture(
             _chain(
                 self._submit_sample(request),
-                lambda result: _sample_response(result, request_id, prompt_logprobs_last_n),
+                lambda result: _sample_response(
+                    result, request_id, prompt_logprobs_last_n, target_prompt_logprobs
+                ),
             )
         )
 

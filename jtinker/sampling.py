@@ -32,7 +32,8 @@ temperature/top-k/top-p-modified distribution that actually drew it).
 
 Prompt logprobs follow Tinker: ``prompt_logprobs[0]`` is ``None`` and entry ``i`` is
 ``log p(prompt[i] | prompt[:i])``; ``topk_prompt_logprobs[i]`` is the top-k ``(token_id, logprob)``
-of the distribution predicting position ``i`` (``None`` at position 0).
+of the distribution predicting position ``i`` (``None`` at position 0); ``target_prompt_ids[i, j]``
+asks for ``log p(target_prompt_ids[i, j] | prompt[:i + 1])`` (``-1``: nothing).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class SampleRequest:
     seed: int | None = None
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    target_prompt_ids: np.ndarray | None = None  # [len(prompt) - 1, K] token ids, -1 = none
 
 
 @dataclasses.dataclass
@@ -90,6 +92,7 @@ class SampleResult:
     sequences: list[tuple[list[int], list[float], str]]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    target_prompt_logprobs: np.ndarray | None = None  # [len(prompt) - 1, K] f32, 0.0 where the id was -1
 
 
 class _Rows(NamedTuple):
@@ -246,8 +249,13 @@ def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: 
 # The compiled programs
 
 
-def _prefill(config: ModelConfig, cache_dtype, params, lora, tokens, lengths, *, want_lp: bool, topk: int):
-    """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits and prompt logprobs."""
+def _prefill(
+    config: ModelConfig, cache_dtype, params, lora, tokens, lengths, target_ids, *, want_lp: bool, topk: int
+):
+    """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits and prompt logprobs.
+
+    ``target_ids`` ``[P, Tp, K]``: ids whose logprobs to pick at each position (-1: none; ``K`` may be 0).
+    """
     params, lora = model_weights(params, lora)  # a full fine-tune's weights replace the base
     p, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
@@ -259,18 +267,24 @@ def _prefill(config: ModelConfig, cache_dtype, params, lora, tokens, lengths, *,
         # Position i predicts token i + 1; the wrapped-around last target is dropped.
         targets = jnp.roll(tokens, -1, axis=1)
         result["prompt_lp"] = token_logprobs(params, hidden, targets, lora)[:, :-1]
-    if topk:
+    k = target_ids.shape[-1]
+    if topk or k:
         chunk = min(TOPK_PROMPT_CHUNK, t)
         n = t // chunk  # t and chunk are powers of two
 
-        def one_chunk(h):
-            logits = unembed(params, h, lora)
-            return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+        def one_chunk(args):
+            h, ids = args
+            lsm = jax.nn.log_softmax(unembed(params, h, lora), axis=-1)
+            top = jax.lax.top_k(lsm, topk) if topk else ()
+            return top, jnp.where(ids >= 0, jnp.take_along_axis(lsm, jnp.maximum(ids, 0), axis=-1), 0.0)
 
-        h = hidden.reshape(p, n, chunk, -1).swapaxes(0, 1)
-        vals, ids = jax.lax.map(one_chunk, h)
-        result["topk_lp"] = vals.swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
-        result["topk_ids"] = ids.swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
+        by_chunk = lambda x: x.reshape(p, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        top, picked = jax.lax.map(one_chunk, (by_chunk(hidden), by_chunk(target_ids)))
+        if topk:
+            result["topk_lp"] = top[0].swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
+            result["topk_ids"] = top[1].swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
+        if k:
+            result["target_lp"] = picked.swapaxes(0, 1).reshape(p, t, k)
     return result
 
 
@@ -330,14 +344,22 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
 _PROGRAMS: dict[tuple, Any] = {}
 
 
-def _program(kind: str, cache: NamedSharding | None, replicated: NamedSharding | None, want_lp=False, topk=0):
-    key = (kind, cache, replicated, want_lp, topk)
+def _program(
+    kind: str,
+    cache: NamedSharding | None,
+    replicated: NamedSharding | None,
+    want_lp=False,
+    topk=0,
+    targets=False,
+):
+    key = (kind, cache, replicated, want_lp, topk, targets)
     if key not in _PROGRAMS:
         kv = None if cache is None else KVCache(k=cache, v=cache)
         if kind == "prefill":
             outs = None
             if kv is not None:
                 names = ["logits"] + ["prompt_lp"] * want_lp + ["topk_lp", "topk_ids"] * bool(topk)
+                names += ["target_lp"] * targets
                 outs = {"cache": kv, **{name: replicated for name in names}}
             fn = jax.jit(
                 _prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"), out_shardings=outs
@@ -538,6 +560,26 @@ class Sampler:
         k = r.topk_prompt_logprobs
         if not isinstance(k, int) or not 0 <= k <= self.config.vocab_size:
             raise ValueError(f"topk_prompt_logprobs: must be an int in [0, vocab_size], got {k!r}")
+        if r.target_prompt_ids is not None:
+            self._check_target_ids(r.target_prompt_ids, len(r.prompt))
+
+    def _check_target_ids(self, ids: Any, prompt_len: int) -> None:
+        field = "target_prompt_logprobs"
+        ids = np.asarray(ids)
+        vocab = self.config.vocab_size
+        if ids.ndim != 2 or ids.shape[0] != prompt_len - 1 or ids.shape[1] < 1:
+            raise ValueError(
+                f"{field}: must have shape [len(prompt) - 1, K >= 1] = [{prompt_len - 1}, K], "
+                f"got {list(ids.shape)}"
+            )
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{field}: must hold integer token ids, got dtype {ids.dtype}")
+        if ids.shape[1] > vocab:
+            raise ValueError(f"{field}: K = {ids.shape[1]} exceeds the vocabulary size {vocab}")
+        if ((ids < -1) | (ids >= vocab)).any():
+            raise ValueError(f"{field}: ids must be token ids in [0, {vocab}) or -1 (none)")
+        if not (ids >= 0).any():
+            raise ValueError(f"{field}: names no token id (every cell is -1)")
 
     # ------------------------------------------------------------------------------- sampling
 
@@ -593,29 +635,41 @@ class Sampler:
     def _run(self, requests, seeds, rows: list[_Row], results: list[SampleResult], lora, row_adapter) -> None:
         """``row_adapter[j]``: row ``j``'s index into a stacked ``lora`` (None: a single adapter)."""
         request_adapter = {row.request: a for row, a in zip(rows, row_adapter or [], strict=False)}
+
+        def prompt_key(i: int) -> tuple:
+            # A request with target ids prefills its own row (the ids are part of that row's input).
+            own = i if requests[i].target_prompt_ids is not None else None
+            return request_adapter.get(i), tuple(requests[i].prompt), own
+
         # Prefill each distinct (adapter, prompt) once.
-        prompt_index: dict[tuple[int | None, tuple[int, ...]], int] = {}
+        prompt_index: dict[tuple, int] = {}
         for row in rows:
-            key = (request_adapter.get(row.request), tuple(requests[row.request].prompt))
-            prompt_index.setdefault(key, len(prompt_index))
-        prompts = [prompt for _, prompt in prompt_index]
-        prompt_adapter = [a for a, _ in prompt_index] if row_adapter else None
+            prompt_index.setdefault(prompt_key(row.request), len(prompt_index))
+        prompts = [prompt for _, prompt, _ in prompt_index]
+        prompt_adapter = [a for a, _, _ in prompt_index] if row_adapter else None
+        targets = [None if i is None else requests[i].target_prompt_ids for _, _, i in prompt_index]
         # Prompt logprobs once per request, in the first group that holds one of its samples.
         lp_needed = [
             i
             for i in sorted({row.request for row in rows})
-            if (requests[i].include_prompt_logprobs or requests[i].topk_prompt_logprobs)
+            if (
+                requests[i].include_prompt_logprobs
+                or requests[i].topk_prompt_logprobs
+                or requests[i].target_prompt_ids is not None
+            )
             and results[i].prompt_logprobs is None
             and results[i].topk_prompt_logprobs is None
+            and results[i].target_prompt_logprobs is None
         ]
         want_lp = any(requests[i].include_prompt_logprobs for i in lp_needed)
         topk = max([requests[i].topk_prompt_logprobs for i in lp_needed], default=0)
         topk = bucket(topk) if topk else 0  # fewer distinct programs; sliced per request below
         topk = min(topk, self.config.vocab_size)
-        pre = self._run_prefill(prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter)
+        pre = self._run_prefill(
+            prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, targets=targets
+        )
         for i in lp_needed:
-            key = (request_adapter.get(i), tuple(requests[i].prompt))
-            self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[key])
+            self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[prompt_key(i)])
 
         # One decode row per sample.
         n = len(rows)
@@ -639,7 +693,7 @@ class Sampler:
         for j, row in enumerate(rows):
             r = requests[row.request]
             seed = seeds[row.request]
-            src[j] = prompt_index[(request_adapter.get(row.request), tuple(r.prompt))]
+            src[j] = prompt_index[prompt_key(row.request)]
             host["prompt_len"][j] = len(r.prompt)
             host["max_tokens"][j] = r.max_tokens
             host["temperature"][j] = r.temperature
@@ -716,8 +770,16 @@ class Sampler:
             )
 
     def _run_prefill(
-        self, prompts: list[tuple[int, ...]], lora, *, want_lp: bool, topk: int, adapters: list | None = None
+        self,
+        prompts: list[tuple[int, ...]],
+        lora,
+        *,
+        want_lp: bool,
+        topk: int,
+        adapters: list | None = None,
+        targets: list[np.ndarray | None] | None = None,
     ) -> dict:
+        """``targets[i]``: prompt ``i``'s ``[len - 1, K]`` target ids, or None."""
         p = bucket(len(prompts))
         lora = _with_adapter_ids(lora, adapters, p)
         t = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
@@ -726,8 +788,13 @@ class Sampler:
         for i, x in enumerate(prompts):
             tokens[i, : len(x)] = x
             lengths[i] = len(x)
+        given = [(i, ids) for i, ids in enumerate(targets or []) if ids is not None]
+        k = bucket(max(ids.shape[1] for _, ids in given)) if given else 0
+        target_ids = np.full((p, t, k), -1, np.int32)
+        for i, ids in given:
+            target_ids[i, : ids.shape[0], : ids.shape[1]] = ids
         self.last_stats["prefill_prompts"] = self.last_stats.get("prefill_prompts", 0) + len(prompts)
-        program = _program("prefill", *self._placement(p, t), want_lp=want_lp, topk=topk)
+        program = _program("prefill", *self._placement(p, t), want_lp=want_lp, topk=topk, targets=bool(k))
         return program(
             self.config,
             self.cache_dtype,
@@ -735,6 +802,7 @@ class Sampler:
             lora,
             jnp.asarray(tokens),
             jnp.asarray(lengths),
+            jnp.asarray(target_ids),
             want_lp=want_lp,
             topk=topk,
         )
@@ -752,6 +820,9 @@ class Sampler:
             result.topk_prompt_logprobs = [None] + [
                 list(zip(ti, tv, strict=True)) for ti, tv in zip(ids, vals, strict=True)
             ]
+        if request.target_prompt_ids is not None:
+            rows, k = request.target_prompt_ids.shape
+            result.target_prompt_logprobs = np.asarray(pre["target_lp"][i, :rows, :k], np.float32)
 
     def _stop_string_cut(self, tokens: Sequence[int], stop_strings: Sequence[str]) -> int | None:
         """The smallest ``n`` such that ``decode(tokens[:n])`` contains a stop string, else None."""

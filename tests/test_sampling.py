@@ -194,6 +194,24 @@ def test_prompt_logprobs_and_topk(qwen3):
         assert lp[i] <= topk[i][0][1] + 1e-6
 
 
+def test_target_prompt_logprobs_match_transformers(qwen3):
+    """Two requests on one prompt ask for different ids (each gets its own), beside a plain request."""
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        ref = torch.log_softmax(qwen3.hf()(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    rng = np.random.default_rng(0)
+    asks = [rng.integers(0, qwen3.config.vocab_size, (len(prompt) - 1, k)) for k in (3, 5)]
+    asks[1][::2, 1:] = -1  # cells that ask for nothing
+    requests = [greedy(prompt, max_tokens=3, target_prompt_ids=ids) for ids in asks] + [greedy(prompt, 3)]
+    results = qwen3.sampler.sample(requests)
+    for ids, result in zip(asks, results, strict=False):
+        want = np.where(ids >= 0, np.take_along_axis(ref[:-1], np.maximum(ids, 0), axis=-1), 0.0)
+        assert result.target_prompt_logprobs.shape == ids.shape
+        np.testing.assert_allclose(result.target_prompt_logprobs, want, atol=1e-4)
+    assert results[2].target_prompt_logprobs is None
+    assert results[0].sequences == results[2].sequences  # the targets change nothing else
+
+
 # ---------------------------------------------------------------------------------- semantics
 
 
@@ -365,6 +383,10 @@ def test_bad_requests_name_the_field(qwen3):
         "top_k": dict(top_k=0),
         "stop_token_ids": dict(stop_token_ids=(v,)),
         "topk_prompt_logprobs": dict(topk_prompt_logprobs=-1),
+        "target_prompt_logprobs: must have shape": dict(target_prompt_ids=np.zeros((3, 1), np.int64)),
+        "target_prompt_logprobs: ids must be": dict(target_prompt_ids=np.full((2, 1), v)),
+        "target_prompt_logprobs: names no": dict(target_prompt_ids=np.full((2, 4), -1)),
+        "target_prompt_logprobs: must hold integer": dict(target_prompt_ids=np.zeros((2, 1), np.float32)),
     }
     for field, bad in cases.items():
         with pytest.raises(ValueError, match=field):

@@ -362,6 +362,42 @@ def test_importance_sampling_rl_step(server, service):
     assert tc.optim_step(types.AdamParams(learning_rate=0.01)).result() is not None
 
 
+def test_target_prompt_logprobs_dense_and_sparse(server, service):
+    """Row ``i`` of ``target_prompt_logprobs`` scores prompt position ``i + 1``: the prompt's own next
+    tokens give its prompt logprobs, and any id gives what the top-k list says of it; a sparse CSR
+    request comes back sparse with the same cells."""
+    import torch
+
+    sampler = service.create_sampling_client(base_model=BASE).result()
+    prompt = types.ModelInput.from_ints([5, 17, 42, 99, 7, 3])
+    params = types.SamplingParams(max_tokens=1, temperature=0.0)
+    scored = sampler.sample(prompt, 1, params, include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    ids = np.full((5, 40), -1, np.int64)
+    ids[:, 0] = prompt.to_ints()[1:]
+    topk_ids = [[t for t, _ in row] for row in scored.topk_prompt_logprobs[1:]]
+    ids[1, 7], ids[3, 39] = topk_ids[1][2], topk_ids[3][0]
+    for request in (
+        types.TensorData.from_numpy(ids),
+        types.TensorData.from_torch_sparse(torch.tensor(ids), -1),
+    ):
+        got = (
+            sampler.sample(prompt, 1, params, target_prompt_logprobs=request).result().target_prompt_logprobs
+        )
+        assert (got.sparse_crow_indices is None) == (request.sparse_crow_indices is None)
+        values = got.to_numpy()
+        assert values.shape == (5, 40) and values.dtype == np.float32
+        np.testing.assert_allclose(values[:, 0], scored.prompt_logprobs[1:], atol=1e-5)
+        assert values[1, 7] == pytest.approx(scored.topk_prompt_logprobs[2][2][1], abs=1e-5)
+        assert values[3, 39] == pytest.approx(scored.topk_prompt_logprobs[4][0][1], abs=1e-5)
+        assert not values[ids < 0].any()  # 0.0 wherever nothing was asked
+    short = types.TensorData.from_numpy(ids[:2])
+    with pytest.raises(tinker.RequestFailedError, match="target_prompt_logprobs: must have shape") as err:
+        sampler.sample(prompt, 1, params, target_prompt_logprobs=short).result()
+    assert err.value.category == types.RequestErrorCategory.User
+    with pytest.raises(tinker.BadRequestError, match="topk_sample_logprobs"):
+        sampler.sample(prompt, 1, params, topk_sample_logprobs=2).result()
+
+
 def test_save_weights_and_sampling(server, service):
     tc = service.create_lora_training_client(BASE, rank=RANK, seed=4).result()
     data = sft_batch(4, n=2)

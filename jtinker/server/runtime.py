@@ -888,7 +888,6 @@ class Runtime:
             raise UserError(f"unknown sampling_session_id {req.sampling_session_id!r}", 404)
         unsupported = [
             ("topk_sample_logprobs", req.topk_sample_logprobs),
-            ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
             ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
             ("record_stability_info", bool(req.record_stability_info)),
         ]
@@ -897,6 +896,9 @@ class Runtime:
                 raise UserError(f"{name}: not supported by this jtinker server")
         prompt = wire.model_input_from_sdk(req.prompt)
         params = wire.sampling_params_from_sdk(req.sampling_params)
+        targets = req.target_prompt_logprobs
+        if targets is not None:
+            targets = wire.tensor_from_sdk(targets, "target_prompt_logprobs")
         last_n = req.prompt_logprobs_last_n
         if last_n is not None and (not req.prompt_logprobs or not 1 <= last_n <= prompt.length - 1):
             raise UserError(
@@ -923,6 +925,7 @@ class Runtime:
                     params,
                     include_prompt_logprobs=bool(req.prompt_logprobs),
                     topk_prompt_logprobs=req.topk_prompt_logprobs,
+                    target_prompt_logprobs=targets,
                     prompt_logprobs_last_n=last_n,
                 ).future()
             except BaseException as e:

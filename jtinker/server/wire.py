@@ -333,6 +333,19 @@ def _topk_to_proto(topk: jt.TopkLogprobs, msg: pb.TopkLogprobs) -> None:
     msg.logprobs = lps.tobytes()
 
 
+def _tensor_to_proto(td: jt.TensorData, msg: pb.Tensor) -> None:
+    """A float32 or int64 ``TensorData`` into a proto ``Tensor``, a sparse CSR one kept sparse."""
+    msg.dtype = _TENSOR_TO_PROTO[td.dtype]
+    msg.shape.extend(td.shape or [])
+    values = np.ascontiguousarray(td.data, dtype=np.float32 if td.dtype == "float32" else np.int64)
+    if td.sparse_crow_indices is None:
+        msg.dense = values.tobytes()
+        return
+    msg.sparse_csr.values = values.tobytes()
+    msg.sparse_csr.crow_indices = np.asarray(td.sparse_crow_indices, np.int64).tobytes()
+    msg.sparse_csr.col_indices = np.asarray(td.sparse_col_indices, np.int64).tobytes()
+
+
 def encode_sample_response(resp: jt.SampleResponse) -> bytes:
     """``SampleResponse`` protobuf (what the SDK decodes in ``deserialize_sample_response``)."""
     msg = pb.SampleResponse(prompt_cache_hit_tokens=int(resp.prompt_cache_hit_tokens or 0))
@@ -349,6 +362,8 @@ def encode_sample_response(resp: jt.SampleResponse) -> bytes:
         msg.prompt_logprobs = np.asarray(resp.prompt_logprobs_np, np.float32).tobytes()
     if resp.topk_prompt_logprobs_np is not None:
         _topk_to_proto(resp.topk_prompt_logprobs_np, msg.topk_prompt_logprobs)
+    if resp.target_prompt_logprobs is not None:
+        _tensor_to_proto(resp.target_prompt_logprobs, msg.target_prompt_logprobs)
     return msg.SerializeToString()
 
 
