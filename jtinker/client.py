@@ -423,6 +423,7 @@ def _sample_request(
     include_prompt_logprobs: bool,
     topk_prompt_logprobs: int,
     target_prompt_logprobs: types.TensorData | None = None,
+    topk_sample_logprobs: int = 0,
 ) -> SampleRequest:
     stop = sampling_params.stop
     stop_strings: tuple[str, ...] = ()
@@ -459,6 +460,7 @@ def _sample_request(
         include_prompt_logprobs=include_prompt_logprobs,
         topk_prompt_logprobs=topk_prompt_logprobs,
         target_prompt_ids=target_ids,
+        topk_sample_logprobs=topk_sample_logprobs,
     )
 
 
@@ -503,14 +505,16 @@ def _sample_response(
     last_n: int | None = None,
     target_request: types.TensorData | None = None,
 ) -> types.SampleResponse:
+    topk = result.sequence_topk or [None] * len(result.sequences)
     sequences = [
         types.SampledSequence(
             stop_reason=reason,
             sequence_id=f"{request_id}:{i}",
             tokens_np=np.asarray(tokens, np.int32),
             logprobs_np=np.asarray(logprobs, np.float32),
+            topk_logprobs_np=None if top is None else types.TopkLogprobs(token_ids=top[0], logprobs=top[1]),
         )
-        for i, (tokens, logprobs, reason) in enumerate(result.sequences)
+        for i, ((tokens, logprobs, reason), top) in enumerate(zip(result.sequences, topk, strict=True))
     ]
     extra = {}
     if result.prompt_logprobs is not None:
@@ -547,10 +551,9 @@ class SamplingClient(_ResolvedClient):
     ) -> APIFuture[types.SampleResponse]:
         """``prompt_logprobs_last_n`` scores only the last N prompt positions (earlier ones are None);
         ``target_prompt_logprobs`` ``[len(prompt) - 1, K]`` asks for the logprob of id ``[i, j]`` at
-        prompt position ``i + 1`` (-1: none), returned in the same layout (dense or sparse CSR)."""
-        _reject_unsupported(
-            topk_sample_logprobs=topk_sample_logprobs, prompt_alt_tokens_k=prompt_alt_tokens_k
-        )
+        prompt position ``i + 1`` (-1: none), returned in the same layout (dense or sparse CSR);
+        ``topk_sample_logprobs`` gives each sequence the top-k (token, logprob) at every sampled position."""
+        _reject_unsupported(prompt_alt_tokens_k=prompt_alt_tokens_k)
         request = _sample_request(
             prompt,
             num_samples,
@@ -558,6 +561,7 @@ class SamplingClient(_ResolvedClient):
             include_prompt_logprobs,
             topk_prompt_logprobs,
             target_prompt_logprobs,
+            topk_sample_logprobs,
         )
         _check_last_n(prompt_logprobs_last_n, request)
         request_id = uuid.uuid4().hex

@@ -83,6 +83,7 @@ class SampleRequest:
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     target_prompt_ids: np.ndarray | None = None  # [len(prompt) - 1, K] token ids, -1 = none
+    topk_sample_logprobs: int = 0  # the top-k (token, logprob) at every sampled position
 
 
 @dataclasses.dataclass
@@ -93,6 +94,8 @@ class SampleResult:
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     target_prompt_logprobs: np.ndarray | None = None  # [len(prompt) - 1, K] f32, 0.0 where the id was -1
+    # Per sample, ``(ids, logprobs)`` ``[len(tokens), k]`` with ``topk_sample_logprobs = k``.
+    sequence_topk: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 class _Rows(NamedTuple):
@@ -117,6 +120,8 @@ class _Out(NamedTuple):
     done: jax.Array  # [B] bool
     stopped: jax.Array  # [B] bool, ended on a stop token id
     count: jax.Array  # [B] int32, tokens produced
+    topk_ids: jax.Array  # [B, S, K] int32, the top-K tokens at each step (K = 0: none asked)
+    topk_logprobs: jax.Array  # [B, S, K] f32, their raw logprobs
 
 
 class _State(NamedTuple):
@@ -207,8 +212,8 @@ def _row_keys(rows: _Rows) -> jax.Array:
     return jax.vmap(jax.random.fold_in)(base, rows.sample_index)
 
 
-def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array):
-    """Next token per row and its raw (temperature-1) logprob."""
+def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array, topk: int = 0):
+    """Next token per row, its raw (temperature-1) logprob and the ``topk`` most likely tokens'."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = rows.temperature <= 0.0
 
@@ -225,13 +230,21 @@ def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array):
     token = jnp.where(is_greedy, greedy, token)
     lse = jax.nn.logsumexp(logits, axis=-1)
     logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
-    return token, logprob
+    if not topk:
+        return token, logprob, None
+    top_logits, top_ids = jax.lax.top_k(logits, topk)
+    return token, logprob, (top_ids, top_logits - lse[:, None])
 
 
-def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: jax.Array) -> _Out:
+def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: jax.Array, top) -> _Out:
     active = ~out.done
     tokens = jax.lax.dynamic_update_slice(out.tokens, jnp.where(active, token, 0)[:, None], (0, step))
     logprobs = jax.lax.dynamic_update_slice(out.logprobs, jnp.where(active, logprob, 0.0)[:, None], (0, step))
+    topk_ids, topk_logprobs = out.topk_ids, out.topk_logprobs
+    if top is not None:
+        at_step = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, step, 0))
+        topk_ids = at_step(topk_ids, top[0])
+        topk_logprobs = at_step(topk_logprobs, top[1])
     hit = jnp.any(token[:, None] == rows.stop_ids, axis=-1) & active
     count = out.count + active.astype(jnp.int32)
     done = out.done | hit | (active & (count >= rows.max_tokens))
@@ -242,6 +255,8 @@ def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: 
         done=done,
         stopped=out.stopped | hit,
         count=count,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
     )
 
 
@@ -329,8 +344,8 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
         positions = jnp.where(first | out.done, scratch, rows.prompt_len + step - 1)
         logits, cache = _decode_step(config, params, lora, out.last, positions, cache)
         logits = jnp.where(first, state.logits0, logits)
-        token, logprob = _select(logits, rows, keys, step)
-        return step + 1, _record(out, rows, step, token, logprob), cache
+        token, logprob, top = _select(logits, rows, keys, step, state.out.topk_ids.shape[-1])
+        return step + 1, _record(out, rows, step, token, logprob, top), cache
 
     step, out, cache = jax.lax.while_loop(cond, body, (state.step, state.out, state.cache))
     return _State(cache=cache, logits0=state.logits0, step=step, out=out)
@@ -557,9 +572,10 @@ class Sampler:
             raise ValueError("stop_strings: this sampler has no tokenizer to match stop strings with")
         if r.seed is not None and (not isinstance(r.seed, (int, np.integer)) or isinstance(r.seed, bool)):
             raise ValueError(f"seed: must be an int or None, got {r.seed!r}")
-        k = r.topk_prompt_logprobs
-        if not isinstance(k, int) or not 0 <= k <= self.config.vocab_size:
-            raise ValueError(f"topk_prompt_logprobs: must be an int in [0, vocab_size], got {k!r}")
+        for field in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+            k = getattr(r, field)
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.config.vocab_size:
+                raise ValueError(f"{field}: must be an int in [0, vocab_size], got {k!r}")
         if r.target_prompt_ids is not None:
             self._check_target_ids(r.target_prompt_ids, len(r.prompt))
 
@@ -703,6 +719,8 @@ class Sampler:
             host["sample_index"][j] = row.sample
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids
         device_rows = _Rows(**{k: jnp.asarray(v) for k, v in host.items()})
+        topk = max(requests[r.request].topk_sample_logprobs for r in rows)
+        topk = min(bucket(topk), self.config.vocab_size) if topk else 0
         lora = _with_adapter_ids(lora, row_adapter, b)
 
         placement = self._placement(b, size)
@@ -721,6 +739,8 @@ class Sampler:
                 done=jnp.asarray(np.arange(b) >= n),  # padding rows never run
                 stopped=jnp.zeros(b, bool),
                 count=jnp.zeros(b, jnp.int32),
+                topk_ids=jnp.zeros((b, size, topk), jnp.int32),
+                topk_logprobs=jnp.zeros((b, size, topk), jnp.float32),
             ),
         )
         if placement[0] is not None:  # donated in place, so it must start in the layout decode keeps
@@ -768,6 +788,13 @@ class Sampler:
                 out.logprobs[j, :count].tolist(),
                 reason,
             )
+            if k := r.topk_sample_logprobs:
+                if results[row.request].sequence_topk is None:
+                    results[row.request].sequence_topk = [None] * r.num_samples  # type: ignore[list-item]
+                results[row.request].sequence_topk[row.sample] = (
+                    out.topk_ids[j, :count, :k].copy(),
+                    out.topk_logprobs[j, :count, :k].copy(),
+                )
 
     def _run_prefill(
         self,

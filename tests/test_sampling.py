@@ -212,6 +212,34 @@ def test_target_prompt_logprobs_match_transformers(qwen3):
     assert results[0].sequences == results[2].sequences  # the targets change nothing else
 
 
+def test_topk_sample_logprobs_match_transformers(qwen3):
+    """At every sampled position, the top-k of the raw next-token distribution (what transformers
+    gives for the same sequence), in a batch that mixes k = 5, k = 2 and none."""
+    prompt = PROMPTS[0]
+    requests = [
+        SampleRequest(
+            prompt=prompt, num_samples=2, max_tokens=6, temperature=1.0, seed=4, topk_sample_logprobs=5
+        ),
+        greedy(prompt, max_tokens=6, topk_sample_logprobs=2),
+        greedy(prompt, max_tokens=6),
+    ]
+    results = qwen3.sampler.sample(requests)
+    hf = qwen3.hf()
+    for request, result in zip(requests[:2], results, strict=False):
+        k = request.topk_sample_logprobs
+        for (tokens, _, _), (ids, lps) in zip(result.sequences, result.sequence_topk, strict=True):
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].double()
+            ref = torch.log_softmax(logits, -1).topk(k, dim=-1)
+            assert ids.shape == lps.shape == (len(tokens), k)
+            np.testing.assert_array_equal(ids, ref.indices.numpy())
+            np.testing.assert_allclose(lps, ref.values.numpy(), atol=1e-4)
+    greedy_tokens, greedy_lps, _ = results[1].sequences[0]
+    ids, lps = results[1].sequence_topk[0]
+    assert ids[:, 0].tolist() == greedy_tokens and lps[:, 0] == pytest.approx(greedy_lps, abs=1e-6)
+    assert results[2].sequence_topk is None and results[2].sequences == results[1].sequences
+
+
 # ---------------------------------------------------------------------------------- semantics
 
 
@@ -383,6 +411,7 @@ def test_bad_requests_name_the_field(qwen3):
         "top_k": dict(top_k=0),
         "stop_token_ids": dict(stop_token_ids=(v,)),
         "topk_prompt_logprobs": dict(topk_prompt_logprobs=-1),
+        "topk_sample_logprobs": dict(topk_sample_logprobs=v + 1),
         "target_prompt_logprobs: must have shape": dict(target_prompt_ids=np.zeros((3, 1), np.int64)),
         "target_prompt_logprobs: ids must be": dict(target_prompt_ids=np.full((2, 1), v)),
         "target_prompt_logprobs: names no": dict(target_prompt_ids=np.full((2, 4), -1)),
@@ -480,7 +509,7 @@ def test_token_frequencies_follow_the_distribution():
     n, temperature, top_k, top_p = 20000, 0.8, 6, 0.9
     logits = jnp.asarray(np.linspace(2.0, -2.0, 10), jnp.float32)[None].repeat(n, 0)
     rows = _rows(temperature, top_k, top_p, n)
-    tokens, logprobs = jax.jit(_select)(logits, rows, _row_keys(rows), jnp.int32(5))
+    tokens, logprobs, _ = jax.jit(_select)(logits, rows, _row_keys(rows), jnp.int32(5))
     scaled = np.asarray(logits[0]) / temperature
     keep = _reference_filter(scaled, top_k, top_p)
     expected = np.where(keep, np.exp(scaled - scaled.max()), 0.0)

@@ -362,10 +362,10 @@ def test_importance_sampling_rl_step(server, service):
     assert tc.optim_step(types.AdamParams(learning_rate=0.01)).result() is not None
 
 
-def test_target_prompt_logprobs_dense_and_sparse(server, service):
+def test_target_prompt_and_topk_sample_logprobs(server, service):
     """Row ``i`` of ``target_prompt_logprobs`` scores prompt position ``i + 1``: the prompt's own next
     tokens give its prompt logprobs, and any id gives what the top-k list says of it; a sparse CSR
-    request comes back sparse with the same cells."""
+    request comes back sparse with the same cells. ``topk_sample_logprobs`` comes back per sequence."""
     import torch
 
     sampler = service.create_sampling_client(base_model=BASE).result()
@@ -394,8 +394,14 @@ def test_target_prompt_logprobs_dense_and_sparse(server, service):
     with pytest.raises(tinker.RequestFailedError, match="target_prompt_logprobs: must have shape") as err:
         sampler.sample(prompt, 1, params, target_prompt_logprobs=short).result()
     assert err.value.category == types.RequestErrorCategory.User
-    with pytest.raises(tinker.BadRequestError, match="topk_sample_logprobs"):
-        sampler.sample(prompt, 1, params, topk_sample_logprobs=2).result()
+    top = sampler.sample(
+        prompt, 1, types.SamplingParams(max_tokens=4, temperature=0.0), topk_sample_logprobs=3
+    )
+    seq = top.result().sequences[0]
+    assert len(seq.topk_logprobs) == len(seq.tokens) == 4 and all(len(row) == 3 for row in seq.topk_logprobs)
+    assert [row[0][0] for row in seq.topk_logprobs] == seq.tokens  # greedy: the top token is the sampled one
+    assert [row[0][1] for row in seq.topk_logprobs] == pytest.approx(seq.logprobs, abs=1e-6)
+    assert all(a[1] >= b[1] for row in seq.topk_logprobs for a, b in zip(row, row[1:], strict=False))
 
 
 def test_save_weights_and_sampling(server, service):

@@ -887,7 +887,6 @@ class Runtime:
                 )
             raise UserError(f"unknown sampling_session_id {req.sampling_session_id!r}", 404)
         unsupported = [
-            ("topk_sample_logprobs", req.topk_sample_logprobs),
             ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
             ("record_stability_info", bool(req.record_stability_info)),
         ]
@@ -926,6 +925,7 @@ class Runtime:
                     include_prompt_logprobs=bool(req.prompt_logprobs),
                     topk_prompt_logprobs=req.topk_prompt_logprobs,
                     target_prompt_logprobs=targets,
+                    topk_sample_logprobs=req.topk_sample_logprobs,
                     prompt_logprobs_last_n=last_n,
                 ).future()
             except BaseException as e:
