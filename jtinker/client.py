@@ -188,6 +188,7 @@ class TrainingClient(_ResolvedClient):
         self._adapter = adapter
         self.model_id = model_id
         self.user_metadata = user_metadata  # the run's, kept in each of its checkpoints
+        self._inflight: InflightWeights | None = None
 
     @property
     def _base(self) -> BaseModel:
@@ -362,16 +363,29 @@ class TrainingClient(_ResolvedClient):
     ) -> SamplingClient:
         """A sampling client over a snapshot of the current adapter (taken in request order)."""
         del name, retry_config  # Tinker ignores the name: the snapshot is ephemeral
-        if kind != "snapshot":
-            raise ValueError(f"kind: only 'snapshot' sampling clients are supported by jtinker, got {kind!r}")
         _reject_unsupported(record_stability_info=record_stability_info)
-        return self.snapshot_sampling_client().result()
+        return self.snapshot_sampling_client(kind).result()
 
-    def snapshot_sampling_client(self) -> APIFuture[SamplingClient]:
+    def snapshot_sampling_client(self, kind: str = "snapshot") -> APIFuture[SamplingClient]:
         """Non-blocking form of ``save_weights_and_get_sampling_client``: the snapshot is taken in
-        request order, after everything submitted before it (the HTTP server needs this form)."""
+        request order, after everything submitted before it (the HTTP server needs this form).
+
+        ``kind="inflight"`` publishes the snapshot to this client's inflight weights, which every
+        inflight sampling client of it (earlier ones too) samples with from then on.
+        """
+        if kind not in ("snapshot", "inflight"):
+            raise ValueError(f"kind: must be 'snapshot' or 'inflight', got {kind!r}")
         snapshot = self._submit(lambda: _copy_tree(self._adapter.lora))
-        return APIFuture(_chain(snapshot.future(), lambda lora: SamplingClient(self._base, lora)))
+
+        def client(lora) -> SamplingClient:
+            if kind == "snapshot":
+                return SamplingClient(self._base, lora)
+            if self._inflight is None:
+                self._inflight = InflightWeights(lora)
+            self._inflight.lora = lora
+            return SamplingClient(self._base, self._inflight)
+
+        return APIFuture(_chain(snapshot.future(), client))
 
     async def save_weights_and_get_sampling_client_async(
         self, name=None, retry_config=None, record_stability_info=False, kind="snapshot"
@@ -526,8 +540,17 @@ def _sample_response(
     return types.SampleResponse(sequences=sequences, **extra)
 
 
+class InflightWeights:
+    """The weights every inflight sampling client of one training client samples with; each inflight
+    save replaces them (for existing clients too)."""
+
+    def __init__(self, lora):
+        self.lora = lora
+
+
 class SamplingClient(_ResolvedClient):
-    """Samples from the shared base weights plus an (immutable) adapter snapshot."""
+    """Samples from the shared base weights plus an adapter: an immutable snapshot, or the mutable
+    :class:`InflightWeights` of its training client (``kind="inflight"``)."""
 
     def __init__(self, base: BaseModel, lora=None, model_path: str | None = None):
         self._base = base
@@ -535,7 +558,8 @@ class SamplingClient(_ResolvedClient):
         self.model_path = model_path
 
     def _submit_sample(self, request: SampleRequest) -> concurrent.futures.Future:
-        return self._base.worker.submit_sample(request, self._lora)
+        lora = self._lora.lora if isinstance(self._lora, InflightWeights) else self._lora
+        return self._base.worker.submit_sample(request, lora)
 
     def sample(
         self,

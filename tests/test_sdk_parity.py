@@ -104,7 +104,7 @@ def test_sdk_0_38_calling_conventions(qwen3_dir, tmp_path, monkeypatch):
         (lambda: sampling.sample(prompt, 1, params, prompt_alt_tokens_k=2), "prompt_alt_tokens_k"),
         (lambda: sampling.sample(prompt, 1, params, prompt_logprobs_last_n=2), "prompt_logprobs_last_n"),
         (lambda: sampling.compute_logprobs(prompt, prompt_logprobs_last_n=6), "prompt_logprobs_last_n"),
-        (lambda: training.save_weights_and_get_sampling_client(kind="inflight"), "kind"),
+        (lambda: training.save_weights_and_get_sampling_client(kind="live"), "kind"),
         (lambda: service.create_sampling_client(base_model=str(qwen3_dir), record_stability_info=True),
          "record_stability_info"),
         (lambda: service.create_lora_training_client(str(qwen3_dir), optimizer=types.DimuonOptimizerConfig()),

@@ -437,6 +437,25 @@ def test_save_weights_and_sampling(server, service):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_inflight_sampling_clients_follow_each_inflight_save(server, service):
+    """``kind="inflight"``: every inflight client of a model samples with its latest inflight save;
+    a snapshot client keeps its weights."""
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=5).result()
+    data = sft_batch(5, n=2)
+    prompt = data[0].model_input
+    first = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    before = first.compute_logprobs(prompt).result()
+    assert snapshot.compute_logprobs(prompt).result() == pytest.approx(before, abs=1e-6)
+    for _ in range(2):
+        train_step(tc, data, lr=0.05)
+    second = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    after = second.compute_logprobs(prompt).result()
+    assert not np.allclose(after[1:], before[1:], atol=1e-3)
+    assert first.compute_logprobs(prompt).result() == pytest.approx(after, abs=1e-6)
+    assert snapshot.compute_logprobs(prompt).result() == pytest.approx(before, abs=1e-6)
+
+
 def test_full_finetune_through_the_sdk(server, service):
     """The extension: the SDK's own create call with user_metadata selects full fine-tuning."""
     tc = service.create_lora_training_client(

@@ -765,7 +765,7 @@ class Runtime:
         except UserError as e:
             error = e
         if error is None and req.path is None:
-            return self._snapshot_sampler(owner, model_id, seq_id, req.sampling_session_seq_id)
+            return self._snapshot_sampler(owner, model_id, seq_id, req.sampling_session_seq_id, req.kind)
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
             return client.save_weights_for_sampler(req.path).future()
@@ -776,8 +776,11 @@ class Runtime:
 
         return self.submit_ordered(owner, model_id, seq_id, "SaveWeightsForSampler", op, on_result, error)
 
-    def _snapshot_sampler(self, owner: str, model_id: str, seq_id: int | None, sampler_seq: int) -> str:
-        """``save_weights_and_get_sampling_client``: an in-memory snapshot, taken in request order."""
+    def _snapshot_sampler(
+        self, owner: str, model_id: str, seq_id: int | None, sampler_seq: int, kind: str = "snapshot"
+    ) -> str:
+        """``save_weights_and_get_sampling_client``: an in-memory snapshot, taken in request order
+        (``kind="inflight"``: published to the model's inflight weights, see ``InflightWeights``)."""
         model = self.model(owner, model_id)
         sampler_id = f"{model.session_id}:sample:{sampler_seq}"
         error = None
@@ -785,7 +788,7 @@ class Runtime:
             error = UserError(f"sampling_session_seq_id {sampler_seq}: sampler {sampler_id} already exists")
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
-            return client.snapshot_sampling_client().future()
+            return client.snapshot_sampling_client(kind or "snapshot").future()
 
         def on_result(sampling_client: Any) -> Any:
             sampler = SamplerSlot(sampler_id, owner, model.session_id, model.base_model, None)
