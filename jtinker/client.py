@@ -438,6 +438,7 @@ def _sample_request(
     topk_prompt_logprobs: int,
     target_prompt_logprobs: types.TensorData | None = None,
     topk_sample_logprobs: int = 0,
+    prompt_alt_tokens_k: int = 0,
 ) -> SampleRequest:
     stop = sampling_params.stop
     stop_strings: tuple[str, ...] = ()
@@ -475,6 +476,7 @@ def _sample_request(
         topk_prompt_logprobs=topk_prompt_logprobs,
         target_prompt_ids=target_ids,
         topk_sample_logprobs=topk_sample_logprobs,
+        prompt_alt_tokens_k=prompt_alt_tokens_k,
     )
 
 
@@ -537,6 +539,9 @@ def _sample_response(
         extra["_topk_prompt_logprobs_list"] = _keep_last(result.topk_prompt_logprobs, last_n)
     if result.target_prompt_logprobs is not None:
         extra["target_prompt_logprobs"] = _in_layout_of(result.target_prompt_logprobs, target_request)
+    if result.prompt_alt_tokens is not None:
+        tokens, logprobs = map(types.TensorData.from_numpy, result.prompt_alt_tokens)
+        extra["prompt_alt_tokens"] = types.PromptAltTokens(tokens=tokens, logprobs=logprobs)
     return types.SampleResponse(sequences=sequences, **extra)
 
 
@@ -576,8 +581,9 @@ class SamplingClient(_ResolvedClient):
         """``prompt_logprobs_last_n`` scores only the last N prompt positions (earlier ones are None);
         ``target_prompt_logprobs`` ``[len(prompt) - 1, K]`` asks for the logprob of id ``[i, j]`` at
         prompt position ``i + 1`` (-1: none), returned in the same layout (dense or sparse CSR);
-        ``topk_sample_logprobs`` gives each sequence the top-k (token, logprob) at every sampled position."""
-        _reject_unsupported(prompt_alt_tokens_k=prompt_alt_tokens_k)
+        ``topk_sample_logprobs`` gives each sequence the top-k (token, logprob) at every sampled position;
+        ``prompt_alt_tokens_k`` draws that many tokens at every prompt position after the first, at the
+        request's temperature (with its seed), with their raw logprobs."""
         request = _sample_request(
             prompt,
             num_samples,
@@ -586,6 +592,7 @@ class SamplingClient(_ResolvedClient):
             topk_prompt_logprobs,
             target_prompt_logprobs,
             topk_sample_logprobs,
+            prompt_alt_tokens_k,
         )
         _check_last_n(prompt_logprobs_last_n, request)
         request_id = uuid.uuid4().hex

@@ -60,6 +60,7 @@ MIN_CACHE_BUCKET = 32
 MIN_STOP_ID_WIDTH = 4
 CDF_BLOCK = 256  # two-level inverse CDF: block sums first, then one block's cumsum
 TOPK_PROMPT_CHUNK = 128
+MAX_PROMPT_DRAWS = 1 << 20  # prompt_alt_tokens_k times the positions it draws at
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -84,6 +85,7 @@ class SampleRequest:
     topk_prompt_logprobs: int = 0
     target_prompt_ids: np.ndarray | None = None  # [len(prompt) - 1, K] token ids, -1 = none
     topk_sample_logprobs: int = 0  # the top-k (token, logprob) at every sampled position
+    prompt_alt_tokens_k: int = 0  # tokens drawn at every prompt position (at ``temperature``)
 
 
 @dataclasses.dataclass
@@ -96,6 +98,8 @@ class SampleResult:
     target_prompt_logprobs: np.ndarray | None = None  # [len(prompt) - 1, K] f32, 0.0 where the id was -1
     # Per sample, ``(ids, logprobs)`` ``[len(tokens), k]`` with ``topk_sample_logprobs = k``.
     sequence_topk: list[tuple[np.ndarray, np.ndarray]] | None = None
+    # ``(tokens, logprobs)`` ``[len(prompt) - 1, prompt_alt_tokens_k]``: draws at prompt positions 1...
+    prompt_alt_tokens: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _Rows(NamedTuple):
@@ -122,6 +126,14 @@ class _Out(NamedTuple):
     count: jax.Array  # [B] int32, tokens produced
     topk_ids: jax.Array  # [B, S, K] int32, the top-K tokens at each step (K = 0: none asked)
     topk_logprobs: jax.Array  # [B, S, K] f32, their raw logprobs
+
+
+class _PromptQueries(NamedTuple):
+    """Per-prompt questions the prefill answers at every position ``i`` (about token ``i + 1``)."""
+
+    target_ids: jax.Array  # [P, Tp, K] int32: ids whose logprobs to pick (-1: none; K may be 0)
+    alt_uniforms: jax.Array  # [P, Tp, A] f32 in (0, 1): one per token to draw (A may be 0)
+    alt_temperature: jax.Array  # [P] f32: the draws' temperature (0: the argmax)
 
 
 class _State(NamedTuple):
@@ -265,12 +277,19 @@ def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: 
 
 
 def _prefill(
-    config: ModelConfig, cache_dtype, params, lora, tokens, lengths, target_ids, *, want_lp: bool, topk: int
+    config: ModelConfig,
+    cache_dtype,
+    params,
+    lora,
+    tokens,
+    lengths,
+    queries: _PromptQueries,
+    *,
+    want_lp: bool,
+    topk: int,
 ):
-    """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits and prompt logprobs.
-
-    ``target_ids`` ``[P, Tp, K]``: ids whose logprobs to pick at each position (-1: none; ``K`` may be 0).
-    """
+    """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits, prompt logprobs and the
+    answers to ``queries``."""
     params, lora = model_weights(params, lora)  # a full fine-tune's weights replace the base
     p, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
@@ -282,24 +301,39 @@ def _prefill(
         # Position i predicts token i + 1; the wrapped-around last target is dropped.
         targets = jnp.roll(tokens, -1, axis=1)
         result["prompt_lp"] = token_logprobs(params, hidden, targets, lora)[:, :-1]
-    k = target_ids.shape[-1]
-    if topk or k:
+    k, a = queries.target_ids.shape[-1], queries.alt_uniforms.shape[-1]
+    if topk or k or a:
         chunk = min(TOPK_PROMPT_CHUNK, t)
         n = t // chunk  # t and chunk are powers of two
+        temperature = jnp.broadcast_to(queries.alt_temperature[:, None], (p, chunk)).reshape(-1)
 
         def one_chunk(args):
-            h, ids = args
-            lsm = jax.nn.log_softmax(unembed(params, h, lora), axis=-1)
+            h, ids, uniforms = args
+            logits = unembed(params, h, lora)
+            lsm = jax.nn.log_softmax(logits, axis=-1)
             top = jax.lax.top_k(lsm, topk) if topk else ()
-            return top, jnp.where(ids >= 0, jnp.take_along_axis(lsm, jnp.maximum(ids, 0), axis=-1), 0.0)
+            picked = jnp.where(ids >= 0, jnp.take_along_axis(lsm, jnp.maximum(ids, 0), axis=-1), 0.0)
+            if not a:
+                return top, picked, ()
+            flat = logits.reshape(p * chunk, -1)
+            scaled = flat / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+            draw = jax.vmap(lambda u: _inverse_cdf(scaled, u), in_axes=1, out_axes=1)
+            drawn = draw(uniforms.reshape(p * chunk, a))
+            greedy = jnp.argmax(flat, axis=-1).astype(jnp.int32)
+            drawn = jnp.where(temperature[:, None] > 0, drawn, greedy[:, None]).reshape(p, chunk, a)
+            return top, picked, (drawn, jnp.take_along_axis(lsm, drawn, axis=-1))
 
         by_chunk = lambda x: x.reshape(p, n, chunk, *x.shape[2:]).swapaxes(0, 1)
-        top, picked = jax.lax.map(one_chunk, (by_chunk(hidden), by_chunk(target_ids)))
+        unchunk = lambda x: x.swapaxes(0, 1).reshape(p, t, x.shape[-1])
+        chunks = (by_chunk(hidden), by_chunk(queries.target_ids), by_chunk(queries.alt_uniforms))
+        top, picked, alt = jax.lax.map(one_chunk, chunks)
         if topk:
-            result["topk_lp"] = top[0].swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
-            result["topk_ids"] = top[1].swapaxes(0, 1).reshape(p, t, topk)[:, :-1]
+            result["topk_lp"] = unchunk(top[0])[:, :-1]
+            result["topk_ids"] = unchunk(top[1])[:, :-1]
         if k:
-            result["target_lp"] = picked.swapaxes(0, 1).reshape(p, t, k)
+            result["target_lp"] = unchunk(picked)
+        if a:
+            result["alt_tokens"], result["alt_lp"] = unchunk(alt[0]), unchunk(alt[1])
     return result
 
 
@@ -366,15 +400,16 @@ def _program(
     want_lp=False,
     topk=0,
     targets=False,
+    alt=False,
 ):
-    key = (kind, cache, replicated, want_lp, topk, targets)
+    key = (kind, cache, replicated, want_lp, topk, targets, alt)
     if key not in _PROGRAMS:
         kv = None if cache is None else KVCache(k=cache, v=cache)
         if kind == "prefill":
             outs = None
             if kv is not None:
                 names = ["logits"] + ["prompt_lp"] * want_lp + ["topk_lp", "topk_ids"] * bool(topk)
-                names += ["target_lp"] * targets
+                names += ["target_lp"] * targets + ["alt_tokens", "alt_lp"] * alt
                 outs = {"cache": kv, **{name: replicated for name in names}}
             fn = jax.jit(
                 _prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"), out_shardings=outs
@@ -578,6 +613,17 @@ class Sampler:
                 raise ValueError(f"{field}: must be an int in [0, vocab_size], got {k!r}")
         if r.target_prompt_ids is not None:
             self._check_target_ids(r.target_prompt_ids, len(r.prompt))
+        a = r.prompt_alt_tokens_k
+        if not isinstance(a, int) or isinstance(a, bool) or a < 0:
+            raise ValueError(f"prompt_alt_tokens_k: must be an int >= 0, got {a!r}")
+        if a and len(r.prompt) < 2:
+            raise ValueError(
+                "prompt_alt_tokens_k: the prompt needs 2 or more tokens (draws follow position 0)"
+            )
+        if a * (len(r.prompt) - 1) > MAX_PROMPT_DRAWS:
+            raise ValueError(
+                f"prompt_alt_tokens_k: {a} draws at {len(r.prompt) - 1} positions exceed {MAX_PROMPT_DRAWS}"
+            )
 
     def _check_target_ids(self, ids: Any, prompt_len: int) -> None:
         field = "target_prompt_logprobs"
@@ -653,9 +699,9 @@ class Sampler:
         request_adapter = {row.request: a for row, a in zip(rows, row_adapter or [], strict=False)}
 
         def prompt_key(i: int) -> tuple:
-            # A request with target ids prefills its own row (the ids are part of that row's input).
-            own = i if requests[i].target_prompt_ids is not None else None
-            return request_adapter.get(i), tuple(requests[i].prompt), own
+            # A request with per-position queries prefills its own row (they are part of its input).
+            queries = requests[i].target_prompt_ids is not None or requests[i].prompt_alt_tokens_k
+            return request_adapter.get(i), tuple(requests[i].prompt), i if queries else None
 
         # Prefill each distinct (adapter, prompt) once.
         prompt_index: dict[tuple, int] = {}
@@ -663,7 +709,7 @@ class Sampler:
             prompt_index.setdefault(prompt_key(row.request), len(prompt_index))
         prompts = [prompt for _, prompt, _ in prompt_index]
         prompt_adapter = [a for a, _, _ in prompt_index] if row_adapter else None
-        targets = [None if i is None else requests[i].target_prompt_ids for _, _, i in prompt_index]
+        owners = [None if i is None else requests[i] for _, _, i in prompt_index]
         # Prompt logprobs once per request, in the first group that holds one of its samples.
         lp_needed = [
             i
@@ -672,17 +718,21 @@ class Sampler:
                 requests[i].include_prompt_logprobs
                 or requests[i].topk_prompt_logprobs
                 or requests[i].target_prompt_ids is not None
+                or requests[i].prompt_alt_tokens_k
             )
             and results[i].prompt_logprobs is None
             and results[i].topk_prompt_logprobs is None
             and results[i].target_prompt_logprobs is None
+            and results[i].prompt_alt_tokens is None
         ]
         want_lp = any(requests[i].include_prompt_logprobs for i in lp_needed)
         topk = max([requests[i].topk_prompt_logprobs for i in lp_needed], default=0)
         topk = bucket(topk) if topk else 0  # fewer distinct programs; sliced per request below
         topk = min(topk, self.config.vocab_size)
+        owner_seeds = [None if i is None else seeds[i] for _, _, i in prompt_index]
+        queries = self._queries(prompts, owners, owner_seeds)
         pre = self._run_prefill(
-            prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, targets=targets
+            prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, queries=queries
         )
         for i in lp_needed:
             self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[prompt_key(i)])
@@ -796,6 +846,31 @@ class Sampler:
                     out.topk_logprobs[j, :count, :k].copy(),
                 )
 
+    @staticmethod
+    def _queries(
+        prompts: list[tuple[int, ...]], owners: list[SampleRequest | None], seeds: list[int | None]
+    ) -> _PromptQueries:
+        """Host arrays (padded to the prefill's bucketed ``[P, Tp]``) of what each prompt's owning
+        request asks at its positions: target ids, and uniforms for its alternative tokens (drawn
+        from its seed, so a seeded request draws the same tokens every time)."""
+        p, t = bucket(len(prompts)), bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+        asks = [(i, r) for i, r in enumerate(owners) if r is not None]
+        k = max([r.target_prompt_ids.shape[1] for _, r in asks if r.target_prompt_ids is not None], default=0)
+        a = max([r.prompt_alt_tokens_k for _, r in asks], default=0)
+        target_ids = np.full((p, t, bucket(k) if k else 0), -1, np.int32)
+        uniforms = np.full((p, t, bucket(a) if a else 0), 0.5, np.float32)
+        temperature = np.zeros(p, np.float32)
+        for i, r in asks:
+            if r.target_prompt_ids is not None:
+                rows, cols = r.target_prompt_ids.shape
+                target_ids[i, :rows, :cols] = r.target_prompt_ids
+            if r.prompt_alt_tokens_k:
+                rng = np.random.default_rng(seeds[i])
+                draws = rng.random((len(r.prompt) - 1, r.prompt_alt_tokens_k), dtype=np.float32)
+                uniforms[i, : len(r.prompt) - 1, : r.prompt_alt_tokens_k] = np.maximum(draws, 1e-7)
+                temperature[i] = r.temperature
+        return _PromptQueries(target_ids, uniforms, temperature)
+
     def _run_prefill(
         self,
         prompts: list[tuple[int, ...]],
@@ -804,9 +879,8 @@ class Sampler:
         want_lp: bool,
         topk: int,
         adapters: list | None = None,
-        targets: list[np.ndarray | None] | None = None,
+        queries: _PromptQueries | None = None,
     ) -> dict:
-        """``targets[i]``: prompt ``i``'s ``[len - 1, K]`` target ids, or None."""
         p = bucket(len(prompts))
         lora = _with_adapter_ids(lora, adapters, p)
         t = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
@@ -815,13 +889,17 @@ class Sampler:
         for i, x in enumerate(prompts):
             tokens[i, : len(x)] = x
             lengths[i] = len(x)
-        given = [(i, ids) for i, ids in enumerate(targets or []) if ids is not None]
-        k = bucket(max(ids.shape[1] for _, ids in given)) if given else 0
-        target_ids = np.full((p, t, k), -1, np.int32)
-        for i, ids in given:
-            target_ids[i, : ids.shape[0], : ids.shape[1]] = ids
+        if queries is None:
+            queries = self._queries(prompts, [None] * len(prompts), [None] * len(prompts))
         self.last_stats["prefill_prompts"] = self.last_stats.get("prefill_prompts", 0) + len(prompts)
-        program = _program("prefill", *self._placement(p, t), want_lp=want_lp, topk=topk, targets=bool(k))
+        program = _program(
+            "prefill",
+            *self._placement(p, t),
+            want_lp=want_lp,
+            topk=topk,
+            targets=bool(queries.target_ids.shape[-1]),
+            alt=bool(queries.alt_uniforms.shape[-1]),
+        )
         return program(
             self.config,
             self.cache_dtype,
@@ -829,7 +907,7 @@ class Sampler:
             lora,
             jnp.asarray(tokens),
             jnp.asarray(lengths),
-            jnp.asarray(target_ids),
+            jax.tree.map(jnp.asarray, queries),
             want_lp=want_lp,
             topk=topk,
         )
@@ -850,6 +928,11 @@ class Sampler:
         if request.target_prompt_ids is not None:
             rows, k = request.target_prompt_ids.shape
             result.target_prompt_logprobs = np.asarray(pre["target_lp"][i, :rows, :k], np.float32)
+        if a := request.prompt_alt_tokens_k:
+            result.prompt_alt_tokens = (
+                np.asarray(pre["alt_tokens"][i, : n - 1, :a], np.int64),
+                np.asarray(pre["alt_lp"][i, : n - 1, :a], np.float32),
+            )
 
     def _stop_string_cut(self, tokens: Sequence[int], stop_strings: Sequence[str]) -> int | None:
         """The smallest ``n`` such that ``decode(tokens[:n])`` contains a stop string, else None."""

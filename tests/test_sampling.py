@@ -240,6 +240,42 @@ def test_topk_sample_logprobs_match_transformers(qwen3):
     assert results[2].sequence_topk is None and results[2].sequences == results[1].sequences
 
 
+def test_prompt_alt_tokens_follow_the_tempered_distribution(qwen3):
+    """4096 draws at one prompt position: their frequencies follow softmax(logits / T) from
+    transformers, their logprobs are the raw ones, a seed repeats them and T = 0 draws the argmax."""
+    prompt, n, temperature = [11, 42], 4096, 0.1
+    with torch.no_grad():
+        logits = qwen3.hf()(torch.tensor([prompt])).logits[0, 0].double()
+    raw = torch.log_softmax(logits, -1).numpy()
+    expected = torch.softmax(logits / temperature, -1).numpy()
+
+    def draw(temperature, seed=3):
+        request = SampleRequest(
+            prompt=prompt,
+            num_samples=1,
+            max_tokens=1,
+            temperature=temperature,
+            seed=seed,
+            prompt_alt_tokens_k=n,
+        )
+        tokens, logprobs = qwen3.sampler.sample([request])[0].prompt_alt_tokens
+        assert tokens.shape == logprobs.shape == (1, n)
+        return tokens[0], logprobs[0]
+
+    tokens, logprobs = draw(temperature)
+    np.testing.assert_allclose(logprobs, raw[tokens], atol=1e-4)
+    freq = np.bincount(tokens, minlength=len(expected)) / n
+    likely = expected > 0.02
+    assert likely.sum() >= 3  # the test distinguishes more than a few tokens
+    np.testing.assert_array_less(
+        np.abs(freq - expected)[likely], 4 * np.sqrt(expected * (1 - expected) / n)[likely]
+    )
+    assert freq[expected < 1e-4].sum() < 0.01
+    np.testing.assert_array_equal(draw(temperature)[0], tokens)  # seeded: the same draws
+    assert not np.array_equal(draw(temperature, seed=4)[0], tokens)
+    assert set(draw(0.0)[0].tolist()) == {int(np.argmax(raw))}
+
+
 # ---------------------------------------------------------------------------------- semantics
 
 
@@ -412,6 +448,9 @@ def test_bad_requests_name_the_field(qwen3):
         "stop_token_ids": dict(stop_token_ids=(v,)),
         "topk_prompt_logprobs": dict(topk_prompt_logprobs=-1),
         "topk_sample_logprobs": dict(topk_sample_logprobs=v + 1),
+        "prompt_alt_tokens_k: must be": dict(prompt_alt_tokens_k=-1),
+        "prompt_alt_tokens_k: .* exceed": dict(prompt_alt_tokens_k=1 << 20),
+        "prompt_alt_tokens_k: the prompt": dict(prompt=[4], prompt_alt_tokens_k=2),
         "target_prompt_logprobs: must have shape": dict(target_prompt_ids=np.zeros((3, 1), np.int64)),
         "target_prompt_logprobs: ids must be": dict(target_prompt_ids=np.full((2, 1), v)),
         "target_prompt_logprobs: names no": dict(target_prompt_ids=np.full((2, 4), -1)),

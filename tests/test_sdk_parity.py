@@ -101,7 +101,7 @@ def test_sdk_0_38_calling_conventions(qwen3_dir, tmp_path, monkeypatch):
     assert last_two[:-2] == [None] * 4 and np.allclose(last_two[-2:], full[-2:], atol=1e-5)
 
     refused = [
-        (lambda: sampling.sample(prompt, 1, params, prompt_alt_tokens_k=2), "prompt_alt_tokens_k"),
+        (lambda: sampling.sample(prompt, 1, params, prompt_alt_tokens_k=-2).result(), "prompt_alt_tokens_k"),
         (lambda: sampling.sample(prompt, 1, params, prompt_logprobs_last_n=2), "prompt_logprobs_last_n"),
         (lambda: sampling.compute_logprobs(prompt, prompt_logprobs_last_n=6), "prompt_logprobs_last_n"),
         (lambda: training.save_weights_and_get_sampling_client(kind="live"), "kind"),

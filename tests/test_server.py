@@ -402,6 +402,12 @@ def test_target_prompt_and_topk_sample_logprobs(server, service):
     assert [row[0][0] for row in seq.topk_logprobs] == seq.tokens  # greedy: the top token is the sampled one
     assert [row[0][1] for row in seq.topk_logprobs] == pytest.approx(seq.logprobs, abs=1e-6)
     assert all(a[1] >= b[1] for row in seq.topk_logprobs for a, b in zip(row, row[1:], strict=False))
+    alt = sampler.sample(prompt, 1, params, prompt_alt_tokens_k=4).result().prompt_alt_tokens
+    greedy_next = [row[0][0] for row in scored.topk_prompt_logprobs[1:]]
+    assert alt.tokens.to_numpy().tolist() == [[t] * 4 for t in greedy_next]  # temperature 0: the argmax
+    np.testing.assert_allclose(
+        alt.logprobs.to_numpy()[:, 0], [row[0][1] for row in scored.topk_prompt_logprobs[1:]], atol=1e-5
+    )
 
 
 def test_save_weights_and_sampling(server, service):
@@ -643,12 +649,10 @@ def test_bad_inputs_get_clear_errors(server, service):
         sampler.sample(
             types.ModelInput.from_ints([1, 99_999]), 1, types.SamplingParams(max_tokens=2)
         ).result()
-    with pytest.raises(tinker.BadRequestError, match="not supported"):
-        sampler.sample(
-            types.ModelInput.from_ints([1, 2, 3]),
-            1,
-            types.SamplingParams(max_tokens=2),
-            prompt_alt_tokens_k=2,
+    stability = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    with pytest.raises(tinker.BadRequestError, match="record_stability_info: not supported"):
+        stability.sample(
+            types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=2)
         ).result()
     assert server.alive()
 

@@ -889,13 +889,8 @@ class Runtime:
                     404,
                 )
             raise UserError(f"unknown sampling_session_id {req.sampling_session_id!r}", 404)
-        unsupported = [
-            ("prompt_alt_tokens_k", req.prompt_alt_tokens_k),
-            ("record_stability_info", bool(req.record_stability_info)),
-        ]
-        for name, value in unsupported:
-            if value:
-                raise UserError(f"{name}: not supported by this jtinker server")
+        if req.record_stability_info:
+            raise UserError("record_stability_info: not supported by this jtinker server")
         prompt = wire.model_input_from_sdk(req.prompt)
         params = wire.sampling_params_from_sdk(req.sampling_params)
         targets = req.target_prompt_logprobs
@@ -929,6 +924,7 @@ class Runtime:
                     topk_prompt_logprobs=req.topk_prompt_logprobs,
                     target_prompt_logprobs=targets,
                     topk_sample_logprobs=req.topk_sample_logprobs,
+                    prompt_alt_tokens_k=req.prompt_alt_tokens_k,
                     prompt_logprobs_last_n=last_n,
                 ).future()
             except BaseException as e:

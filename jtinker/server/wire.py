@@ -364,6 +364,9 @@ def encode_sample_response(resp: jt.SampleResponse) -> bytes:
         _topk_to_proto(resp.topk_prompt_logprobs_np, msg.topk_prompt_logprobs)
     if resp.target_prompt_logprobs is not None:
         _tensor_to_proto(resp.target_prompt_logprobs, msg.target_prompt_logprobs)
+    if resp.prompt_alt_tokens is not None:
+        _tensor_to_proto(resp.prompt_alt_tokens.tokens, msg.prompt_alt_tokens.tokens)
+        _tensor_to_proto(resp.prompt_alt_tokens.logprobs, msg.prompt_alt_tokens.logprobs)
     return msg.SerializeToString()
 
 
