@@ -283,13 +283,13 @@ def _prefill(
     lora,
     tokens,
     lengths,
-    queries: _PromptQueries,
+    queries: _PromptQueries | None = None,
     *,
     want_lp: bool,
     topk: int,
 ):
     """Runs ``[P, Tp]`` prompts; returns their cache, next-token logits, prompt logprobs and the
-    answers to ``queries``."""
+    answers to ``queries`` (if any)."""
     params, lora = model_weights(params, lora)  # a full fine-tune's weights replace the base
     p, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
@@ -301,6 +301,8 @@ def _prefill(
         # Position i predicts token i + 1; the wrapped-around last target is dropped.
         targets = jnp.roll(tokens, -1, axis=1)
         result["prompt_lp"] = token_logprobs(params, hidden, targets, lora)[:, :-1]
+    if queries is None:
+        queries = _PromptQueries(jnp.zeros((p, t, 0), jnp.int32), jnp.zeros((p, t, 0)), jnp.zeros(p))
     k, a = queries.target_ids.shape[-1], queries.alt_uniforms.shape[-1]
     if topk or k or a:
         chunk = min(TOPK_PROMPT_CHUNK, t)
@@ -849,12 +851,14 @@ class Sampler:
     @staticmethod
     def _queries(
         prompts: list[tuple[int, ...]], owners: list[SampleRequest | None], seeds: list[int | None]
-    ) -> _PromptQueries:
+    ) -> _PromptQueries | None:
         """Host arrays (padded to the prefill's bucketed ``[P, Tp]``) of what each prompt's owning
         request asks at its positions: target ids, and uniforms for its alternative tokens (drawn
-        from its seed, so a seeded request draws the same tokens every time)."""
-        p, t = bucket(len(prompts)), bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+        from its seed, so a seeded request draws the same tokens every time). None: nothing asked."""
         asks = [(i, r) for i, r in enumerate(owners) if r is not None]
+        if not asks:
+            return None
+        p, t = bucket(len(prompts)), bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
         k = max([r.target_prompt_ids.shape[1] for _, r in asks if r.target_prompt_ids is not None], default=0)
         a = max([r.prompt_alt_tokens_k for _, r in asks], default=0)
         target_ids = np.full((p, t, bucket(k) if k else 0), -1, np.int32)
@@ -889,16 +893,14 @@ class Sampler:
         for i, x in enumerate(prompts):
             tokens[i, : len(x)] = x
             lengths[i] = len(x)
-        if queries is None:
-            queries = self._queries(prompts, [None] * len(prompts), [None] * len(prompts))
         self.last_stats["prefill_prompts"] = self.last_stats.get("prefill_prompts", 0) + len(prompts)
         program = _program(
             "prefill",
             *self._placement(p, t),
             want_lp=want_lp,
             topk=topk,
-            targets=bool(queries.target_ids.shape[-1]),
-            alt=bool(queries.alt_uniforms.shape[-1]),
+            targets=queries is not None and bool(queries.target_ids.shape[-1]),
+            alt=queries is not None and bool(queries.alt_uniforms.shape[-1]),
         )
         return program(
             self.config,
@@ -907,7 +909,7 @@ class Sampler:
             lora,
             jnp.asarray(tokens),
             jnp.asarray(lengths),
-            jax.tree.map(jnp.asarray, queries),
+            None if queries is None else jax.tree.map(jnp.asarray, queries),
             want_lp=want_lp,
             topk=topk,
         )

@@ -49,3 +49,13 @@ def tiny_model_dir(request, tiny_model_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_dir(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen3")
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    """An in-process ``jtinker.ServiceClient`` with a private ``JTINKER_HOME`` (its default store,
+    which ``jtinker export`` and a bare ``RestClient()`` read too)."""
+    import jtinker
+
+    monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))
+    return jtinker.ServiceClient()

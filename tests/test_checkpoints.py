@@ -28,11 +28,6 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))
 
 
-@pytest.fixture
-def service(tmp_path):
-    return tinker.ServiceClient(store_dir=str(tmp_path / "store"))
-
-
 def make_data(seed=0, lengths=(12, 9, 14, 7)) -> list[tinker.Datum]:
     rng = np.random.default_rng(seed)
     data = []

@@ -26,12 +26,6 @@ def datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
     )
 
 
-@pytest.fixture
-def service(tmp_path, monkeypatch) -> tinker.ServiceClient:
-    monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))
-    return tinker.ServiceClient()  # the default store, which `jtinker export` reads too
-
-
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def model_dir(request, tiny_model_factory):
     # llama's tiny model ties its embeddings: the shared matrix gets both gradients.

@@ -14,17 +14,7 @@ from jtinker.checkpoints import CheckpointPath
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def service(tmp_path):
-    return tinker.ServiceClient(store_dir=str(tmp_path / "store"))
-
-
-def test_runs_and_checkpoints_as_the_sdk_reports_them(service, qwen3_dir, tmp_path):
+def test_runs_and_checkpoints_as_the_sdk_reports_them(service, qwen3_dir):
     tc = service.create_lora_training_client(
         str(qwen3_dir), rank=RANK, user_metadata={"renderer_name": "qwen3"}
     ).result()
@@ -52,7 +42,7 @@ def test_runs_and_checkpoints_as_the_sdk_reports_them(service, qwen3_dir, tmp_pa
     )
 
     # A new process (a RestClient on the same store) finds the run through its checkpoints.
-    fresh = tinker.RestClient(store_dir=tmp_path / "store")
+    fresh = tinker.RestClient()  # the default store, $JTINKER_HOME/runs
     again = fresh.get_training_run(tc.model_id).result()
     assert again.user_metadata == {"renderer_name": "qwen3"} and again.lora_rank == RANK
     page = fresh.list_training_runs(limit=5).result()
