@@ -98,13 +98,12 @@ def new_run_id() -> str:
     """A fresh ``<uuid>:train:0``, identical on every process of a multi-process job."""
     import uuid
 
-    value = uuid.uuid4()
-    if jax.process_count() > 1:  # every process must address the same checkpoint directories
-        import numpy as np
-        from jax.experimental import multihost_utils
+    import numpy as np
 
-        words = np.frombuffer(value.bytes, dtype=np.uint32)
-        value = uuid.UUID(bytes=np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32).tobytes())
+    from jtinker.distributed import from_process_zero
+
+    # Every process must address the same checkpoint directories.
+    value = uuid.UUID(bytes=from_process_zero(np.frombuffer(uuid.uuid4().bytes, np.uint32)).tobytes())
     return f"{value}:train:0"
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 log = logging.getLogger("jtinker")
 _SCHEDULER_HINTS = (
@@ -54,3 +55,14 @@ def initialize() -> bool:
 def is_primary() -> bool:
     """Only process 0 writes logs, progress and metrics."""
     return jax.process_index() == 0
+
+
+def from_process_zero(words: np.ndarray) -> np.ndarray:
+    """Process 0's ``uint32`` words on every process: host values that every process of an SPMD
+    program must feed alike (fresh random seeds, run ids). A collective: all processes call it."""
+    words = np.asarray(words, np.uint32)
+    if jax.process_count() == 1:
+        return words
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32)

@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import sharding
+from jtinker.distributed import from_process_zero
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
 from jtinker.train import model_weights
@@ -662,6 +663,10 @@ class Sampler:
                 raise ValueError(f"requests[{i}].{e}") from None
         adapters = self._adapter_slots(requests, lora)
         seeds = [r.seed % (1 << 64) if r.seed is not None else secrets.randbits(64) for r in requests]
+        if any(r.seed is None for r in requests) and jax.process_count() > 1:
+            # Fresh seeds are drawn per process; every process of the SPMD programs must use one set.
+            words = from_process_zero(np.array([(x >> 32, x & 0xFFFFFFFF) for x in seeds], np.uint32))
+            seeds = [(int(hi) << 32) | int(lo) for hi, lo in words]
         results = [
             SampleResult(sequences=[None] * r.num_samples)  # type: ignore[list-item]
             for r in requests

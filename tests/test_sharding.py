@@ -123,6 +123,8 @@ def test_two_process_launch_script(tmp_path):
     records = [json.loads((out / f"losses.{i}.json").read_text()) for i in range(2)]
     assert records[0]["losses"] == records[1]["losses"]
     assert records[0]["checkpoint"] == records[1]["checkpoint"]
+    assert records[0]["samples"] == records[1]["samples"]  # unseeded: one seed for both processes
+    assert len(records[0]["samples"]) == 2 and records[0]["samples"][0] != records[0]["samples"][1]
     assert records[0]["mesh"] == "fsdp=4"
     loader = (
         "import sys, jtinker as tinker;"

@@ -3,8 +3,8 @@
     python examples/multihost/train_lora.py --steps 3 --out /tmp/mh
     examples/multihost/launch_local.sh 2 examples/multihost/train_lora.py --steps 3 --out /tmp/mh
 
-Each process writes ``losses.<process>.json``; process 0 prints progress. The checkpoint is written
-collectively by Orbax and loads in a single process.
+Each process writes ``losses.<process>.json`` (losses, checkpoint path, two sampled rollouts); process 0
+prints progress. The checkpoint is written collectively by Orbax and loads in a single process.
 """
 
 from __future__ import annotations
@@ -51,8 +51,18 @@ def main() -> None:
         if distributed.is_primary():
             print(f"step {step}: loss {losses[-1]:.4f}", flush=True)
     path = training.save_state("final").result().path
+    # Rollouts: unseeded sampling draws one seed (process 0's) for every process.
+    sampler = training.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=8, temperature=1.0)
+    sampled = sampler.sample(data[0].model_input, 2, params).result()
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"process": jax.process_index(), "losses": losses, "checkpoint": path, "mesh": mesh}
+    record = {
+        "process": jax.process_index(),
+        "losses": losses,
+        "checkpoint": path,
+        "mesh": mesh,
+        "samples": [s.tokens for s in sampled.sequences],
+    }
     (args.out / f"losses.{jax.process_index()}.json").write_text(json.dumps(record))
 
 
