@@ -31,6 +31,7 @@ from jtinker import losses as losses_lib
 from jtinker import sharding, train
 from jtinker.batching import HostBatch, adapter_bucket, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
+from jtinker.distributed import from_process_zero
 from jtinker.models import ModelConfig, load_pretrained, param_shapes
 from jtinker.models import lora as lora_lib
 
@@ -180,7 +181,9 @@ class BaseModel:
         return self._steps[key]
 
     def new_adapter(self, spec: LoraSpec) -> Adapter:
-        seed = spec.seed if spec.seed is not None else int.from_bytes(np.random.bytes(4), "little")
+        # A fresh seed is process 0's on every process: the adapter is one global array.
+        fresh = lambda: int(from_process_zero(np.frombuffer(np.random.bytes(4), np.uint32))[0])
+        seed = spec.seed if spec.seed is not None else fresh()
         lora = lora_lib.init(
             self.config, spec.rank, jax.random.key(seed), alpha=spec.alpha, targets=spec.targets
         )

@@ -34,7 +34,7 @@ def main() -> None:
 
     mesh = args.mesh or f"fsdp={jax.device_count()}"
     service = tinker.ServiceClient(mesh=mesh, store_dir=str(args.out / "runs"))
-    training = service.create_lora_training_client(args.base_model, rank=8, seed=0)
+    training = service.create_lora_training_client(args.base_model, rank=8)  # one fresh seed for all
     rng = np.random.default_rng(0)  # the same data on every process
     data = []
     for _ in range(8):
