@@ -194,6 +194,17 @@ def _norm_and_rope(config: ModelConfig, q, k, cos, sin, q_norm, k_norm):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def _sum_in_slices(x: jax.Array, axis: int, width: int = 32) -> jax.Array:
+    """``x.sum(axis)``, on CPU as a sum of sums over slices at most ``width`` wide. XLA:CPU rewrites a
+    longer reduction into a reduce-window over a materialized ``x``; narrow ones fuse the product that
+    makes ``x`` into the reduction, which then reads the KV cache in place. Other backends: a sum."""
+    n = x.shape[axis]
+    if jax.default_backend() != "cpu" or n <= width:
+        return x.sum(axis)
+    parts = [jax.lax.slice_in_dim(x, i, min(i + width, n), axis=axis).sum(axis) for i in range(0, n, width)]
+    return functools.reduce(jnp.add, parts)
+
+
 def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
     """Attention for a chunk of ``T`` new tokens at positions ``start + [0, T)`` of each row.
 
@@ -210,8 +221,8 @@ def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
     q = q.reshape(b, t, num_kv, num_heads // num_kv, d).astype(jnp.float32) * d**-0.5
     past = jnp.arange(cache_k.shape[1])[None, :] < start[:, None]  # [B, S]
     if t == 1:  # decode: multiply-and-reduce reads the cache once, in place, with no transposed copy
-        s_past = jnp.sum(q[:, 0, None] * cache_k[:, :, :, None, :].astype(jnp.float32), -1)  # [B, S, nKV, G]
-        s_past = jnp.moveaxis(s_past, 1, -1)[:, None]  # [B, 1, nKV, G, S]
+        products = q[:, 0, None] * cache_k[:, :, :, None, :].astype(jnp.float32)  # [B, S, nKV, G, D]
+        s_past = jnp.moveaxis(_sum_in_slices(products, -1), 1, -1)[:, None]  # [B, 1, nKV, G, S]
     else:
         s_past = jnp.einsum("btkgd,bskd->btkgs", q, cache_k.astype(jnp.float32))
     s_new = jnp.einsum("btkgd,bskd->btkgs", q, k.astype(jnp.float32))
@@ -221,10 +232,11 @@ def cached_attention(q, k, v, cache_k, cache_v, start) -> jax.Array:
     p_past, p_new = jnp.exp(s_past - m), jnp.exp(s_new - m)
     denom = p_past.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
     if t == 1:
-        out = jnp.sum(
-            jnp.moveaxis(p_past[:, 0], -1, 1)[..., None] * cache_v[:, :, :, None, :].astype(jnp.float32), 1
-        )
-        out = out[:, None]
+        # The sum over cache slots stays whole: in slices it was 6-24% faster from 8 x 1024 slots up
+        # but as much slower below.
+        p_by_slot = jnp.moveaxis(p_past[:, 0], -1, 1)[..., None]  # [B, S, nKV, G, 1]
+        out = jnp.sum(p_by_slot * cache_v[:, :, :, None, :].astype(jnp.float32), 1)
+        out = out[:, None]  # [B, 1, nKV, G, D]
     else:
         out = jnp.einsum("btkgs,bskd->btkgd", p_past, cache_v.astype(jnp.float32))
     out = (out + jnp.einsum("btkgs,bskd->btkgd", p_new, v.astype(jnp.float32))) / denom

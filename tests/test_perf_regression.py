@@ -8,8 +8,9 @@
   the device with Python on every step.
 * ``import jtinker`` sets glibc's allocator up for XLA:CPU (``jtinker/hostmem.py``), unless opted out,
   and its XLA:CPU flags (``jtinker/xlaflags.py``) while no backend has started; XLA compiles with them.
-* Decode reads the KV cache in place (no per-step copy of a layer's slice), and prefill scores the
-  prompt once, with the causal kernel (no masked scores over the empty cache).
+* Decode reads the KV cache in place (no per-step copy of a layer's slice, no written-out score
+  products), and prefill scores the prompt once, with the causal kernel (no masked scores over the
+  empty cache).
 * A bf16 model's training step multiplies in XLA:CPU's native bf16 kernels: no product is widened
   to f32 operands.
 * The several-adapter step computes each layer's SwiGLU output once, like the one-adapter step.
@@ -339,8 +340,8 @@ def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
     assert _flagged(programs) == {}
 
 
-def _layer_cache_copies(model_dir, monkeypatch) -> list[str]:
-    """Instructions of the compiled decode program that copy one layer's slice of the KV cache."""
+def _compiled_decode(model_dir, monkeypatch, max_tokens: int = 4) -> tuple[str, tuple[int, ...]]:
+    """The compiled decode program of a 4-row sample, and its cache's ``(layers, B, S, nKV, D)``."""
     real, calls = sampling._program, []
 
     def spy(kind, *args, **kwargs):
@@ -356,19 +357,31 @@ def _layer_cache_copies(model_dir, monkeypatch) -> list[str]:
 
     monkeypatch.setattr(sampling, "_program", spy)
     config, params = load_pretrained(model_dir)
-    request = SampleRequest(prompt=[1, 2, 3], num_samples=4, max_tokens=4, temperature=0.0)
+    request = SampleRequest(prompt=[1, 2, 3], num_samples=4, max_tokens=max_tokens, temperature=0.0)
     Sampler(config, params).sample([request])
     args = calls[-1]
     hlo = real("decode", None, None).lower(config, *args).compile().as_text()
-    _, b, s, kv, d = args[2].cache.k.shape  # (params, lora, state, rows, end_step)
-    layer = rf"f32\[(?:1,)?{b},{s},{kv},{d}\]"
-    return re.findall(rf"%[\w.-]*dynamic-slice[\w.-]* = {layer}[^\n]*", hlo)
+    return hlo, args[2].cache.k.shape  # (params, lora, state, rows, end_step)
 
 
 def test_decode_reads_the_kv_cache_in_place(model_dir, monkeypatch):
     """No decode step copies a layer's slice of the stacked KV cache out of it: with YNNPACK's reduce
     fusions XLA:CPU did, for every layer and step (see ``sampling.decode_compiler_options``)."""
-    assert _layer_cache_copies(model_dir, monkeypatch) == []
+    hlo, (_, b, s, kv, d) = _compiled_decode(model_dir, monkeypatch)
+    layer = rf"f32\[(?:1,)?{b},{s},{kv},{d}\]"
+    assert re.findall(rf"%[\w.-]*dynamic-slice[\w.-]* = {layer}[^\n]*", hlo) == []
+
+
+def test_decode_scores_multiply_inside_their_reductions(tmp_path, monkeypatch):
+    """The decode scores ``q . k`` over a head dim above 32 reduce straight from the cache: XLA:CPU
+    would write every product out (``[B, S, nKV, G, D]``) for a reduce-window first. Only the
+    probability-weighted values are still written out (kept on purpose, see ``cached_attention``)."""
+    model = make_tiny(tmp_path / "qwen3", family="qwen3", size="tiny", head_dim=64, **UNIQUE_CONFIG)
+    config = load_pretrained(model)[0]
+    hlo, (_, b, s, kv, d) = _compiled_decode(model, monkeypatch, max_tokens=40)  # 64 slots: sums > 32
+    g = config.num_heads // kv
+    written = re.findall(rf"= f32\[{b},{s},{kv},{g},{d}\]\{{[^}}]*\}} fusion\(", hlo)
+    assert len(written) == 1, written
 
 
 def test_prefill_attends_within_the_prompt_only(model_dir):
