@@ -14,6 +14,7 @@ import math
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -188,6 +189,7 @@ class TrainingClient(_ResolvedClient):
         self._adapter = adapter
         self.model_id = model_id
         self.user_metadata = user_metadata  # the run's, kept in each of its checkpoints
+        self.created = time.time()
         self._inflight: InflightWeights | None = None
 
     @property
@@ -711,7 +713,8 @@ class ServiceClient:
         self.mesh = _mesh_from(mesh if mesh is not None else os.environ.get("JTINKER_MESH"))
         self.store = CheckpointStore(store_dir)
         self._connection_kwargs = connection_kwargs
-        self.runs: dict[str, dict] = {}  # model_id -> what the REST client reports of this process's runs
+        # The training clients alive in this process, by model id (the REST client lists their runs).
+        self.runs: weakref.WeakValueDictionary[str, TrainingClient] = weakref.WeakValueDictionary()
 
     def _base(self, base_model: str) -> BaseModel:
         return get_base_model(base_model, registry.resolve_base_model(base_model), self.dtype, self.mesh)
@@ -773,12 +776,7 @@ class ServiceClient:
         make = base.new_full_adapter if isinstance(spec, FullSpec) else lambda: base.new_adapter(spec)
         adapter = base.worker.submit(make).result()
         client = TrainingClient(self, adapter, model_id=model_id or new_run_id(), user_metadata=user_metadata)
-        self.runs[client.model_id] = {
-            "base_model": base.name,
-            "lora_rank": None if adapter.is_full else spec.rank,
-            "user_metadata": user_metadata,
-            "created": time.time(),
-        }
+        self.runs[client.model_id] = client
         return client
 
     def _client_from_state(

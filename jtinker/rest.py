@@ -1,10 +1,11 @@
 """The in-process ``RestClient``: training runs and checkpoints of a local store, as the SDK reports them.
 
-A run is listed once it has a checkpoint on disk, or while the :class:`~jtinker.client.ServiceClient`
-that made it is alive (``service.create_rest_client()``). Each call does its (small, local) work at
-once and returns a finished :class:`~jtinker.client.APIFuture`; errors surface from ``.result()``, as
-over the wire. Account features of the hosted service (sessions, billing, publishing, external
-weights) have no local meaning and are not provided.
+A run is listed once it has a checkpoint on disk, or while its training client is alive (for the
+REST client of the :class:`~jtinker.client.ServiceClient` that made it, ``service.create_rest_client()``).
+Each call does its (small, local) work at once and returns a finished
+:class:`~jtinker.client.APIFuture`; errors surface from ``.result()``, as over the wire. Account
+features of the hosted service (sessions, billing, publishing, external weights) have no local
+meaning and are not provided.
 """
 
 from __future__ import annotations
@@ -71,22 +72,22 @@ class RestClient:
         if not listed and live is None:
             raise NotFoundError(f"training_run_id: no training run {run_id!r} (none with a checkpoint)")
         meta = listed[0]["meta"] if listed else {}
-        info = weights_info(meta) if listed else {}
+        info = weights_info(meta) if live is None else live.get_info().model_dump()
         checkpoints = self._checkpoints(run_id)
         times = [c.time for c in checkpoints]
         if live is not None:
-            times.append(dt.datetime.fromtimestamp(live["created"], dt.UTC))
-        lora_rank = live["lora_rank"] if live is not None else info["lora_rank"]
+            times.append(dt.datetime.fromtimestamp(live.created, dt.UTC))
+        lora_rank = info["lora_rank"]
         return types.TrainingRun(
             training_run_id=run_id,
-            base_model=live["base_model"] if live is not None else info["base_model"],
+            base_model=info["base_model"] if live is None else info["model_name"],
             model_owner=_owner(),
             is_lora=lora_rank is not None,
             lora_rank=lora_rank,
             last_request_time=max(times),
             last_checkpoint=next((c for c in checkpoints if c.checkpoint_type == "training"), None),
             last_sampler_checkpoint=next((c for c in checkpoints if c.checkpoint_type == "sampler"), None),
-            user_metadata=live["user_metadata"] if live is not None else meta.get("run_user_metadata"),
+            user_metadata=meta.get("run_user_metadata") if live is None else live.user_metadata,
         )
 
     def get_training_run(

@@ -51,6 +51,20 @@ def test_runs_and_checkpoints_as_the_sdk_reports_them(service, qwen3_dir):
     assert fresh.list_user_checkpoints(limit=1, offset=1).result().cursor.total_count == 2
 
 
+def test_a_run_without_checkpoints_is_listed_while_its_client_lives(service, qwen3_dir):
+    import gc
+
+    rest = service.create_rest_client()
+    tc = service.create_lora_training_client(str(qwen3_dir), rank=RANK)
+    run_id = tc.model_id
+    assert [r.training_run_id for r in rest.list_training_runs().result().training_runs] == [run_id]
+    del tc
+    gc.collect()
+    with pytest.raises(tinker.NotFoundError, match="training_run_id"):
+        rest.get_training_run(run_id).result()
+    assert rest.list_training_runs().result().training_runs == []
+
+
 def test_full_fine_tune_runs_report_no_rank(service, qwen3_dir):
     tc = service.create_full_training_client(str(qwen3_dir))
     path = tc.save_weights_for_sampler("ft").result().path
