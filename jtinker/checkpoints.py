@@ -125,7 +125,7 @@ class CheckpointStore:
         self.wait_until_finished()
         directory = self.directory(parsed)
         self._recover(directory)
-        if not _complete(directory) or self._expire(directory):
+        if not _complete(directory) or self._live_meta(directory) is None:
             raise NotFoundError(f"{field}: checkpoint {path} not found")
         return parsed, directory
 
@@ -219,13 +219,15 @@ class CheckpointStore:
                     candidate.rename(directory)
                     return
 
-    def _expire(self, directory: Path) -> bool:
-        """True if the complete checkpoint at ``directory`` has expired; then deletes it."""
-        if not expired(json.loads(_meta_file(directory).read_text())):
-            return False
+    def _live_meta(self, directory: Path) -> dict | None:
+        """The metadata of the complete checkpoint at ``directory``; None once it has expired (it is
+        deleted then)."""
+        meta = json.loads(_meta_file(directory).read_text())
+        if not expired(meta):
+            return meta
         if not (jax.distributed.is_initialized() and jax.process_index() != 0):
             shutil.rmtree(directory, ignore_errors=True)
-        return True
+        return None
 
     def read_meta(self, path: str, field: str = "path") -> dict:
         _, directory = self.resolve(path, field)
@@ -275,9 +277,9 @@ class CheckpointStore:
                     if not _NAME.match(name) or ".." in name:
                         continue  # temporary files of Orbax, or not ours
                     self._recover(directory)
-                    if not _complete(directory) or self._expire(directory):
+                    meta = self._live_meta(directory) if _complete(directory) else None
+                    if meta is None:
                         continue  # an interrupted first save, or past its TTL
-                    meta = json.loads(_meta_file(directory).read_text())
                     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
                     found.append(
                         {

@@ -57,38 +57,39 @@ class RestClient:
 
     # -- runs -----------------------------------------------------------------------------------
     def _checkpoints(self, run_id: str | None = None) -> list[types.Checkpoint]:
-        return [
-            types.Checkpoint(
-                **checkpoint_fields(
-                    c, user_metadata=c["meta"].get("user_metadata"), expires_at=c["meta"].get("expires_at")
-                )
-            )
-            for c in self._store.list_checkpoints(run_id)
-        ]
+        return [_checkpoint(c) for c in self._store.list_checkpoints(run_id)]
 
-    def _run(self, run_id: str) -> types.TrainingRun:
+    def _listed_run(self, run_id: str) -> tuple[list[dict], types.TrainingRun]:
+        """The run's store listing (newest first) and the run; NotFoundError for an unknown run."""
         listed = self._store.list_checkpoints(run_id)
         live = self._live_runs.get(run_id)
         if not listed and live is None:
             raise NotFoundError(f"training_run_id: no training run {run_id!r} (none with a checkpoint)")
-        meta = listed[0]["meta"] if listed else {}
-        info = weights_info(meta) if live is None else live.get_info().model_dump()
-        checkpoints = self._checkpoints(run_id)
+        checkpoints = [_checkpoint(c) for c in listed]
         times = [c.time for c in checkpoints]
-        if live is not None:
+        if live is None:  # described by its newest checkpoint
+            meta = listed[0]["meta"]
+            base_model, lora_rank = meta["base_model"], weights_info(meta)["lora_rank"]
+            user_metadata = meta.get("run_user_metadata")
+        else:
+            info = live.get_info()
+            base_model, lora_rank, user_metadata = info.model_name, info.lora_rank, live.user_metadata
             times.append(dt.datetime.fromtimestamp(live.created, dt.UTC))
-        lora_rank = info["lora_rank"]
-        return types.TrainingRun(
+        run = types.TrainingRun(
             training_run_id=run_id,
-            base_model=info["base_model"] if live is None else info["model_name"],
+            base_model=base_model,
             model_owner=_owner(),
             is_lora=lora_rank is not None,
             lora_rank=lora_rank,
             last_request_time=max(times),
             last_checkpoint=next((c for c in checkpoints if c.checkpoint_type == "training"), None),
             last_sampler_checkpoint=next((c for c in checkpoints if c.checkpoint_type == "sampler"), None),
-            user_metadata=meta.get("run_user_metadata") if live is None else live.user_metadata,
+            user_metadata=user_metadata,
         )
+        return listed, run
+
+    def _run(self, run_id: str) -> types.TrainingRun:
+        return self._listed_run(run_id)[1]
 
     def get_training_run(
         self, training_run_id: str, access_scope: str = "owned"
@@ -122,8 +123,8 @@ class RestClient:
     # -- checkpoints ----------------------------------------------------------------------------
     def list_checkpoints(self, training_run_id: str) -> APIFuture[types.CheckpointsListResponse]:
         def listing() -> types.CheckpointsListResponse:
-            self._run(training_run_id)  # NotFoundError for an unknown run
-            return types.CheckpointsListResponse(checkpoints=self._checkpoints(training_run_id))
+            listed, _ = self._listed_run(training_run_id)  # NotFoundError for an unknown run
+            return types.CheckpointsListResponse(checkpoints=[_checkpoint(c) for c in listed])
 
         return _done(listing)
 
@@ -199,6 +200,15 @@ class RestClient:
         self, tinker_path: str, ttl_seconds: int | None
     ) -> None:
         return await self.set_checkpoint_ttl_from_tinker_path(tinker_path, ttl_seconds)
+
+
+def _checkpoint(entry: dict) -> types.Checkpoint:
+    """A :meth:`CheckpointStore.list_checkpoints` entry as the SDK's ``Checkpoint``."""
+    meta = entry["meta"]
+    fields = checkpoint_fields(
+        entry, user_metadata=meta.get("user_metadata"), expires_at=meta.get("expires_at")
+    )
+    return types.Checkpoint(**fields)
 
 
 def _check_page(limit: Any, offset: Any) -> None:

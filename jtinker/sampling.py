@@ -776,8 +776,8 @@ class Sampler:
             host["sample_index"][j] = row.sample
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids
         device_rows = _Rows(**{k: jnp.asarray(v) for k, v in host.items()})
-        topk = max(requests[r.request].topk_sample_logprobs for r in rows)
-        topk = min(bucket(topk), self.config.vocab_size) if topk else 0
+        topk_sample = max(requests[r.request].topk_sample_logprobs for r in rows)
+        topk_sample = min(bucket(topk_sample), self.config.vocab_size) if topk_sample else 0
         lora = _with_adapter_ids(lora, row_adapter, b)
 
         placement = self._placement(b, size)
@@ -796,8 +796,8 @@ class Sampler:
                 done=jnp.asarray(np.arange(b) >= n),  # padding rows never run
                 stopped=jnp.zeros(b, bool),
                 count=jnp.zeros(b, jnp.int32),
-                topk_ids=jnp.zeros((b, size, topk), jnp.int32),
-                topk_logprobs=jnp.zeros((b, size, topk), jnp.float32),
+                topk_ids=jnp.zeros((b, size, topk_sample), jnp.int32),
+                topk_logprobs=jnp.zeros((b, size, topk_sample), jnp.float32),
             ),
         )
         if placement[0] is not None:  # donated in place, so it must start in the layout decode keeps
