@@ -1,12 +1,13 @@
-"""tinker-cookbook 0.5.8's own building blocks against a ``jtinker serve`` process on 127.0.0.1.
+"""tinker-cookbook 0.6.1's own training loops against a ``jtinker serve`` process on 127.0.0.1.
 
 * supervised: the cookbook's whole SFT loop (``supervised.train.main``) on a local JSONL chat file,
   rendered by its ``qwen3`` renderer with the tiny model's own tokenizer (ChatML specials);
-* RL: its env / group-builder / rollout / advantage / ``importance_sampling`` datum construction and
-  ``rl.train.train_step`` on a self-contained environment.
+* RL: its whole RL loop (``rl.train.main``), synchronous and asynchronous, on a self-contained
+  environment.
 
-The cookbook pins ``transformers<=5.5.4``, so it is installed without its dependencies
-(``pip install --no-deps tinker-cookbook==0.5.8``; what its supervised and RL modules import is in
+The cookbook needs ``tml-renderers>=0.4.1``, which the package index lacks (only the ``tml``/Kimi
+renderers import it), so it is installed without its dependencies
+(``pip install --no-deps tinker-cookbook==0.6.1``; what its supervised and RL modules import is in
 the ``test`` extra). These tests are skipped when it is not installed.
 """
 
@@ -101,68 +102,94 @@ def test_supervised_loop_on_a_local_jsonl_file(server, tmp_path):
     assert saved and saved[-1]["state_path"].startswith("tinker://")
 
 
-def test_rl_building_blocks_on_a_self_contained_env(server):
-    """Env + group builder → ``do_group_rollout`` (sampling through the server) → advantages and
-    ``importance_sampling`` datums (``prepare_minibatch``) → ``rl.train.train_step``."""
-    from tinker_cookbook.completers import TinkerTokenCompleter
-    from tinker_cookbook.rl.rollouts import do_group_rollout
-    from tinker_cookbook.rl.train import prepare_minibatch, train_step
-    from tinker_cookbook.rl.types import Env, EnvGroupBuilder, StepResult
+class _VowelTask:
+    """A one-turn environment: the reward is the fraction of sampled tokens that are vowels."""
 
-    tokenizer = get_tokenizer(BASE)
-    renderer = renderers.get_renderer("qwen3", tokenizer)
-    vowel_ids = set(tokenizer.encode("aeiou", add_special_tokens=False))
+    @staticmethod
+    def dataset_builder(groups_per_batch: int, batches: int):
+        import chz
+        from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset, RLDatasetBuilder, StepResult
 
-    class VowelEnv(Env):
-        """One turn: the reward is the fraction of sampled tokens that are vowels."""
+        tokenizer = get_tokenizer(BASE)
+        renderer = renderers.get_renderer("qwen3", tokenizer)
+        vowel_ids = set(tokenizer.encode("aeiou", add_special_tokens=False))
 
-        async def initial_observation(self):
-            prompt = renderer.build_generation_prompt([{"role": "user", "content": "vowels please"}])
-            return prompt, renderer.get_stop_sequences()
+        class VowelEnv(Env):
+            async def initial_observation(self):
+                prompt = renderer.build_generation_prompt([{"role": "user", "content": "vowels please"}])
+                return prompt, renderer.get_stop_sequences()
 
-        async def step(self, action, *, extra=None):
-            reward = float(np.mean([t in vowel_ids for t in action])) if action else 0.0
-            return StepResult(
-                reward=reward,
-                episode_done=True,
-                next_observation=tinker.ModelInput.empty(),
-                next_stop_condition=renderer.get_stop_sequences(),
-                metrics={"vowel_fraction": reward},
-            )
+            async def step(self, action, *, extra=None):
+                reward = float(np.mean([t in vowel_ids for t in action])) if action else 0.0
+                return StepResult(
+                    reward=reward,
+                    episode_done=True,
+                    next_observation=tinker.ModelInput.empty(),
+                    next_stop_condition=renderer.get_stop_sequences(),
+                    metrics={"vowel_fraction": reward},
+                )
 
-    class VowelGroup(EnvGroupBuilder):
-        async def make_envs(self):
-            return [VowelEnv() for _ in range(4)]
+        class VowelGroup(EnvGroupBuilder):
+            async def make_envs(self):
+                return [VowelEnv() for _ in range(4)]
 
-        def logging_tags(self):
-            return ["vowels"]
+            def logging_tags(self):
+                return ["vowels"]
 
-    async def run() -> list[dict]:
-        service = tinker.ServiceClient(base_url=server.url)
-        training = await service.create_lora_training_client(BASE, rank=8, seed=3)
-        history = []
-        for _ in range(2):
-            sampler = await training.save_weights_and_get_sampling_client()
-            policy = TinkerTokenCompleter(sampler, max_tokens=8, temperature=1.0)
-            builders = [VowelGroup(), VowelGroup()]
-            groups = await asyncio.gather(*(do_group_rollout(b, policy) for b in builders))
-            data, metrics = await prepare_minibatch(builders, list(groups), tokenizer, None, 0.0, 1.0)
-            assert data and set(data[0].loss_fn_inputs) == {"target_tokens", "logprobs", "advantages", "mask"}
-            learner_logprobs = await train_step(
-                data, training, learning_rate=5e-2, num_substeps=1, loss_fn="importance_sampling",
-                metrics=metrics,
-            )  # fmt: skip
-            # Same weights sampled and scored: the learner's logprobs are the sampler's (ratio ~1).
-            for datum, lp in zip(data, learner_logprobs, strict=True):
-                mask = datum.loss_fn_inputs["mask"].to_numpy() > 0
-                sampled = datum.loss_fn_inputs["logprobs"].to_numpy()
-                np.testing.assert_allclose(lp.numpy()[mask], sampled[mask], atol=5e-3)
-            history.append(metrics)
-        return history
+        class VowelDataset(RLDataset):
+            def get_batch(self, index):
+                return [VowelGroup() for _ in range(groups_per_batch)]
 
-    history = asyncio.run(run())
-    assert len(history) == 2
-    for metrics in history:
-        assert {"env/all/reward/total", "env/all/vowel_fraction", "grad_norm:mean"} <= set(metrics)
-        # (a group whose rewards are all equal has zero advantages, so the gradient may be zero)
-        assert np.isfinite(metrics["env/all/reward/total"]) and np.isfinite(metrics["grad_norm:mean"])
+            def __len__(self):
+                return batches
+
+        @chz.chz
+        class VowelDatasetBuilder(RLDatasetBuilder):
+            async def __call__(self):
+                return VowelDataset(), None
+
+        return VowelDatasetBuilder()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch, mode):
+    """``tinker_cookbook.rl.train.main``, synchronous and off-policy (``AsyncConfig``): rollouts sampled
+    through the server, ``ppo`` steps, a checkpoint every step (``save_state`` and
+    ``save_weights_for_sampler`` with the cookbook's TTLs and metadata) and the final one."""
+    from tinker_cookbook.rl import train
+
+    monkeypatch.setattr(train, "fetch_model_pricing", lambda *a, **k: None)  # a URL fetch: stay offline
+    async_config = None
+    if mode == "async":
+        async_config = train.AsyncConfig(max_steps_off_policy=1, groups_per_batch=2, loss_fn="ppo")
+    config = train.Config(
+        learning_rate=5e-2,
+        dataset_builder=_VowelTask.dataset_builder(groups_per_batch=2, batches=3),
+        model_name=BASE,
+        recipe_name="jtinker_test_rl",
+        max_tokens=8,
+        log_path=str(tmp_path / "run"),
+        renderer_name="qwen3",
+        lora_rank=8,
+        loss_fn="ppo",
+        async_config=async_config,
+        base_url=server.url,
+        eval_every=0,
+        save_every=1,
+        num_groups_to_log=0,
+    )
+    asyncio.run(train.main(config))
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "env/all/reward/total" in row]
+    assert len(steps) == 3
+    for row in steps:
+        assert np.isfinite(row["env/all/reward/total"]) and 0.0 <= row["env/all/vowel_fraction"] <= 1.0
+        assert np.isfinite(row["grad_norm:mean"]) and "optim/entropy" in row
+        if mode == "sync":  # sampler and learner share weights: their logprobs agree
+            assert abs(row["optim/kl_sample_train_v1"]) < 1e-4
+        else:
+            assert "async/staleness_max" in row
+    saved = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
+    assert len(saved) >= 3 and all(row["state_path"].startswith("tinker://") for row in saved)
+    assert saved[-1]["sampler_path"].startswith("tinker://")
