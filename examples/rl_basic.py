@@ -1,6 +1,6 @@
 """Reinforcement learning with group-relative advantages and the ``importance_sampling`` loss.
 
-Run: ``python examples/rl_basic.py [--iterations 16] [--loss ppo]`` (offline, tiny model, ~15 s on CPU).
+Run: ``python examples/rl_basic.py [--iterations 16] [--loss ppo|gspo]`` (offline, tiny model, ~15 s on CPU).
 
 Task, verifiable by a string compare: repeat the digit that ends the prompt, ``"qkx7"`` -> ``"7"``.
 A few SFT steps give a policy that is right only sometimes; RL then raises the mean reward. Each
@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
     parser.add_argument("--group-size", type=int, default=8, help="samples per prompt")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--loss", choices=["importance_sampling", "ppo"], default="importance_sampling")
+    losses = ["importance_sampling", "ppo", "gspo"]
+    parser.add_argument("--loss", choices=losses, default="importance_sampling")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     codec = Codec(training.get_tokenizer(), model_dir)
     rng = random.Random(args.seed)
     adam = types.AdamParams(learning_rate=args.lr)
+    gspo = args.loss == "gspo"  # GSPO takes the completion tokens as a sequence_ratio_mask
 
     # A short SFT warm start: RL needs some reward to start from, and a random policy gets ~none.
     for _ in range(args.warmup_steps):
@@ -70,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for seq, advantage in zip(sequences, group_advantages(group), strict=True):
                 # All-equal groups have zero advantage everywhere: no signal, so skip them.
                 if advantage != 0:
-                    data.append(rl_datum(prompt, list(seq.tokens), list(seq.logprobs), advantage))
+                    datum = rl_datum(prompt, seq.tokens, seq.logprobs, advantage, sequence_ratio_mask=gspo)
+                    data.append(datum)
         mean_rewards.append(sum(rewards) / len(rewards))
         print(f"iter {it:2d}  mean reward {mean_rewards[-1]:.3f}  ({len(data)} trained sequences)")
         if data:

@@ -129,6 +129,8 @@ def validate_and_extract(
             arr = arr.astype(np.float32)
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{_field(i, key)}: contains NaN or inf")
+            if key in losses_lib.BINARY_INPUTS and not np.all((arr == 0) | (arr == 1)):
+                raise ValueError(f"{_field(i, key)}: every value must be 0 or 1")
             arrays[key] = arr
         tokens_list.append(tokens)
         targets_list.append(targets)

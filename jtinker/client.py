@@ -108,11 +108,16 @@ def _check_optimizer(optimizer: Any) -> None:
         raise ValueError(f"optimizer: only AdamW (types.AdamOptimizerConfig) is supported, got {optimizer!r}")
 
 
-def _reject_unsupported(**options: Any) -> None:
-    """SDK options jtinker does not implement: a clear error naming the field, never a silent no-op."""
-    for name, value in options.items():
-        if value:
-            raise ValueError(f"{name}: not supported by jtinker")
+STABILITY_INFO_UNSUPPORTED = (
+    "record_stability_info: not supported by jtinker (it serves loss_fn='stable_reinforce', which Tinker "
+    "does not define publicly; for off-policy data train with 'ppo' or 'gspo')"
+)
+
+
+def _reject_stability_info(record_stability_info: bool) -> None:
+    """A clear error naming the field, never a silent no-op."""
+    if record_stability_info:
+        raise ValueError(STABILITY_INFO_UNSUPPORTED)
 
 
 def _adam_hyperparams(adam_params: types.AdamParams) -> train.AdamHyperparams:
@@ -365,7 +370,7 @@ class TrainingClient(_ResolvedClient):
     ) -> SamplingClient:
         """A sampling client over a snapshot of the current adapter (taken in request order)."""
         del name, retry_config  # Tinker ignores the name: the snapshot is ephemeral
-        _reject_unsupported(record_stability_info=record_stability_info)
+        _reject_stability_info(record_stability_info)
         return self.snapshot_sampling_client(kind).result()
 
     def snapshot_sampling_client(self, kind: str = "snapshot") -> APIFuture[SamplingClient]:
@@ -866,7 +871,7 @@ class ServiceClient:
         record_stability_info: bool = False,
     ) -> SamplingClient:
         del retry_config
-        _reject_unsupported(record_stability_info=record_stability_info)
+        _reject_stability_info(record_stability_info)
         if model_path is None and base_model is None:
             raise ValueError("model_path or base_model: one is required")
         if model_path is None:

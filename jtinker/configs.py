@@ -73,7 +73,7 @@ class RLSection:
     group_size: int = 8  # samples per prompt; advantages are reward minus the group mean
     max_tokens: int = 16
     temperature: float = 1.0
-    loss: Literal["importance_sampling", "ppo", "cispo"] = "importance_sampling"
+    loss: Literal["importance_sampling", "ppo", "cispo", "gspo"] = "importance_sampling"
     # exact_match, match_fraction (share of answer characters right, in place: a graded signal), or
     # "module:function" / "path/file.py:function" taking (prompt, completion, answer) -> float
     reward: str = "exact_match"

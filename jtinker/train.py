@@ -135,7 +135,7 @@ def loss_and_logprobs(
 ):
     """``(loss, (metrics, logprobs))`` of a built-in Tinker loss; differentiable in ``lora``."""
     logprobs = target_logprobs(config, params, lora, batch, remat=remat)
-    inputs = {**batch.loss_inputs, "mask": batch.mask}
+    inputs = {**batch.loss_inputs, "mask": batch.mask, "segment_ids": batch.segment_ids}
     loss, metrics = loss_fn(logprobs, inputs, loss_config)
     return loss, (metrics, logprobs)
 

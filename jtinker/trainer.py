@@ -63,19 +63,27 @@ def learning_rate_at(optim: OptimSection, step: int, total_steps: int) -> float:
 
 
 def rl_datum(
-    prompt: Sequence[int], completion: Sequence[int], logprobs: Sequence[float], advantage: float
+    prompt: Sequence[int],
+    completion: Sequence[int],
+    logprobs: Sequence[float],
+    advantage: float,
+    *,
+    sequence_ratio_mask: bool = False,
 ) -> types.Datum:
-    """A policy-gradient datum: prompt positions get advantage 0; completion tokens get ``advantage``."""
+    """A policy-gradient datum: prompt positions get advantage 0; completion tokens get ``advantage``.
+
+    ``sequence_ratio_mask=True`` adds the input ``gspo`` takes: 1 on the completion tokens.
+    """
     tokens = list(prompt) + list(completion)
     n_prompt = len(prompt) - 1  # targets are tokens[1:], so the first completion token is target n_prompt
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "logprobs": [0.0] * n_prompt + list(logprobs),
-            "advantages": [0.0] * n_prompt + [advantage] * len(completion),
-        },
-    )
+    inputs = {
+        "target_tokens": tokens[1:],
+        "logprobs": [0.0] * n_prompt + list(logprobs),
+        "advantages": [0.0] * n_prompt + [advantage] * len(completion),
+    }
+    if sequence_ratio_mask:
+        inputs["sequence_ratio_mask"] = [0.0] * n_prompt + [1.0] * len(completion)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
@@ -438,7 +446,12 @@ class RLJob(_Job):
             rewards += group
             for seq, advantage in zip(sequences, group_advantages(group), strict=True):
                 if advantage != 0 and len(seq.tokens):  # all-equal groups carry no signal
-                    datums.append(rl_datum(prompt.tokens, seq.tokens, seq.logprobs, advantage))
+                    datums.append(
+                        rl_datum(
+                            prompt.tokens, seq.tokens, seq.logprobs, advantage,
+                            sequence_ratio_mask=rl.loss == "gspo",
+                        )
+                    )  # fmt: skip
         metrics: dict[str, Any] = {"reward": sum(rewards) / len(rewards), "datums": len(datums)}
         if not datums:
             return lambda: {**metrics, "loss": 0.0}

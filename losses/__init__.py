@@ -3,6 +3,7 @@
 from .dpo import dpo_loss
 from .tinker import (
     ALLOWED_CONFIG_KEYS,
+    BINARY_INPUTS,
     DEFAULT_CONFIG,
     LOSSES,
     MULTI_TARGET_LOSSES,
@@ -12,6 +13,7 @@ from .tinker import (
     cispo,
     cross_entropy,
     dro,
+    gspo,
     importance_sampling,
     ppo,
     resolve,
@@ -19,6 +21,7 @@ from .tinker import (
 
 __all__ = [
     "ALLOWED_CONFIG_KEYS",
+    "BINARY_INPUTS",
     "DEFAULT_CONFIG",
     "LOSSES",
     "MULTI_TARGET_LOSSES",
@@ -29,6 +32,7 @@ __all__ = [
     "cross_entropy",
     "dpo_loss",
     "dro",
+    "gspo",
     "importance_sampling",
     "ppo",
     "resolve",

@@ -7,7 +7,9 @@ Every loss has the signature ``loss_fn(logprobs, inputs, config) -> (loss, metri
 * ``inputs``: the datum's ``loss_fn_inputs`` padded to the same shape, under Tinker's key names
   (``weights``, ``logprobs`` = sampler logprobs ``q``, ``advantages`` ``A``), plus ``mask``, a float
   ``[B, T]`` array that is 1 on real tokens and 0 on padding (positions with ``mask > 0`` are real).
-  ``target_tokens`` is not passed: ``logprobs`` is already gathered at the targets.
+  ``target_tokens`` is not passed: ``logprobs`` is already gathered at the targets. Optional
+  ``segment_ids`` (int ``[B, T]``, unique per datum within a row) tells sequence-level losses which
+  datum each position of a packed row belongs to; without it every row is one datum.
 * ``config``: scalar hyperparameters, already merged with :data:`DEFAULT_CONFIG` by :func:`resolve`.
   Values may be Python floats or JAX scalars (so they can be traced arguments of a jitted step).
 
@@ -34,9 +36,16 @@ LossFn = Callable[[Array, Mapping[str, Array], Mapping[str, Any]], tuple[Array, 
 # Losses that accept [B, T, K] ("multi-target") tensors, per the Tinker docs.
 MULTI_TARGET_LOSSES: frozenset[str] = frozenset({"cross_entropy", "importance_sampling"})
 
-# Names in the newest SDK's LossFnType literal that the Tinker docs give no math for; jtinker refuses them
-# explicitly rather than guessing. "custom" is handled by the engine (forward_backward_custom).
-_KNOWN_UNSUPPORTED: frozenset[str] = frozenset({"gspo", "stable_reinforce", "custom"})
+# Names in the newest SDK's LossFnType literal that jtinker refuses by name. Tinker publishes no definition
+# of StableReinforce, nor of the "stability information" its sampler records; "custom" is handled by the
+# engine (forward_backward_custom).
+_KNOWN_UNSUPPORTED: dict[str, str] = {
+    "stable_reinforce": "Tinker does not publish its definition; for off-policy data use 'ppo' or 'gspo'",
+    "custom": "use forward_backward_custom",
+}
+
+# Inputs whose every value must be 0 or 1.
+BINARY_INPUTS: frozenset[str] = frozenset({"sequence_ratio_mask"})
 
 
 def _prepare(
@@ -101,6 +110,14 @@ def importance_sampling(
     return _finish(valid, -jnp.exp(lp - q) * adv)
 
 
+def _clipped_objective(ratio: Array, adv: Array, config: Mapping[str, Any]) -> tuple[Array, Array]:
+    """PPO's token loss ``-min(ratio * A, clip(ratio, lo, hi) * A)``, and where its clipped branch wins."""
+    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, lo, hi) * adv
+    return -jnp.minimum(unclipped, clipped), (clipped < unclipped) & ((ratio < lo) | (ratio > hi))
+
+
 def ppo(logprobs: Array, inputs: Mapping[str, Array], config: Mapping[str, Any]) -> tuple[Array, Metrics]:
     """``loss = -sum(min(ratio * A, clip(ratio, lo, hi) * A))`` with ``ratio = exp(lp - q)``.
 
@@ -109,12 +126,8 @@ def ppo(logprobs: Array, inputs: Mapping[str, Array], config: Mapping[str, Any])
     (their gradient is 0).
     """
     valid, lp, (q, adv) = _prepare("ppo", logprobs, inputs, ("logprobs", "advantages"))
-    lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
-    ratio = jnp.exp(lp - q)
-    unclipped = ratio * adv
-    clipped = jnp.clip(ratio, lo, hi) * adv
-    is_clipped = (clipped < unclipped) & ((ratio < lo) | (ratio > hi))
-    return _finish(valid, -jnp.minimum(unclipped, clipped), **{"clipped:sum": is_clipped})
+    token_loss, is_clipped = _clipped_objective(jnp.exp(lp - q), adv, config)
+    return _finish(valid, token_loss, **{"clipped:sum": is_clipped})
 
 
 def cispo(logprobs: Array, inputs: Mapping[str, Array], config: Mapping[str, Any]) -> tuple[Array, Metrics]:
@@ -138,12 +151,46 @@ def dro(logprobs: Array, inputs: Mapping[str, Array], config: Mapping[str, Any])
     return _finish(valid, -(lp * adv - 0.5 * beta * jnp.square(lp - q)))
 
 
+def _per_sequence_sum(x: Array, inputs: Mapping[str, Array]) -> Array:
+    """Each position's sum of ``x`` over its own datum (``segment_ids``; one datum a row without them)."""
+    b, t = x.shape
+    segments = inputs.get("segment_ids")
+    if segments is None:
+        return jnp.broadcast_to(jnp.sum(x, axis=1, keepdims=True), (b, t))
+    flat = (jnp.arange(b)[:, None] * (t + 1) + jnp.asarray(segments, jnp.int32)).reshape(-1)
+    sums = jax.ops.segment_sum(x.reshape(-1), flat, num_segments=b * (t + 1))
+    return sums[flat].reshape(b, t)
+
+
+def gspo(logprobs: Array, inputs: Mapping[str, Array], config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """GSPO-token (Zheng et al. 2025, "Group Sequence Policy Optimization", sec. 4.3), token-summed.
+
+    Each datum's sequence ratio is ``s = exp(mean(lp - q))`` over the positions where
+    ``sequence_ratio_mask`` is 1 (its sampled tokens). Every token's ratio ``r = sg(s) * exp(lp - sg(lp))``
+    has the value ``s`` and the gradient ``s * grad(lp)``, and
+    ``loss = -sum(min(r * A, clip(r, lo, hi) * A))``. With one advantage per sequence this is the paper's
+    sequence-level GSPO times the sequence length (Tinker sums token losses; normalise in ``advantages``).
+    Defaults ``lo = 1 - 3e-4``, ``hi = 1 + 4e-4`` are the paper's. Metric ``clipped:sum`` counts tokens whose
+    clipped branch is the active one.
+    """
+    valid, lp, (q, adv, in_ratio) = _prepare(
+        "gspo", logprobs, inputs, ("logprobs", "advantages", "sequence_ratio_mask")
+    )
+    log_ratio_sum = _per_sequence_sum(jax.lax.stop_gradient(lp - q) * in_ratio, inputs)
+    count = _per_sequence_sum(in_ratio, inputs)
+    seq_ratio = jnp.exp(log_ratio_sum / jnp.maximum(count, 1.0))  # 1 for a datum with no ratio positions
+    token_ratio = seq_ratio * jnp.exp(lp - jax.lax.stop_gradient(lp))  # value s, gradient s * grad(lp)
+    token_loss, is_clipped = _clipped_objective(token_ratio, adv, config)
+    return _finish(valid, token_loss, **{"clipped:sum": is_clipped})
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
 }
 
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
@@ -153,6 +200,7 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": _RL_INPUTS,
     "cispo": _RL_INPUTS,
     "dro": _RL_INPUTS,
+    "gspo": (*_RL_INPUTS, "sequence_ratio_mask"),
 }
 
 DEFAULT_CONFIG: dict[str, dict[str, float]] = {
@@ -164,6 +212,8 @@ DEFAULT_CONFIG: dict[str, dict[str, float]] = {
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     # Tinker documents beta only by example (0.05), with no default, so it is required.
     "dro": {},
+    # The GSPO paper's clipping range (epsilon_left 3e-4, epsilon_right 4e-4): sequence ratios stay near 1.
+    "gspo": {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
 }
 
 # Keys with no default that the caller must supply.
@@ -205,7 +255,7 @@ def resolve(name: str, loss_fn_config: Mapping[str, Any] | None = None) -> tuple
     naming ``loss_fn`` for an unknown loss and ``loss_fn_config.<key>`` for a bad key or value.
     """
     if name not in LOSSES:
-        why = " (not supported by jtinker)" if name in _KNOWN_UNSUPPORTED else ""
+        why = f" (not supported by jtinker: {_KNOWN_UNSUPPORTED[name]})" if name in _KNOWN_UNSUPPORTED else ""
         raise ValueError(f"loss_fn={name!r} is not a built-in loss{why}; expected one of {sorted(LOSSES)}")
     given = dict(loss_fn_config or {})
     allowed = ALLOWED_CONFIG_KEYS[name]
@@ -233,6 +283,7 @@ def resolve(name: str, loss_fn_config: Mapping[str, Any] | None = None) -> tuple
 
 __all__ = [
     "ALLOWED_CONFIG_KEYS",
+    "BINARY_INPUTS",
     "DEFAULT_CONFIG",
     "LOSSES",
     "MULTI_TARGET_LOSSES",
@@ -242,6 +293,7 @@ __all__ = [
     "cispo",
     "cross_entropy",
     "dro",
+    "gspo",
     "importance_sampling",
     "ppo",
     "resolve",

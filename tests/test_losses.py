@@ -27,6 +27,8 @@ CONFIGS = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05},
+    # Wider than the paper's defaults so the random sequence ratios land inside and on both sides.
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 SHAPES = {"bt": (4, 12), "btk": (3, 7, 4)}
 CASES = [(n, s) for n in LOSSES for s in SHAPES if s == "bt" or n in MULTI_TARGET_LOSSES]
@@ -51,6 +53,7 @@ def make_batch(shape: tuple[int, ...], seed: int = 0, garbage: bool = True) -> d
         "logprobs": q,
         "advantages": rng.normal(0.0, 1.5, shape),
         "weights": rng.uniform(0.0, 2.0, shape),
+        "sequence_ratio_mask": (rng.random(shape) < 0.7).astype(np.float64),
         "mask": mask,
     }
     if garbage:
@@ -59,6 +62,7 @@ def make_batch(shape: tuple[int, ...], seed: int = 0, garbage: bool = True) -> d
         data["logprobs"] = np.where(pad, -1e4, q)
         data["advantages"] = np.where(pad, 1e6, data["advantages"])
         data["weights"] = np.where(pad, -1e6, data["weights"])
+        data["sequence_ratio_mask"] = np.where(pad, 1.0, data["sequence_ratio_mask"])
     return data
 
 
@@ -117,6 +121,16 @@ def np_reference(name: str, d: dict[str, np.ndarray], cfg: dict) -> tuple[float,
         beta = cfg["beta"]
         tok = -(lp * a - 0.5 * beta * (lp - q) ** 2)
         g = -(a - beta * (lp - q))
+    elif name == "gspo":  # PPO's token rule with every token's ratio its row's sequence ratio
+        lo, hi = cfg["clip_low_threshold"], cfg["clip_high_threshold"]
+        m = np.where(v, d["sequence_ratio_mask"], 0.0)
+        s = np.exp(np.sum(m * (lp - q), axis=1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1))
+        r = np.broadcast_to(s, lp.shape)
+        unclipped, clipped = r * a, np.clip(r, lo, hi) * a
+        tok = -np.minimum(unclipped, clipped)
+        wins = (clipped < unclipped) & ((r < lo) | (r > hi))
+        g = np.where(wins, 0.0, -r * a)  # d ratio_t / d lp_t = s (GSPO-token)
+        n_clipped = float(np.sum(v & wins))
     else:
         raise AssertionError(name)
     return float(np.sum(tok[v])), np.where(v, g, 0.0), n_clipped
@@ -131,11 +145,18 @@ def torch_reference(name: str, d: dict[str, np.ndarray], cfg: dict) -> tuple[flo
     a = torch.tensor(d["advantages"])[v]
     w = torch.tensor(d["weights"])[v]
     ratio = torch.exp(lp - q)
+    if name == "gspo":  # the GSPO paper's token form, one sequence a row
+        rows = torch.from_numpy(np.nonzero(valid_of(d))[0])
+        m = torch.tensor(d["sequence_ratio_mask"])[v]
+        log_ratio = torch.zeros(len(d["lp"]), dtype=torch.float64).index_add(0, rows, m * (lp - q))
+        count = torch.zeros(len(d["lp"]), dtype=torch.float64).index_add(0, rows, m).clamp(min=1)
+        seq = torch.exp(log_ratio / count)[rows].detach()
+        ratio = seq * torch.exp(lp - lp.detach())
     if name == "cross_entropy":
         loss = (-lp * w).sum()
     elif name == "importance_sampling":
         loss = -(ratio * a).sum()
-    elif name == "ppo":
+    elif name in ("ppo", "gspo"):
         clipped = torch.clamp(ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
         loss = -torch.min(ratio * a, clipped * a).sum()
     elif name == "cispo":
@@ -175,7 +196,7 @@ def test_value_and_grad_match_references(name, shape):
     np.testing.assert_allclose(t_loss, ref_loss, rtol=1e-10)
     np.testing.assert_allclose(t_grad, ref_grad, rtol=1e-10, atol=1e-12)
     assert metrics["loss:sum"] == loss
-    if name in ("ppo", "cispo"):
+    if name in ("ppo", "cispo", "gspo"):
         assert metrics["clipped:sum"] == ref_clipped
         assert ref_clipped > 0
 
@@ -186,7 +207,7 @@ def test_padding_contributes_nothing(name, shape):
     dirty = make_batch(SHAPES[shape], seed=2, garbage=True)
     clean = make_batch(SHAPES[shape], seed=2, garbage=False)
     pad = ~valid_of(dirty)
-    for k in ("lp", "logprobs", "advantages", "weights"):
+    for k in ("lp", "logprobs", "advantages", "weights", "sequence_ratio_mask"):
         clean[k] = np.where(pad, 0.0, clean[k])
     # debug_nans: no intermediate (e.g. 0 * inf in the backward pass of a masked exp) may be nan either.
     with jax.debug_nans(True):
@@ -277,6 +298,92 @@ def test_config_overrides_take_effect(name, override):
     assert loss != pytest.approx(run(name, d, base)[0])
 
 
+def _packed_gspo_batch(seed: int):
+    """Two rows of 24, each packing three datums (segment ids = start + 1, as the engine packs them).
+    Each datum's sampled tail is in the ratio mask and shares one advantage; its prompt has A = 0."""
+    rng = np.random.default_rng(seed)
+    rows, t = 2, 24
+    lp = np.zeros((rows, t))
+    q, adv, in_ratio, mask = (np.zeros((rows, t)) for _ in range(4))
+    segments = np.zeros((rows, t), np.int32)
+    datums = []  # (row, slice, ratio slice)
+    for row in range(rows):
+        start = 0
+        for n, prompt in ((7, 2), (9, 3), (5, 1)):
+            sl, tail = slice(start, start + n), slice(start + prompt, start + n)
+            lp[row, sl] = rng.uniform(-3, 0, n)
+            q[row, tail] = lp[row, tail] - rng.normal(rng.uniform(-0.4, 0.4), 0.2, n - prompt)
+            adv[row, tail] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0)
+            in_ratio[row, tail], mask[row, sl], segments[row, sl] = 1.0, 1.0, start + 1
+            datums.append((row, sl, tail))
+            start += n
+    inputs = {"logprobs": q, "advantages": adv, "sequence_ratio_mask": in_ratio, "mask": mask}
+    return lp, inputs, segments, datums
+
+
+def test_gspo_gradient_is_the_sequence_objectives():
+    """With one advantage per sequence, GSPO-token's gradient is the gradient of the paper's sequence-level
+    objective times its sampled length: central finite differences of ``-n * min(s A, clip(s) A)``."""
+    cfg = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    lp, inputs, segments, datums = _packed_gspo_batch(seed=7)
+
+    def objective(x):
+        total = 0.0
+        for row, _, tail in datums:
+            s = np.exp(np.mean(x[row, tail] - inputs["logprobs"][row, tail]))
+            a = inputs["advantages"][row, tail][0]
+            clipped = np.clip(s, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
+            total -= (tail.stop - tail.start) * min(s * a, clipped * a)  # the sampled tokens' count
+        return total
+
+    jx = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()} | {"segment_ids": jnp.asarray(segments)}
+    (loss, metrics), grad = jax.value_and_grad(LOSSES["gspo"], has_aux=True)(
+        jnp.asarray(lp, jnp.float32), jx, cfg
+    )
+    eps, fd = 1e-6, np.zeros_like(lp)
+    for idx in zip(*np.nonzero(inputs["mask"]), strict=True):
+        up, down = lp.copy(), lp.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        fd[idx] = (objective(up) - objective(down)) / (2 * eps)
+    np.testing.assert_allclose(float(loss), objective(lp), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), fd, atol=2e-5)
+    # The data covers every branch: inside the range, clipped (zero gradient), outside but unclipped.
+    ratios = [np.exp(np.mean(lp[r, t] - inputs["logprobs"][r, t])) for r, _, t in datums]
+    signs = [inputs["advantages"][r, t][0] > 0 for r, _, t in datums]
+    outside = [not 0.9 <= s <= 1.1 for s in ratios]
+    assert any(not o for o in outside)
+    assert any(o and ((s > 1.1) == pos) for o, s, pos in zip(outside, ratios, signs, strict=True))
+    assert any(o and ((s > 1.1) != pos) for o, s, pos in zip(outside, ratios, signs, strict=True))
+    assert metrics["clipped:sum"] > 0
+
+
+def test_gspo_packed_rows_equal_each_datum_alone():
+    cfg = resolve("gspo", {"clip_low_threshold": 0.7, "clip_high_threshold": 1.3})[1]
+    lp, inputs, segments, datums = _packed_gspo_batch(seed=8)
+    jx = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()} | {"segment_ids": jnp.asarray(segments)}
+    fn = jax.value_and_grad(LOSSES["gspo"], has_aux=True)
+    (packed, _), grad = fn(jnp.asarray(lp, jnp.float32), jx, cfg)
+    total = 0.0
+    for row, sl, _ in datums:  # each datum alone in a row of its own, no segment ids
+        alone = {k: jnp.asarray(v[row : row + 1, sl], jnp.float32) for k, v in inputs.items()}
+        (loss, _), g = fn(jnp.asarray(lp[row : row + 1, sl], jnp.float32), alone, cfg)
+        np.testing.assert_allclose(np.asarray(grad)[row, sl], np.asarray(g)[0], rtol=1e-6, atol=1e-7)
+        total += float(loss)
+    np.testing.assert_allclose(float(packed), total, rtol=1e-5)
+    # Without segment ids a packed row would be one sequence: a different loss.
+    (whole_rows, _), _ = fn(
+        jnp.asarray(lp, jnp.float32), {k: v for k, v in jx.items() if k != "segment_ids"}, cfg
+    )
+    assert float(whole_rows) != pytest.approx(total, rel=1e-3)
+
+
+def test_gspo_defaults_are_the_papers():
+    assert resolve("gspo", None)[1] == pytest.approx(
+        {"clip_low_threshold": 0.9997, "clip_high_threshold": 1.0004}
+    )
+
+
 # ------------------------------------------------------------------------------------------- resolve
 def test_registry_is_consistent_with_sdk():
     from tinker.types.loss_fn_type import LossFnType
@@ -286,6 +393,7 @@ def test_registry_is_consistent_with_sdk():
     assert REQUIRED_INPUTS["cross_entropy"] == ("target_tokens", "weights")
     for name in ("importance_sampling", "ppo", "cispo", "dro"):
         assert REQUIRED_INPUTS[name] == ("target_tokens", "logprobs", "advantages")
+    assert REQUIRED_INPUTS["gspo"] == ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask")
     assert sorted(MULTI_TARGET_LOSSES) == ["cross_entropy", "importance_sampling"]
 
 
@@ -310,9 +418,11 @@ def test_resolve_accepts_scalars_and_returns_python_floats(value):
 
 
 def test_resolve_unknown_loss():
-    for name in ("foo", "gspo", "custom", "CROSS_ENTROPY"):
+    for name in ("foo", "stable_reinforce", "custom", "CROSS_ENTROPY"):
         with pytest.raises(ValueError, match="loss_fn"):
             resolve(name, None)
+    with pytest.raises(ValueError, match="stable_reinforce.*does not publish.*'ppo' or 'gspo'"):
+        resolve("stable_reinforce", None)
 
 
 @pytest.mark.parametrize(

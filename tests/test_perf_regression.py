@@ -198,6 +198,8 @@ def test_train_programs_lower_without_host_callbacks(model_dir, loss_name):
         "logprobs": rng.normal(-2.0, 0.5, 12).astype(np.float32),
         "advantages": rng.normal(0.0, 1.0, 12).astype(np.float32),
     }
+    if loss_name == "gspo":
+        rl["sequence_ratio_mask"] = (np.arange(12) >= 4).astype(np.float32)
     extra = rl if loss_name != "cross_entropy" else {}
     data = [_datum(12, rng, **extra) for _ in range(2)]
     if loss_name != "cross_entropy":

@@ -359,6 +359,25 @@ def test_importance_sampling_rl_step(server, service):
     np.testing.assert_allclose(
         scored[1:], out.loss_fn_outputs[0]["logprobs"].data[: len(prompt) - 1], atol=2e-3
     )
+    # GSPO as tinker-cookbook 0.6.1's rl_loop sends it: a ratio mask over the sampled tokens, provenance.
+    gspo_data = []
+    for datum, seq in zip(data, result.sequences, strict=True):
+        n_prompt, n_sampled = len(prompt) - 1, len(seq.tokens)
+        inputs = dict(datum.loss_fn_inputs, sequence_ratio_mask=[0.0] * n_prompt + [1.0] * n_sampled)
+        gspo_data.append(
+            types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs).with_provenance(
+                model_input=[
+                    types.PromptProvenanceSpan(sequence_id=seq.sequence_id, length=len(prompt)),
+                    types.SampledProvenanceSpan(sequence_id=seq.sequence_id, length=n_sampled - 1),
+                ],
+                loss_fn_inputs=[
+                    types.PromptProvenanceSpan(sequence_id=seq.sequence_id, offset=1, length=n_prompt),
+                    types.SampledProvenanceSpan(sequence_id=seq.sequence_id, length=n_sampled),
+                ],
+            )
+        )
+    gspo = tc.forward(gspo_data, "gspo").result()  # every sequence ratio is ~1
+    assert gspo.metrics["loss:sum"] == pytest.approx(-advantages_total, abs=1e-2)
     assert tc.optim_step(types.AdamParams(learning_rate=0.01)).result() is not None
 
 

@@ -32,7 +32,7 @@ from tinker.types.try_again_response import TryAgainResponse
 from jtinker import registry
 from jtinker import types as jt
 from jtinker.checkpoints import CheckpointPath, expired
-from jtinker.client import ServiceClient, TrainingClient, _adam_hyperparams
+from jtinker.client import STABILITY_INFO_UNSUPPORTED, ServiceClient, TrainingClient, _adam_hyperparams
 from jtinker.engine import Adapter
 from jtinker.server import wire
 from jtinker.server.state.db import Database
@@ -890,7 +890,7 @@ class Runtime:
                 )
             raise UserError(f"unknown sampling_session_id {req.sampling_session_id!r}", 404)
         if req.record_stability_info:
-            raise UserError("record_stability_info: not supported by this jtinker server")
+            raise UserError(STABILITY_INFO_UNSUPPORTED)
         prompt = wire.model_input_from_sdk(req.prompt)
         params = wire.sampling_params_from_sdk(req.sampling_params)
         targets = req.target_prompt_logprobs
