@@ -1,8 +1,9 @@
 """Checkpoints on local disk, addressed by Tinker paths, written by Orbax.
 
-``tinker://<run_id>/weights/<name>`` (training state: LoRA, Adam state, step) and
-``tinker://<run_id>/sampler_weights/<name>`` (LoRA only) live under
-``$JTINKER_HOME/runs/<run_id>/{weights,sampler_weights}/<name>``.
+``tinker://<run_id>/weights/<name>`` (training state: LoRA, Adam state, step),
+``tinker://<run_id>/sampler_weights/<name>`` (LoRA only) and
+``tinker://<run_id>/external_weights/<name>`` (Hugging Face files for other frameworks, under its
+``files/``: a PEFT adapter or a merged model) live under ``$JTINKER_HOME/runs/<run_id>/<kind>/<name>``.
 
 A checkpoint whose metadata has an ``expires_at`` (Unix time, from a save's ``ttl_seconds``) is gone
 once that time passes: reads and listings treat it as missing and delete it.
@@ -23,6 +24,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -35,7 +37,9 @@ from jtinker import registry
 from jtinker.errors import NotFoundError
 
 SCHEME = "tinker://"
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+EXTERNAL = "external_weights"
+_PATH_FORM = "tinker://<run_id>/<weights|sampler_weights|external_weights>/<name>"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _COMPLETE_MARKER = "commit_success.txt"
@@ -73,20 +77,14 @@ def validate_name(name: str, field: str = "name") -> str:
 @dataclasses.dataclass(frozen=True)
 class CheckpointPath:
     run_id: str
-    kind: str  # "weights" | "sampler_weights"
+    kind: str  # a key of KINDS
     name: str
 
     @classmethod
     def parse(cls, path: str, field: str = "path") -> CheckpointPath:
-        if not isinstance(path, str) or not path.startswith(SCHEME):
-            raise ValueError(
-                f"{field}: {path!r} is not a tinker://<run_id>/<weights|sampler_weights>/<name> path"
-            )
-        parts = path[len(SCHEME) :].split("/")
+        parts = path[len(SCHEME) :].split("/") if isinstance(path, str) and path.startswith(SCHEME) else []
         if len(parts) != 3 or parts[1] not in KINDS or not _RUN_ID.match(parts[0]):
-            raise ValueError(
-                f"{field}: {path!r} is not a tinker://<run_id>/<weights|sampler_weights>/<name> path"
-            )
+            raise ValueError(f"{field}: {path!r} is not a {_PATH_FORM} path")
         validate_name(parts[2], field)
         return cls(parts[0], parts[1], parts[2])
 
@@ -183,6 +181,39 @@ class CheckpointStore:
         threading.Thread(target=finish, name="jtinker-save", daemon=True).start()
         return future
 
+    def save_files(
+        self,
+        path: CheckpointPath,
+        write: Callable[[Path], None],
+        meta: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> str:
+        """Writes a checkpoint of plain files: ``write(directory)`` fills its ``files/`` (synchronously),
+        swapped in complete like every save. Returns ``str(path)``."""
+        directory = self.directory(path)
+        self._recover(directory)
+        if directory.exists() and not overwrite:
+            raise ValueError(f"name: checkpoint {path} already exists (pass overwrite=True to replace it)")
+        staging = _hidden(directory, "staging")
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed process
+        write(staging / "files")
+        meta = {**meta, "tinker_path": str(path), "created": dt.datetime.now(dt.UTC).isoformat()}
+        _meta_file(staging).parent.mkdir(parents=True)
+        _meta_file(staging).write_text(json.dumps(meta))
+        (staging / _COMPLETE_MARKER).write_text("")
+        with self._swap_lock:
+            self._swap_in(staging, directory)
+        return str(path)
+
+    def files(self, path: str, field: str = "path") -> dict[str, Path]:
+        """An external-weights checkpoint's files, keyed by their path relative to its root."""
+        parsed, directory = self.resolve(path, field)
+        if parsed.kind != EXTERNAL:
+            raise ValueError(f"{field}: {path} is not an external weights checkpoint ({EXTERNAL}/<name>)")
+        root = directory / "files"
+        return {f.relative_to(root).as_posix(): f for f in sorted(root.rglob("*")) if f.is_file()}
+
     def wait_until_finished(self) -> None:
         """Waits for every save in flight, its final rename included (errors stay with its future)."""
         with self._lock:
@@ -244,7 +275,12 @@ class CheckpointStore:
 
     def restore(self, path: str, abstract_items: dict[str, Any], field: str = "path") -> tuple[dict, dict]:
         """Restores ``abstract_items`` (trees of ``jax.ShapeDtypeStruct``) and the metadata."""
-        _, directory = self.resolve(path, field)
+        parsed, directory = self.resolve(path, field)
+        if parsed.kind == EXTERNAL:
+            raise ValueError(
+                f"{field}: {path} holds exported files for other frameworks; load a weights/ or "
+                "sampler_weights/ checkpoint"
+            )
         args = {k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()}
         args["meta"] = ocp.args.JsonRestore()
         restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(

@@ -49,17 +49,9 @@ def load_checkpoint_lora(store: Any, path: str, base_model: str | None = None) -
     return lora, config, model_dir, meta
 
 
-def peft_base_name(name: str, model_dir: Path) -> str:
-    """The base model a PEFT adapter names: a built-in name means nothing outside jtinker, its
-    directory does; registered names and paths stay as they are."""
-    from jtinker import registry
-
-    return str(model_dir) if name in registry.builtin_names() else name
-
-
 def export_checkpoint_peft(store: Any, path: str, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Exports the adapter of a ``tinker://`` checkpoint in ``store`` as a PEFT adapter directory."""
-    from jtinker.export import export_peft
+    from jtinker.export import export_peft, peft_base_name
 
     lora, config, model_dir, meta = load_checkpoint_lora(store, path, base_model)
     base_name = peft_base_name(base_model or meta["base_model"], model_dir)
@@ -123,7 +115,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from jtinker.checkpoints import CheckpointStore
-    from jtinker.export import export_merged, export_peft
+    from jtinker.export import export_merged, export_peft, peft_base_name
 
     path = _check_tinker_path(args.checkpoint_path)
     lora, config, model_dir, meta = load_checkpoint_lora(CheckpointStore(), path, args.base_model)

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jtinker import registry, sharding, train, types
-from jtinker.checkpoints import CheckpointPath, CheckpointStore, new_run_id, validate_name
+from jtinker.checkpoints import EXTERNAL, CheckpointPath, CheckpointStore, new_run_id, validate_name
 from jtinker.engine import (
     Adapter,
     BaseModel,
@@ -286,12 +286,15 @@ class TrainingClient(_ResolvedClient):
             "run_user_metadata": self.user_metadata,
         }
         store = self._service.store
-        saving = self._base.worker.submit(
-            lambda: self._adapter.save(
+
+        def save() -> concurrent.futures.Future:
+            if kind == EXTERNAL:
+                return self._adapter.save_external(store, path, overwrite=overwrite, metadata=metadata)
+            return self._adapter.save(
                 store, path, with_optimizer=with_optimizer, overwrite=overwrite, metadata=metadata
-            ),
-            adapter=self._adapter,
-        )
+            )
+
+        saving = self._base.worker.submit(save, adapter=self._adapter)
         return APIFuture(_chain(saving, lambda written: written))  # resolves once durable
 
     def save_state(
@@ -331,6 +334,19 @@ class TrainingClient(_ResolvedClient):
             user_metadata=user_metadata,
         )
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsForSamplerResponse(path=path)))
+
+    def save_weights_external(
+        self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
+    ) -> APIFuture[types.SaveWeightsExternalResponse]:
+        """The weights as Hugging Face files at ``tinker://<model_id>/external_weights/<name>``: a PEFT
+        adapter, or a merged model for a full fine-tune. ``RestClient.get_external_weights_urls`` lists
+        them; ``tinker checkpoint download`` fetches them."""
+        if age_encryption_recipients:
+            raise ValueError("age_encryption_recipients: not supported by jtinker (files are not encrypted)")
+        fut = self._save(
+            name, EXTERNAL, with_optimizer=False, overwrite=False, ttl_seconds=ttl_seconds, user_metadata=None
+        )
+        return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsExternalResponse(path=path)))
 
     def load_state(
         self, path: str, weights_access_token: str | None = None
@@ -424,6 +440,11 @@ class TrainingClient(_ResolvedClient):
         self, name, ttl_seconds=None, user_metadata=None, *, overwrite=False
     ) -> APIFuture:
         return self.save_weights_for_sampler(name, ttl_seconds, user_metadata, overwrite=overwrite)
+
+    async def save_weights_external_async(
+        self, name, ttl_seconds=None, age_encryption_recipients=None
+    ) -> APIFuture:
+        return self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
 
     async def load_state_async(self, path, weights_access_token=None) -> APIFuture:
         return self.load_state(path, weights_access_token)

@@ -364,6 +364,44 @@ class Adapter:
         }
         return store.save(path, items, meta, overwrite=overwrite)
 
+    def save_external(
+        self, store: CheckpointStore, path: CheckpointPath, *, overwrite: bool, metadata: dict | None = None
+    ) -> Future:
+        """The weights as Hugging Face files other frameworks load: a PEFT adapter, or for a full
+        fine-tune a merged model in the base dtype. Resolves to ``str(path)`` once written."""
+        from jax.experimental import multihost_utils
+
+        from jtinker.export import export_merged, export_peft, peft_base_name
+
+        weights = multihost_utils.process_allgather(self.lora.weights, tiled=True)  # this step's, in order
+        base = self.base
+        if self.is_full:
+
+            def write(out: Path) -> None:
+                export_merged(base.model_dir, base.config, weights, None, out, dtype=jnp.dtype(base.dtype))
+        else:
+            lora = self.lora.replace(weights=weights)
+            base_name = peft_base_name(base.name, base.model_dir)
+
+            def write(out: Path) -> None:
+                export_peft(base.config, lora, out, base_model_name_or_path=base_name)
+
+        meta = {**(metadata or {}), **self.identity(), "step": self.step, "dtype": jnp.dtype(base.dtype).name}
+        future: Future = Future()
+
+        def finish() -> None:  # off the worker: training goes on while the files are written
+            try:
+                written = store.save_files(path, write, meta, overwrite=overwrite)
+                future.set_result(written)
+            except BaseException as e:
+                future.set_exception(e)
+
+        if jax.process_index() == 0:
+            threading.Thread(target=finish, name="jtinker-export", daemon=True).start()
+        else:
+            future.set_result(str(path))
+        return future
+
     def load(self, store: CheckpointStore, path: str, *, with_optimizer: bool) -> None:
         """Loads weights (and Adam state) after checking the checkpoint fits this base and LoRA."""
         meta = store.read_meta(path)

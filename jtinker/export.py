@@ -99,6 +99,14 @@ def _peft_keys(config: ModelConfig, param: str) -> list[tuple[tuple[int, ...], s
 # export_peft
 
 
+def peft_base_name(name: str, model_dir: Path) -> str:
+    """The base model a PEFT adapter names: a built-in name means nothing outside jtinker, its
+    directory does; registered names and paths stay as they are."""
+    from jtinker import registry
+
+    return str(model_dir) if name in registry.builtin_names() else name
+
+
 def _vllm_rank(rank: int) -> int:
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:

@@ -3,9 +3,9 @@
 A run is listed once it has a checkpoint on disk, or while its training client is alive (for the
 REST client of the :class:`~jtinker.client.ServiceClient` that made it, ``service.create_rest_client()``).
 Each call does its (small, local) work at once and returns a finished
-:class:`~jtinker.client.APIFuture`; errors surface from ``.result()``, as over the wire. Account
-features of the hosted service (sessions, billing, publishing, external weights) have no local
-meaning and are not provided.
+:class:`~jtinker.client.APIFuture`; errors surface from ``.result()``, as over the wire. External
+weights are listed as ``file://`` URLs. Account features of the hosted service (sessions, billing,
+publishing) have no local meaning and are not provided.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from jtinker.errors import NotFoundError
 
 if TYPE_CHECKING:
     from jtinker.client import ServiceClient
+
+URLS_VALID_FOR = dt.timedelta(hours=1)  # as the hosted service's signed URLs (the CLI re-signs near the end)
 
 
 def _done(fn: Callable[[], Any]) -> APIFuture:
@@ -151,7 +153,7 @@ class RestClient:
         )
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
-        """``checkpoint_id`` is ``weights/<name>`` or ``sampler_weights/<name>``."""
+        """``checkpoint_id`` is ``<weights|sampler_weights|external_weights>/<name>``."""
         return self.delete_checkpoint_from_tinker_path(f"tinker://{training_run_id}/{checkpoint_id}")
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
@@ -162,6 +164,18 @@ class RestClient:
     ) -> APIFuture[None]:
         """The checkpoint expires ``ttl_seconds`` from now (None: never)."""
         return _done(lambda: self._store.set_expiry(tinker_path, _expires_at(ttl_seconds), "tinker_path"))
+
+    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[types.ExternalWeightsUrlsResponse]:
+        """``file://`` URLs of an external weights checkpoint's files (``save_weights_external``)."""
+
+        def urls() -> types.ExternalWeightsUrlsResponse:
+            files = self._store.files(tinker_path, "tinker_path")
+            expires = dt.datetime.now(dt.UTC) + URLS_VALID_FOR
+            return types.ExternalWeightsUrlsResponse(
+                urls={name: f.resolve().as_uri() for name, f in files.items()}, expires=expires
+            )
+
+        return _done(urls)
 
     def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
         return _done(server_capabilities)
@@ -195,6 +209,9 @@ class RestClient:
 
     async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         return await self.delete_checkpoint_from_tinker_path(tinker_path)
+
+    async def get_external_weights_urls_async(self, tinker_path: str) -> types.ExternalWeightsUrlsResponse:
+        return await self.get_external_weights_urls(tinker_path)
 
     async def set_checkpoint_ttl_from_tinker_path_async(
         self, tinker_path: str, ttl_seconds: int | None

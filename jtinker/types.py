@@ -78,6 +78,7 @@ __all__ = [
     "SaveWeightsResponse",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsForSamplerResponseInternal",
+    "SaveWeightsExternalResponse",
     "LoadWeightsResponse",
     "ModelData",
     "GetInfoResponse",
@@ -87,6 +88,7 @@ __all__ = [
     "GetServerCapabilitiesResponse",
     "GetSamplerResponse",
     "WeightsInfoResponse",
+    "ExternalWeightsUrlsResponse",
     "Checkpoint",
     "ParsedCheckpointTinkerPath",
     "Cursor",
@@ -954,6 +956,14 @@ class SaveWeightsForSamplerResponse(_Model):
 
 
 @_pydantic_like
+class SaveWeightsExternalResponse(_Model):
+    path: str
+    """A tinker URI for the external-format model weights"""
+
+    type: Literal["save_weights_external"] | None = None
+
+
+@_pydantic_like
 class SaveWeightsForSamplerResponseInternal(_Model):
     """What the server returns for save_weights_for_sampler: a path and/or an ephemeral sampling session."""
 
@@ -1021,6 +1031,15 @@ class GetSamplerResponse(_Model):
     sampler_id: str
     base_model: str
     model_path: str | None = None
+
+
+@_pydantic_like
+class ExternalWeightsUrlsResponse(_Model):
+    urls: dict[str, str]
+    """Download URL per file, keyed by the file path relative to the checkpoint root"""
+
+    expires: datetime
+    """When the URLs expire"""
 
 
 @_pydantic_like

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -416,3 +417,23 @@ def test_trained_adapter_exports_match_compute_logprobs(tmp_path, tiny_model_fac
     merged_dir = export_merged(model_dir, config, params, lora, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     np.testing.assert_allclose(reference(merged), ours, atol=1e-4)
+
+    # The SDK's way out: save_weights_external, then the files behind get_external_weights_urls.
+    external = training.save_weights_external("trained").result().path
+    assert external == f"tinker://{training.model_id}/external_weights/trained"
+    listed = service.create_rest_client().get_external_weights_urls(external).result()
+    assert sorted(listed.urls) == ["adapter_config.json", "adapter_model.safetensors"]
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for name, url in listed.urls.items():
+        with urllib.request.urlopen(url) as response:
+            (downloaded / name).write_bytes(response.read())
+        assert (downloaded / name).read_bytes() == (adapter_dir / name).read_bytes()
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    np.testing.assert_allclose(
+        reference(peft.PeftModel.from_pretrained(base, str(downloaded))), ours, atol=1e-4
+    )
+    listing = service.create_rest_client().list_checkpoints(training.model_id).result().checkpoints
+    assert [c.checkpoint_type for c in listing if c.tinker_path == external] == ["external"]
+    with pytest.raises(ValueError, match="external_weights.*weights/ or sampler_weights/"):
+        service.create_sampling_client(model_path=external)

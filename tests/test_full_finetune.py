@@ -124,6 +124,13 @@ def test_save_resume_export_merged(service, tiny_model_factory, tmp_path):
     np.testing.assert_allclose(ours.to_numpy(), hf, atol=1e-4)
     assert main(["export", sampler_path, str(tmp_path / "peft"), "--format", "peft"]) == 1
 
+    # save_weights_external writes the same merged model (a full fine-tune has no adapter to export).
+    external = training.save_weights_external("final").result().path
+    files = service.create_rest_client().get_external_weights_urls(external).result().urls
+    assert "config.json" in files and "model.safetensors" in files
+    for name in files:
+        assert (tmp_path / "merged" / name).read_bytes() == service.store.files(external)[name].read_bytes()
+
 
 def test_fsdp_sharded_matches_one_device(tiny_model_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))

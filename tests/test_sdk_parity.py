@@ -24,10 +24,7 @@ NOT_IN_PROCESS = {
         "copy_weights",  # copies between hosted projects
         "create_custom_loss",  # uploads a torch.fx loss; in process, forward_backward_custom takes a JAX one
     },
-    "TrainingClient": {
-        "get_telemetry", "get_console_url",
-        "save_weights_external", "save_weights_external_async",  # encrypted upload to external storage
-    },
+    "TrainingClient": {"get_telemetry", "get_console_url"},
     "SamplingClient": {
         "get_telemetry",
         "create", "from_sampler_handle", "get_sampler_handle",  # hosted sampler sessions by handle
@@ -43,7 +40,6 @@ NOT_IN_PROCESS = {
         "copy_weights", "copy_weights_async",
         "publish_checkpoint_from_tinker_path", "publish_checkpoint_from_tinker_path_async",
         "unpublish_checkpoint_from_tinker_path", "unpublish_checkpoint_from_tinker_path_async",
-        "get_external_weights_urls", "get_external_weights_urls_async",
     },
 }  # fmt: skip
 

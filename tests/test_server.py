@@ -501,6 +501,44 @@ def test_full_finetune_through_the_sdk(server, service):
     assert rest(server).get_weights_info_by_tinker_path(path).result().is_lora is False
 
 
+def test_external_weights_download_with_the_tinker_cli(server, service, tmp_path):
+    """``save_weights_external`` and signed URLs over the wire; ``tinker checkpoint download`` of a
+    training checkpoint (its own route: load the state, export, download, delete) gets the same files."""
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=5).result()
+    train_step(tc, sft_batch(21))
+    external = tc.save_weights_external("ext", ttl_seconds=3600).result().path
+    assert external == f"tinker://{tc.model_id}/external_weights/ext"
+    on_disk = {
+        p.name: p.read_bytes()
+        for p in (server.home / "runs" / tc.model_id / "external_weights" / "ext" / "files").iterdir()
+    }
+    listed = rest(server).get_external_weights_urls(external).result()
+    assert sorted(listed.urls) == sorted(on_disk) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name, url in listed.urls.items():
+        r = httpx.get(url, timeout=30)  # signed: no API key
+        assert r.status_code == 200 and r.content == on_disk[name]
+        tampered = url.replace("signature=", "signature=0")
+        assert httpx.get(tampered, timeout=30).status_code == 403
+    with pytest.raises(tinker.NotFoundError):  # another key cannot list them
+        rest(server, KEY_B).get_external_weights_urls(external).result()
+    tc.save_state("s").result()
+    r = server.get(f"/api/v1/training_runs/{tc.model_id}/checkpoints/weights/s/external_weights_urls")
+    assert r.status_code == 400 and "not an external weights checkpoint" in r.json()["detail"]
+
+    state = tc.save_state("for-download").result().path
+    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": KEY_A}
+    cli = [sys.executable, "-m", "tinker.cli", "checkpoint", "download", state, "--output", str(tmp_path)]
+    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = tmp_path / state.replace("tinker://", "").replace("/", "_")
+    assert {p.name: p.read_bytes() for p in got.iterdir()} == on_disk  # the same adapter, the same bytes
+    # The CLI deleted its temporary export.
+    types_left = [
+        c.checkpoint_type for c in rest(server).list_user_checkpoints(limit=1000).result().checkpoints
+    ]
+    assert types_left.count("external") == 1
+
+
 def test_rest_listings(server, service):
     tc = service.create_lora_training_client(
         BASE, rank=RANK, seed=5, user_metadata={"purpose": "listing"}

@@ -12,20 +12,25 @@ import asyncio
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
+import hmac
 import html
 import json
 import logging
+import secrets
 import time
+import urllib.parse
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinker import types as sdk
 
 from jtinker.checkpoints import CheckpointPath, checkpoint_fields, expired, weights_info
+from jtinker.rest import URLS_VALID_FOR
 from jtinker.server import wire
 from jtinker.server.auth import KeyRing
 from jtinker.server.runtime import Runtime
@@ -89,6 +94,7 @@ class Api:
         self.config = config
         self.runtime = runtime
         self.keys = keys
+        self.url_key = secrets.token_bytes(32)  # signs download URLs: they die with this process
 
     # -- request plumbing -------------------------------------------------------------------------
     def authorize(self, request: Request) -> str:
@@ -311,6 +317,12 @@ class Api:
         model_id, seq_id = self.envelope(body, "save_weights_for_sampler")
         return self.future(self.runtime.save_weights_for_sampler(owner, model_id, seq_id, body), model_id)
 
+    async def save_weights_external(self, request: Request) -> JSONResponse:
+        owner = self.authorize(request)
+        body = await self.json(request)
+        model_id, seq_id = self.envelope(body, "save_weights_external")
+        return self.future(self.runtime.save_weights_external(owner, model_id, seq_id, body), model_id)
+
     async def load_weights(self, request: Request) -> JSONResponse:
         owner = self.authorize(request)
         body = await self.json(request)
@@ -466,6 +478,57 @@ class Api:
         )
         return JSONResponse({})
 
+    async def external_weights_urls(self, request: Request) -> JSONResponse:
+        """Per-file download URLs of an external weights checkpoint, signed for an hour (no API key
+        needed to fetch them, as with the hosted service's storage URLs)."""
+        owner = self.authorize(request)
+        run_id, kind, name = (request.path_params[k] for k in ("run_id", "kind", "name"))
+        path = self._checkpoint_path(owner, run_id, f"{kind}/{name}")
+        self.runtime.own_checkpoint(owner, path)
+        try:
+            files = await _to_thread(self.runtime.store.files, path)
+        except FileNotFoundError as e:
+            raise UserError(str(e), 404) from None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        expires = int(time.time() + URLS_VALID_FOR.total_seconds())
+        base = str(request.base_url).rstrip("/")
+        urls = {
+            file: f"{base}{API}/external_weights/{run_id}/{name}/{file}?"
+            + urllib.parse.urlencode(
+                {"expires": expires, "signature": self._sign(run_id, name, file, expires)}
+            )
+            for file in files
+        }
+        return self.ok(
+            sdk.ExternalWeightsUrlsResponse(urls=urls, expires=dt.datetime.fromtimestamp(expires, dt.UTC))
+        )
+
+    def _sign(self, run_id: str, name: str, file: str, expires: int) -> str:
+        message = f"{run_id}/{name}/{file}/{expires}".encode()
+        return hmac.new(self.url_key, message, hashlib.sha256).hexdigest()
+
+    async def external_weights_file(self, request: Request) -> Response:
+        run_id, name, file = (request.path_params[k] for k in ("run_id", "name", "file"))
+        expires, signature = (
+            request.query_params.get("expires", ""),
+            request.query_params.get("signature", ""),
+        )
+        if not expires.isdigit() or not hmac.compare_digest(
+            signature, self._sign(run_id, name, file, int(expires))
+        ):
+            raise UserError("invalid download URL: get a new one with get_external_weights_urls", 403)
+        if int(expires) < time.time():
+            raise UserError("expired download URL: get a new one with get_external_weights_urls", 403)
+        path = f"tinker://{run_id}/external_weights/{name}"
+        try:
+            found = (await _to_thread(self.runtime.store.files, path)).get(file)
+        except (FileNotFoundError, ValueError):
+            found = None
+        if found is None:
+            raise UserError(f"{path}: no file {file!r}", 404)
+        return FileResponse(found)
+
     async def weights_info(self, request: Request) -> JSONResponse:
         owner = self.authorize(request)
         body = await self.json(request)
@@ -570,6 +633,7 @@ def create_app(config: ServerConfig, keys: KeyRing, db: Database | None = None) 
     route(f"{API}/optim_step", api.optim_step)
     route(f"{API}/save_weights", api.save_weights)
     route(f"{API}/save_weights_for_sampler", api.save_weights_for_sampler)
+    route(f"{API}/save_weights_external", api.save_weights_external)
     route(f"{API}/load_weights", api.load_weights)
     route(f"{API}/create_sampling_session", api.create_sampling_session)
     route(f"{API}/samplers/{{sampler_id}}", api.get_sampler, ("GET",))
@@ -582,7 +646,8 @@ def create_app(config: ServerConfig, keys: KeyRing, db: Database | None = None) 
     ckpt = f"{API}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}"
     route(f"{ckpt}/publish", api.not_supported, ("POST", "DELETE"))
     route(f"{ckpt}/ttl", api.set_checkpoint_ttl, ("PUT",))
-    route(f"{ckpt}/external_weights_urls", api.not_supported, ("GET",))
+    route(f"{ckpt}/external_weights_urls", api.external_weights_urls, ("GET",))
+    route(f"{API}/external_weights/{{run_id}}/{{name}}/{{file:path}}", api.external_weights_file, ("GET",))
     route(
         f"{API}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}",
         api.delete_checkpoint,

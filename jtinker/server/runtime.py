@@ -776,6 +776,28 @@ class Runtime:
 
         return self.submit_ordered(owner, model_id, seq_id, "SaveWeightsForSampler", op, on_result, error)
 
+    def save_weights_external(self, owner: str, model_id: str, seq_id: int | None, body: dict) -> str:
+        error, req = None, None
+        try:
+            req = wire.validate_model(sdk.SaveWeightsExternalRequest, body, "save_weights_external")
+            _check_ttl(req.ttl_seconds)
+            if req.age_encryption_recipients:
+                raise UserError("age_encryption_recipients: not supported by this jtinker server")
+        except UserError as e:
+            error = e
+
+        def op(client: TrainingClient) -> concurrent.futures.Future:
+            return client.save_weights_external(req.path).future()
+
+        def on_result(resp: jt.SaveWeightsExternalResponse) -> Any:
+            self.db.add_checkpoint(resp.path, model_id, owner, None, req.ttl_seconds)
+            size = sum(f.stat().st_size for f in self.store.files(resp.path).values())
+            return sdk.SaveWeightsExternalResponseInternal(
+                path=resp.path, size_bytes=size, type="save_weights_external"
+            )
+
+        return self.submit_ordered(owner, model_id, seq_id, "SaveWeightsExternal", op, on_result, error)
+
     def _snapshot_sampler(
         self, owner: str, model_id: str, seq_id: int | None, sampler_seq: int, kind: str = "snapshot"
     ) -> str:
