@@ -521,6 +521,8 @@ def test_external_weights_download_with_the_tinker_cli(server, service, tmp_path
         assert httpx.get(tampered, timeout=30).status_code == 403
     with pytest.raises(tinker.NotFoundError):  # another key cannot list them
         rest(server, KEY_B).get_external_weights_urls(external).result()
+    with pytest.raises(tinker.TinkerError, match="already exists"):
+        tc.save_weights_external("ext").result()
     tc.save_state("s").result()
     r = server.get(f"/api/v1/training_runs/{tc.model_id}/checkpoints/weights/s/external_weights_urls")
     assert r.status_code == 400 and "not an external weights checkpoint" in r.json()["detail"]

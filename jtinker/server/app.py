@@ -494,7 +494,7 @@ class Api:
         expires = int(time.time() + URLS_VALID_FOR.total_seconds())
         base = str(request.base_url).rstrip("/")
         urls = {
-            file: f"{base}{API}/external_weights/{run_id}/{name}/{file}?"
+            file: f"{base}{API}/external_weights/{urllib.parse.quote(f'{run_id}/{name}/{file}')}?"
             + urllib.parse.urlencode(
                 {"expires": expires, "signature": self._sign(run_id, name, file, expires)}
             )
