@@ -90,6 +90,9 @@ def _instances() -> dict[str, jt._Model]:
         "SaveWeightsForSamplerResponseInternal": jt.SaveWeightsForSamplerResponseInternal(
             sampling_session_id="sess:sample:1"
         ),
+        "SaveWeightsExternalResponse": jt.SaveWeightsExternalResponse(
+            path="tinker://run-1/external_weights/final"
+        ),
         "LoadWeightsResponse": jt.LoadWeightsResponse(path="tinker://run-1/weights/final", model_id="run-1"),
         "ModelData": jt.ModelData(arch="qwen3", model_name="Qwen/Qwen3-0.6B"),
         "GetInfoResponse": jt.GetInfoResponse(
@@ -105,6 +108,9 @@ def _instances() -> dict[str, jt._Model]:
         ),
         "GetSamplerResponse": jt.GetSamplerResponse(sampler_id="sess:sample:0", base_model="m"),
         "WeightsInfoResponse": jt.WeightsInfoResponse(base_model="m", is_lora=True, lora_rank=8),
+        "ExternalWeightsUrlsResponse": jt.ExternalWeightsUrlsResponse(
+            urls={"adapter_config.json": "https://host/a?signature=0"}, expires=NOW
+        ),
         "Checkpoint": _checkpoint(),
         "ParsedCheckpointTinkerPath": jt.ParsedCheckpointTinkerPath.from_tinker_path(
             "tinker://run-1/sampler_weights/000020"
