@@ -16,6 +16,7 @@ Sampling seeds are derived from ``(seed, step, prompt)``, so RL resumes determin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -437,6 +438,8 @@ class RLJob(_Job):
             for i, p in enumerate(batch)
         ]
         datums, rewards = [], []
+        # GSPO takes the completion tokens as a sequence_ratio_mask.
+        make_datum = functools.partial(rl_datum, sequence_ratio_mask=rl.loss == "gspo")
         for prompt, future in zip(batch, futures, strict=True):
             sequences = future.result().sequences
             group = [
@@ -446,12 +449,7 @@ class RLJob(_Job):
             rewards += group
             for seq, advantage in zip(sequences, group_advantages(group), strict=True):
                 if advantage != 0 and len(seq.tokens):  # all-equal groups carry no signal
-                    datums.append(
-                        rl_datum(
-                            prompt.tokens, seq.tokens, seq.logprobs, advantage,
-                            sequence_ratio_mask=rl.loss == "gspo",
-                        )
-                    )  # fmt: skip
+                    datums.append(make_datum(prompt.tokens, seq.tokens, seq.logprobs, advantage))
         metrics: dict[str, Any] = {"reward": sum(rewards) / len(rewards), "datums": len(datums)}
         if not datums:
             return lambda: {**metrics, "loss": 0.0}
