@@ -277,7 +277,15 @@ class TrainingClient(_ResolvedClient):
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save(
-        self, name: str, kind: str, *, with_optimizer: bool, overwrite: bool, ttl_seconds, user_metadata
+        self,
+        name: str,
+        kind: str,
+        *,
+        with_optimizer: bool,
+        overwrite: bool,
+        ttl_seconds,
+        user_metadata,
+        age_recipients: list | None = None,
     ) -> APIFuture:
         path = CheckpointPath(self.model_id, kind, validate_name(name))
         metadata = {
@@ -289,7 +297,9 @@ class TrainingClient(_ResolvedClient):
 
         def save() -> concurrent.futures.Future:
             if kind == EXTERNAL:
-                return self._adapter.save_external(store, path, overwrite=overwrite, metadata=metadata)
+                return self._adapter.save_external(
+                    store, path, overwrite=overwrite, metadata=metadata, age_recipients=age_recipients
+                )
             return self._adapter.save(
                 store, path, with_optimizer=with_optimizer, overwrite=overwrite, metadata=metadata
             )
@@ -339,12 +349,20 @@ class TrainingClient(_ResolvedClient):
         self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
     ) -> APIFuture[types.SaveWeightsExternalResponse]:
         """The weights as Hugging Face files at ``tinker://<model_id>/external_weights/<name>``: a PEFT
-        adapter, or a merged model for a full fine-tune. ``RestClient.get_external_weights_urls`` lists
-        them; ``tinker checkpoint download`` fetches them."""
-        if age_encryption_recipients:
-            raise ValueError("age_encryption_recipients: not supported by jtinker (files are not encrypted)")
+        adapter, or a merged model for a full fine-tune. With ``age_encryption_recipients`` (``age1...``
+        keys or SSH public keys, at most 10) every file is age-encrypted to them as ``<file>.age``.
+        ``RestClient.get_external_weights_urls`` lists them; ``tinker checkpoint download`` fetches them."""
+        from jtinker.export import age_recipients
+
+        recipients = age_recipients(age_encryption_recipients) if age_encryption_recipients else None
         fut = self._save(
-            name, EXTERNAL, with_optimizer=False, overwrite=False, ttl_seconds=ttl_seconds, user_metadata=None
+            name,
+            EXTERNAL,
+            with_optimizer=False,
+            overwrite=False,
+            ttl_seconds=ttl_seconds,
+            user_metadata=None,
+            age_recipients=recipients,
         )
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsExternalResponse(path=path)))
 

@@ -365,13 +365,21 @@ class Adapter:
         return store.save(path, items, meta, overwrite=overwrite)
 
     def save_external(
-        self, store: CheckpointStore, path: CheckpointPath, *, overwrite: bool, metadata: dict | None = None
+        self,
+        store: CheckpointStore,
+        path: CheckpointPath,
+        *,
+        overwrite: bool,
+        metadata: dict | None = None,
+        age_recipients: list | None = None,
     ) -> Future:
         """The weights as Hugging Face files other frameworks load: a PEFT adapter, or for a full
-        fine-tune a merged model in the base dtype. Resolves to ``str(path)`` once written."""
+        fine-tune a merged model in the base dtype; each file age-encrypted to ``age_recipients``
+        (parsed by :func:`jtinker.export.age_recipients`) when given. Resolves to ``str(path)`` once
+        written."""
         from jax.experimental import multihost_utils
 
-        from jtinker.export import export_merged, export_peft, peft_base_name
+        from jtinker.export import encrypt_files, export_merged, export_peft, peft_base_name
 
         weights = multihost_utils.process_allgather(self.lora.weights, tiled=True)  # this step's, in order
         base = self.base
@@ -386,12 +394,18 @@ class Adapter:
             def write(out: Path) -> None:
                 export_peft(base.config, lora, out, base_model_name_or_path=base_name)
 
+        def write_and_encrypt(out: Path) -> None:
+            write(out)
+            if age_recipients:
+                encrypt_files(out, age_recipients)
+
         meta = {**(metadata or {}), **self.identity(), "step": self.step, "dtype": jnp.dtype(base.dtype).name}
+        meta["age_encrypted"] = bool(age_recipients)
         future: Future = Future()
 
         def finish() -> None:  # off the worker: training goes on while the files are written
             try:
-                written = store.save_files(path, write, meta, overwrite=overwrite)
+                written = store.save_files(path, write_and_encrypt, meta, overwrite=overwrite)
                 future.set_result(written)
             except BaseException as e:
                 future.set_exception(e)

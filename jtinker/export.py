@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,36 @@ def peft_base_name(name: str, model_dir: Path) -> str:
     from jtinker import registry
 
     return str(model_dir) if name in registry.builtin_names() else name
+
+
+MAX_AGE_RECIPIENTS = 10
+
+
+def age_recipients(recipients: Sequence[str], field: str = "age_encryption_recipients") -> list:
+    """Parsed age recipients (native ``age1...`` keys or SSH public keys); ValueError names the entry."""
+    try:
+        import pyrage
+    except ImportError:
+        raise ValueError(f"{field}: encrypting needs the pyrage package (pip install pyrage)") from None
+    if len(recipients) > MAX_AGE_RECIPIENTS:
+        raise ValueError(f"{field}: at most {MAX_AGE_RECIPIENTS} recipients, got {len(recipients)}")
+    parsed = []
+    for i, text in enumerate(recipients):
+        kind = pyrage.ssh if isinstance(text, str) and text.startswith("ssh-") else pyrage.x25519
+        try:
+            parsed.append(kind.Recipient.from_str(text))
+        except (pyrage.RecipientError, TypeError) as e:
+            raise ValueError(f"{field}[{i}]: not an age1... key or an SSH public key ({e})") from None
+    return parsed
+
+
+def encrypt_files(directory: Path, recipients: list) -> None:
+    """Replaces every file under ``directory`` by its age encryption, ``<name>.age``."""
+    import pyrage
+
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        pyrage.encrypt_file(str(path), f"{path}.age", recipients)
+        path.unlink()
 
 
 def _vllm_rank(rank: int) -> int:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -193,3 +195,31 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
     saved = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
     assert len(saved) >= 3 and all(row["state_path"].startswith("tinker://") for row in saved)
     assert saved[-1]["sampler_path"].startswith("tinker://")
+
+
+def test_weights_download_of_a_training_checkpoint(server, tmp_path):
+    """``tinker_cookbook.weights.download``: it loads the checkpoint into a new run, exports it
+    age-encrypted to a key it generates, downloads and decrypts the files and deletes the export."""
+    from tinker_cookbook.weights import download
+
+    service = tinker.ServiceClient(base_url=server.url)
+    training = service.create_lora_training_client(BASE, rank=8, seed=4).result()
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints([5, 6, 7, 8]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4},
+    )
+    training.forward_backward([datum], "cross_entropy").result()
+    training.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+    state = training.save_state("to-download").result().path
+    plain = training.save_weights_external("plain").result().path
+    rest = tinker.RestClient(base_url=server.url)
+    before = {c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints}
+
+    out = download(tinker_path=state, output_dir=str(tmp_path / "adapter"), base_url=server.url)
+    got = {p.name: p.read_bytes() for p in Path(out).iterdir() if not p.name.startswith(".")}
+    urls = rest.get_external_weights_urls(plain).result().urls
+    assert sorted(got) == sorted(urls) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name, url in urls.items():  # the decrypted files are the plaintext export, byte for byte
+        assert got[name] == httpx.get(url, timeout=30).content
+    after = {c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints}
+    assert [p for p in after - before if "external_weights" in p] == []  # its encrypted export is gone

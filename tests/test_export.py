@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pyrage
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -433,6 +434,24 @@ def test_trained_adapter_exports_match_compute_logprobs(tmp_path, tiny_model_fac
     np.testing.assert_allclose(
         reference(peft.PeftModel.from_pretrained(base, str(downloaded))), ours, atol=1e-4
     )
+    # Encrypted to an age key: every file becomes <file>.age, which decrypts to the same bytes.
+    identity = pyrage.x25519.Identity.generate()
+    encrypted = training.save_weights_external(
+        "sealed", age_encryption_recipients=[str(identity.to_public())]
+    )
+    sealed = service.create_rest_client().get_external_weights_urls(encrypted.result().path).result().urls
+    assert sorted(sealed) == ["adapter_config.json.age", "adapter_model.safetensors.age"]
+    for name, url in sealed.items():
+        with urllib.request.urlopen(url) as response:
+            ciphertext = response.read()
+        assert (
+            pyrage.decrypt(ciphertext, [identity]) == (adapter_dir / name.removesuffix(".age")).read_bytes()
+        )
+    with pytest.raises(ValueError, match=r"age_encryption_recipients\[1\]: not an age1"):
+        training.save_weights_external(
+            "bad", age_encryption_recipients=[str(identity.to_public()), "age1nope"]
+        )
+
     listing = service.create_rest_client().list_checkpoints(training.model_id).result().checkpoints
     assert [c.checkpoint_type for c in listing if c.tinker_path == external] == ["external"]
     with pytest.raises(ValueError, match="external_weights.*weights/ or sampler_weights/"):

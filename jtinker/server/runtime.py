@@ -34,6 +34,7 @@ from jtinker import types as jt
 from jtinker.checkpoints import CheckpointPath, expired
 from jtinker.client import STABILITY_INFO_UNSUPPORTED, ServiceClient, TrainingClient, _adam_hyperparams
 from jtinker.engine import Adapter
+from jtinker.export import age_recipients
 from jtinker.server import wire
 from jtinker.server.state.db import Database
 from jtinker.server.wire import UserError
@@ -782,12 +783,14 @@ class Runtime:
             req = wire.validate_model(sdk.SaveWeightsExternalRequest, body, "save_weights_external")
             _check_ttl(req.ttl_seconds)
             if req.age_encryption_recipients:
-                raise UserError("age_encryption_recipients: not supported by this jtinker server")
-        except UserError as e:
-            error = e
+                age_recipients(req.age_encryption_recipients)  # a bad key fails the request before the save
+        except ValueError as e:
+            error = e if isinstance(e, UserError) else UserError(str(e))
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
-            return client.save_weights_external(req.path).future()
+            return client.save_weights_external(
+                req.path, age_encryption_recipients=req.age_encryption_recipients
+            ).future()
 
         def on_result(resp: jt.SaveWeightsExternalResponse) -> Any:
             self.db.add_checkpoint(resp.path, model_id, owner, None, req.ttl_seconds)
