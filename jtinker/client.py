@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import os
@@ -277,16 +278,10 @@ class TrainingClient(_ResolvedClient):
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save(
-        self,
-        name: str,
-        kind: str,
-        *,
-        with_optimizer: bool,
-        overwrite: bool,
-        ttl_seconds,
-        user_metadata,
-        age_recipients: list | None = None,
+        self, name: str, kind: str, write: Callable[..., Any], *, ttl_seconds, user_metadata
     ) -> APIFuture:
+        """``write(adapter, store, path, metadata=...)`` (an :class:`Adapter` save) runs on the worker in
+        request order; the future resolves to the path once the checkpoint is durable."""
         path = CheckpointPath(self.model_id, kind, validate_name(name))
         metadata = {
             "expires_at": _expires_at(ttl_seconds),
@@ -294,17 +289,9 @@ class TrainingClient(_ResolvedClient):
             "run_user_metadata": self.user_metadata,
         }
         store = self._service.store
-
-        def save() -> concurrent.futures.Future:
-            if kind == EXTERNAL:
-                return self._adapter.save_external(
-                    store, path, overwrite=overwrite, metadata=metadata, age_recipients=age_recipients
-                )
-            return self._adapter.save(
-                store, path, with_optimizer=with_optimizer, overwrite=overwrite, metadata=metadata
-            )
-
-        saving = self._base.worker.submit(save, adapter=self._adapter)
+        saving = self._base.worker.submit(
+            lambda: write(self._adapter, store, path, metadata=metadata), adapter=self._adapter
+        )
         return APIFuture(_chain(saving, lambda written: written))  # resolves once durable
 
     def save_state(
@@ -316,14 +303,8 @@ class TrainingClient(_ResolvedClient):
     ) -> APIFuture[types.SaveWeightsResponse]:
         """LoRA weights, Adam state and step, at ``tinker://<model_id>/weights/<name>``; after
         ``ttl_seconds`` the checkpoint is gone (reads and listings delete it)."""
-        fut = self._save(
-            name,
-            "weights",
-            with_optimizer=True,
-            overwrite=overwrite,
-            ttl_seconds=ttl_seconds,
-            user_metadata=user_metadata,
-        )
+        write = functools.partial(Adapter.save, with_optimizer=True, overwrite=overwrite)
+        fut = self._save(name, "weights", write, ttl_seconds=ttl_seconds, user_metadata=user_metadata)
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsResponse(path=path)))
 
     def save_weights_for_sampler(
@@ -335,14 +316,8 @@ class TrainingClient(_ResolvedClient):
         overwrite: bool = False,
     ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """LoRA weights only (cheaper), at ``tinker://<model_id>/sampler_weights/<name>``."""
-        fut = self._save(
-            name,
-            "sampler_weights",
-            with_optimizer=False,
-            overwrite=overwrite,
-            ttl_seconds=ttl_seconds,
-            user_metadata=user_metadata,
-        )
+        write = functools.partial(Adapter.save, with_optimizer=False, overwrite=overwrite)
+        fut = self._save(name, "sampler_weights", write, ttl_seconds=ttl_seconds, user_metadata=user_metadata)
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsForSamplerResponse(path=path)))
 
     def save_weights_external(
@@ -355,15 +330,8 @@ class TrainingClient(_ResolvedClient):
         from jtinker.export import age_recipients
 
         recipients = age_recipients(age_encryption_recipients) if age_encryption_recipients else None
-        fut = self._save(
-            name,
-            EXTERNAL,
-            with_optimizer=False,
-            overwrite=False,
-            ttl_seconds=ttl_seconds,
-            user_metadata=None,
-            age_recipients=recipients,
-        )
+        write = functools.partial(Adapter.save_external, overwrite=False, age_recipients=recipients)
+        fut = self._save(name, EXTERNAL, write, ttl_seconds=ttl_seconds, user_metadata=None)
         return APIFuture(_chain(fut.future(), lambda path: types.SaveWeightsExternalResponse(path=path)))
 
     def load_state(

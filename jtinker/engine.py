@@ -400,7 +400,6 @@ class Adapter:
                 encrypt_files(out, age_recipients)
 
         meta = {**(metadata or {}), **self.identity(), "step": self.step, "dtype": jnp.dtype(base.dtype).name}
-        meta["age_encrypted"] = bool(age_recipients)
         future: Future = Future()
 
         def finish() -> None:  # off the worker: training goes on while the files are written

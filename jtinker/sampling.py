@@ -277,6 +277,11 @@ def _record(out: _Out, rows: _Rows, step: jax.Array, token: jax.Array, logprob: 
 # The compiled programs
 
 
+def _prefill_shape(prompts: list[tuple[int, ...]]) -> tuple[int, int]:
+    """The bucketed ``[P, Tp]`` that a prefill of ``prompts`` (and its per-position queries) pads to."""
+    return bucket(len(prompts)), bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+
+
 def _prefill(
     config: ModelConfig,
     cache_dtype,
@@ -863,7 +868,7 @@ class Sampler:
         asks = [(i, r) for i, r in enumerate(owners) if r is not None]
         if not asks:
             return None
-        p, t = bucket(len(prompts)), bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
+        p, t = _prefill_shape(prompts)
         k = max([r.target_prompt_ids.shape[1] for _, r in asks if r.target_prompt_ids is not None], default=0)
         a = max([r.prompt_alt_tokens_k for _, r in asks], default=0)
         target_ids = np.full((p, t, bucket(k) if k else 0), -1, np.int32)
@@ -890,9 +895,8 @@ class Sampler:
         adapters: list | None = None,
         queries: _PromptQueries | None = None,
     ) -> dict:
-        p = bucket(len(prompts))
+        p, t = _prefill_shape(prompts)
         lora = _with_adapter_ids(lora, adapters, p)
-        t = bucket(max(len(x) for x in prompts), MIN_PROMPT_BUCKET)
         tokens = np.zeros((p, t), np.int32)
         lengths = np.ones(p, np.int32)
         for i, x in enumerate(prompts):
