@@ -3,7 +3,10 @@
 * supervised: the cookbook's whole SFT loop (``supervised.train.main``) on a local JSONL chat file,
   rendered by its ``qwen3`` renderer with the tiny model's own tokenizer (ChatML specials);
 * RL: its whole RL loop (``rl.train.main``), synchronous and asynchronous, on a self-contained
-  environment.
+  environment;
+* preference: its DPO loop (``preference.train_dpo.main``) on a local JSONL of comparisons;
+* distillation: its on-policy distillation loop (``distillation.train_on_policy.main``);
+* weights: ``weights.download`` of a training checkpoint.
 
 The cookbook needs ``tml-renderers>=0.4.1``, which the package index lacks (only the ``tml``/Kimi
 renderers import it), so it is installed without its dependencies
@@ -223,3 +226,122 @@ def test_weights_download_of_a_training_checkpoint(server, tmp_path):
         assert got[name] == httpx.get(url, timeout=30).content
     after = {c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints}
     assert [p for p in after - before if "external_weights" in p] == []  # its encrypted export is gone
+
+
+def test_dpo_loop_on_local_comparisons(server, tmp_path):
+    """``tinker_cookbook.preference.train_dpo.main``: its reference is a sampling client of the initial
+    weights (``save_weights_and_get_sampling_client``), its loss a torch function run through
+    ``forward_backward_custom`` over the wire. The reference's logprobs equal the learner's at the
+    start, so the first loss is exactly DPO's ln 2; preferring the chosen answer drives it down."""
+    from tinker_cookbook.preference import train_dpo
+    from tinker_cookbook.preference.dpo_datasets import DPODatasetBuilderFromComparisons
+    from tinker_cookbook.preference.preference_datasets import ComparisonBuilderFromJsonl
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    path = tmp_path / "comparisons.jsonl"
+    with path.open("w") as f:
+        for i in range(16):
+            comparison = {
+                "prompt_conversation": [{"role": "user", "content": f"item {i}: pick a color"}],
+                "completion_A": [{"role": "assistant", "content": "red red red"}],
+                "completion_B": [{"role": "assistant", "content": COLORS[1 + i % 3]}],
+            }
+            f.write(json.dumps({"comparison": comparison, "label": "A"}) + "\n")
+    config = train_dpo.Config(
+        log_path=str(tmp_path / "run"),
+        model_name=BASE,
+        recipe_name="jtinker_test_dpo",
+        renderer_name="qwen3",
+        dataset_builder=DPODatasetBuilderFromComparisons(
+            common_config=ChatDatasetBuilderCommonConfig(
+                model_name_for_tokenizer=BASE, renderer_name="qwen3", max_length=64, batch_size=4
+            ),
+            comparison_builder=ComparisonBuilderFromJsonl(train_path=str(path)),
+        ),
+        learning_rate=1e-2,
+        lr_schedule="constant",
+        num_epochs=2,
+        lora_rank=8,
+        base_url=server.url,
+        save_every=0,
+        eval_every=0,
+        infrequent_eval_every=0,
+    )
+    train_dpo.main(config)
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "dpo_loss" in row]
+    assert len(steps) == 8  # 2 epochs of 4 pairs-batches
+    assert steps[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-4)
+    assert steps[0]["margin"] == pytest.approx(0.0, abs=1e-3)
+    assert steps[-1]["dpo_loss"] < 0.2 and steps[-1]["accuracy"] == 1.0 and steps[-1]["margin"] > 1.5
+
+
+def test_on_policy_distillation_loop(server, tmp_path):
+    """``tinker_cookbook.distillation.train_on_policy.main``: the student starts from a state
+    checkpoint fine-tuned to answer "red" (``create_training_client_from_state``); the teacher is
+    the base model's sampling client, whose ``compute_logprobs`` gives the reverse-KL advantages
+    of ``importance_sampling`` steps. The student's sampled answers move back to the teacher's."""
+    import chz
+    from tinker_cookbook.distillation import train_on_policy
+    from tinker_cookbook.distillation.datasets import (
+        DistillationDatasetConfig,
+        PromptOnlyDataset,
+        TeacherConfig,
+    )
+    from tinker_cookbook.rl.types import RLDatasetBuilder
+    from tinker_cookbook.supervised.data import conversation_to_datum
+
+    prompts = [f"item {i}: color?" for i in range(64)]
+    tokenizer = get_tokenizer(BASE)
+    renderer = renderers.get_renderer("qwen3", tokenizer)
+
+    @chz.chz
+    class Prompts(RLDatasetBuilder):
+        async def __call__(self):
+            dataset = PromptOnlyDataset(
+                prompts=prompts, batch_size=4, group_size=8, renderer=renderer, tokenizer=tokenizer
+            )
+            return dataset, None
+
+    service = tinker.ServiceClient(base_url=server.url)
+    training = service.create_lora_training_client(BASE, rank=8, seed=3).result()
+    red = [
+        conversation_to_datum(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": "red"}],
+            renderer, 64, renderers.TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+        )
+        for p in prompts[:8]
+    ]  # fmt: skip
+    for _ in range(10):
+        training.forward_backward(red, "cross_entropy").result()
+        training.optim_step(tinker.AdamParams(learning_rate=3e-2)).result()
+    student = training.save_state("red-student").result().path
+
+    config = train_on_policy.Config(
+        learning_rate=1e-2,
+        dataset_configs=[
+            DistillationDatasetConfig(
+                dataset_builder=Prompts(), teacher_config=TeacherConfig(base_model=BASE), groups_per_batch=4
+            )
+        ],
+        model_name=BASE,
+        recipe_name="jtinker_test_distillation",
+        renderer_name="qwen3",
+        max_tokens=1,
+        lora_rank=8,
+        load_checkpoint_path=student,
+        log_path=str(tmp_path / "run"),
+        base_url=server.url,
+        eval_every=0,
+        save_every=0,
+    )
+    asyncio.run(train_on_policy.main(config))
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [row["teacher_kl"] for row in rows if "teacher_kl" in row]
+    assert len(kl) == 16
+    assert kl[0] > 1.0  # the fine-tuned student is far from the base teacher
+    assert np.median(kl[-4:]) < 0.25 * kl[0]
+    sample_train_kl = [row["optim/kl_sample_train_v1"] for row in rows if "optim/kl_sample_train_v1" in row]
+    assert len(sample_train_kl) == 16 and max(map(abs, sample_train_kl)) < 1e-4  # sampler == learner
