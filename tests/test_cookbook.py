@@ -108,10 +108,12 @@ def test_supervised_loop_on_a_local_jsonl_file(server, tmp_path):
 
 
 class _VowelTask:
-    """A one-turn environment: the reward is the fraction of sampled tokens that are vowels."""
+    """An environment whose reward is the fraction of sampled tokens that are vowels."""
 
     @staticmethod
-    def dataset_builder(groups_per_batch: int, batches: int):
+    def dataset_builder(groups_per_batch: int, batches: int, turns: int = 1):
+        """Each episode lasts ``turns`` turns: every observation extends the last one (observation,
+        action, a follow-up), so the cookbook trains each episode as one datum."""
         import chz
         from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset, RLDatasetBuilder, StepResult
 
@@ -119,17 +121,25 @@ class _VowelTask:
         renderer = renderers.get_renderer("qwen3", tokenizer)
         vowel_ids = set(tokenizer.encode("aeiou", add_special_tokens=False))
 
+        follow_up = tokenizer.encode("\nmore vowels:", add_special_tokens=False)
+
         class VowelEnv(Env):
             async def initial_observation(self):
-                prompt = renderer.build_generation_prompt([{"role": "user", "content": "vowels please"}])
-                return prompt, renderer.get_stop_sequences()
+                self.turn = 1
+                self.context = renderer.build_generation_prompt(
+                    [{"role": "user", "content": "vowels please"}]
+                )
+                return self.context, renderer.get_stop_sequences()
 
             async def step(self, action, *, extra=None):
                 reward = float(np.mean([t in vowel_ids for t in action])) if action else 0.0
+                done = self.turn == turns
+                self.turn += 1
+                self.context = tinker.ModelInput.from_ints(self.context.to_ints() + list(action) + follow_up)
                 return StepResult(
                     reward=reward,
-                    episode_done=True,
-                    next_observation=tinker.ModelInput.empty(),
+                    episode_done=done,
+                    next_observation=tinker.ModelInput.empty() if done else self.context,
                     next_stop_condition=renderer.get_stop_sequences(),
                     metrics={"vowel_fraction": reward},
                 )
@@ -156,11 +166,12 @@ class _VowelTask:
         return VowelDatasetBuilder()
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "multiturn"])
 def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch, mode):
-    """``tinker_cookbook.rl.train.main``, synchronous and off-policy (``AsyncConfig``): rollouts sampled
-    through the server, ``ppo`` steps, a checkpoint every step (``save_state`` and
-    ``save_weights_for_sampler`` with the cookbook's TTLs and metadata) and the final one."""
+    """``tinker_cookbook.rl.train.main``, synchronous, off-policy (``AsyncConfig``) and with three-turn
+    episodes: rollouts sampled through the server, ``ppo`` steps, a checkpoint every step
+    (``save_state`` and ``save_weights_for_sampler`` with the cookbook's TTLs and metadata) and the
+    final one. Synchronously the sampler's logprobs equal the learner's, at every turn's depth."""
     from tinker_cookbook.rl import train
 
     monkeypatch.setattr(train, "fetch_model_pricing", lambda *a, **k: None)  # a URL fetch: stay offline
@@ -169,7 +180,9 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
         async_config = train.AsyncConfig(max_steps_off_policy=1, groups_per_batch=2, loss_fn="ppo")
     config = train.Config(
         learning_rate=5e-2,
-        dataset_builder=_VowelTask.dataset_builder(groups_per_batch=2, batches=3),
+        dataset_builder=_VowelTask.dataset_builder(
+            groups_per_batch=2, batches=3, turns=3 if mode == "multiturn" else 1
+        ),
         model_name=BASE,
         recipe_name="jtinker_test_rl",
         max_tokens=8,
@@ -191,8 +204,9 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
     for row in steps:
         assert np.isfinite(row["env/all/reward/total"]) and 0.0 <= row["env/all/vowel_fraction"] <= 1.0
         assert np.isfinite(row["grad_norm:mean"]) and "optim/entropy" in row
-        if mode == "sync":  # sampler and learner share weights: their logprobs agree
-            assert abs(row["optim/kl_sample_train_v1"]) < 1e-4
+        assert row["env/all/turns_per_episode"] == (3 if mode == "multiturn" else 1)
+        if mode != "async":  # sampler and learner share weights: their logprobs agree, token by token
+            assert abs(row["optim/kl_sample_train_v1"]) < 1e-4 and row["optim/kl_sample_train_v2"] < 1e-8
         else:
             assert "async/staleness_max" in row
     saved = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
