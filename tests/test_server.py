@@ -429,6 +429,71 @@ def test_target_prompt_and_topk_sample_logprobs(server, service):
     )
 
 
+def test_sample_responses_in_json_carry_every_field(server, service):
+    """A client that does not accept protobuf gets the same answer as JSON: sequences with their top-k,
+    prompt logprobs, top-k prompt logprobs, target logprobs and alternative tokens."""
+    sampler = service.create_sampling_client(base_model=BASE).result()
+    prompt = types.ModelInput.from_ints([5, 17, 42, 99, 7, 3])
+    targets = np.full((5, 3), -1, np.int64)
+    targets[:, 0], targets[2, 2] = prompt.to_ints()[1:], 11
+    options = dict(
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=2,
+        target_prompt_logprobs=types.TensorData.from_numpy(targets),
+        topk_sample_logprobs=3,
+        prompt_alt_tokens_k=2,
+    )
+    params = types.SamplingParams(max_tokens=3, temperature=0.0)
+    expected = sampler.sample(prompt, 1, params, **options).result()
+
+    request = types.SampleRequest(
+        sampling_session_id=sampler._sampling_session_id,
+        prompt=prompt,
+        num_samples=1,
+        sampling_params=params,
+        prompt_logprobs=True,
+        topk_prompt_logprobs=2,
+        topk_sample_logprobs=3,
+        prompt_alt_tokens_k=2,
+    )
+    body = request.model_dump(mode="json", exclude_none=True)
+    body["target_prompt_logprobs"] = {"data": targets.ravel().tolist(), "dtype": "int64", "shape": [5, 3]}
+    sent = server.post("/api/v1/asample", json=body)
+    assert sent.status_code == 200, sent.text
+    while True:
+        got = server.post("/api/v1/retrieve_future", json={"request_id": sent.json()["request_id"]})
+        assert got.headers["content-type"].startswith("application/json")
+        if got.json().get("type") != "try_again":
+            break
+    got = got.json()
+    seq, want = got["sequences"][0], expected.sequences[0]
+    assert seq["tokens"] == want.tokens and seq["stop_reason"] == want.stop_reason
+    np.testing.assert_allclose(seq["logprobs"], want.logprobs, atol=1e-6)
+    assert [[t for t, _ in row] for row in seq["topk_logprobs"]] == [
+        [t for t, _ in r] for r in want.topk_logprobs
+    ]
+    assert got["prompt_logprobs"][0] is None
+    np.testing.assert_allclose(got["prompt_logprobs"][1:], expected.prompt_logprobs[1:], atol=1e-6)
+    assert got["topk_prompt_logprobs"][0] is None
+    for row, want_row in zip(got["topk_prompt_logprobs"][1:], expected.topk_prompt_logprobs[1:], strict=True):
+        assert [t for t, _ in row] == [t for t, _ in want_row]
+        np.testing.assert_allclose([lp for _, lp in row], [lp for _, lp in want_row], atol=1e-6)
+    target = got["target_prompt_logprobs"]
+    assert target["shape"] == [5, 3] and target["dtype"] == "float32"
+    np.testing.assert_allclose(
+        np.reshape(target["data"], (5, 3)), expected.target_prompt_logprobs.to_numpy(), atol=1e-6
+    )
+    alt = got["prompt_alt_tokens"]
+    assert (
+        np.reshape(alt["tokens"]["data"], (5, 2)).tolist()
+        == expected.prompt_alt_tokens.tokens.to_numpy().tolist()
+    )
+    np.testing.assert_allclose(
+        np.reshape(alt["logprobs"]["data"], (5, 2)), expected.prompt_alt_tokens.logprobs.to_numpy(), atol=1e-6
+    )
+    assert got["prompt_cache_hit_tokens"] == expected.prompt_cache_hit_tokens == 0
+
+
 def test_save_weights_and_sampling(server, service):
     tc = service.create_lora_training_client(BASE, rank=RANK, seed=4).result()
     data = sft_batch(4, n=2)

@@ -371,19 +371,33 @@ def encode_sample_response(resp: jt.SampleResponse) -> bytes:
 
 
 def sample_response_json(resp: jt.SampleResponse) -> dict:
-    """JSON fallback for clients that do not accept protobuf (the 0.38 SDK always does)."""
-    return {
-        "sequences": [
-            {
-                "stop_reason": s.stop_reason,
-                "tokens": s.tokens,
-                "logprobs": s.logprobs,
-            }
-            for s in resp.sequences
-        ],
+    """JSON fallback for clients that do not accept protobuf (the 0.38 SDK always does): the fields of
+    the protobuf response, as lists (top-k: ``[token_id, logprob]`` pairs per position, null where
+    none) and tensors (``{"data", "dtype", "shape"}``). Fields a request did not ask for are left out."""
+
+    def tensor(t: jt.TensorData) -> dict:
+        return {"data": t.data, "dtype": t.dtype, "shape": t.shape}
+
+    def sequence(s: jt.SampledSequence) -> dict:
+        out = {"stop_reason": s.stop_reason, "tokens": s.tokens, "logprobs": s.logprobs}
+        if s.topk_logprobs is not None:
+            out["topk_logprobs"] = s.topk_logprobs
+        return out
+
+    out = {
+        "sequences": [sequence(s) for s in resp.sequences],
         "prompt_logprobs": resp.prompt_logprobs,
+        "prompt_cache_hit_tokens": int(resp.prompt_cache_hit_tokens or 0),
         "type": "sample",
     }
+    if resp.topk_prompt_logprobs is not None:
+        out["topk_prompt_logprobs"] = resp.topk_prompt_logprobs
+    if resp.target_prompt_logprobs is not None:
+        out["target_prompt_logprobs"] = tensor(resp.target_prompt_logprobs)
+    if resp.prompt_alt_tokens is not None:
+        alt = resp.prompt_alt_tokens
+        out["prompt_alt_tokens"] = {"tokens": tensor(alt.tokens), "logprobs": tensor(alt.logprobs)}
+    return out
 
 
 def forward_backward_json(out: jt.ForwardBackwardOutput) -> dict:
