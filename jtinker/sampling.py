@@ -4,10 +4,12 @@
 
 * **Prefill** each *distinct* prompt once (``[P, Tp]``, prompt lengths bucketed to powers of two,
   at least 16), then **expand** the cache rows to one row per sample (``num_samples`` share the
-  prompt's prefill) and pad the cache to ``S`` slots (a power of two >= prompt + max_tokens).
+  prompt's prefill), pad the cache to ``S`` slots (a power of two >= prompt + max_tokens) and
+  sample each row's first token from the prefill's logits.
 * **Decode** in one ``jax.jit`` program: a ``lax.while_loop`` that feeds the last token, samples
   the next one and exits as soon as every row has stopped (a stop token id, or its own
-  ``max_tokens``). The cache and the output buffers are donated, so they are updated in place.
+  ``max_tokens``); ``n`` tokens take ``n - 1`` forward passes (``compute_logprobs``: none). The
+  cache and the output buffers are donated, so they are updated in place.
   Sampling parameters (temperature, top_k, top_p, seeds, stop ids, max_tokens) are per-row
   *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
   shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (expand) and ``(B, S)`` (decode; batch sizes
@@ -139,7 +141,6 @@ class _PromptQueries(NamedTuple):
 
 class _State(NamedTuple):
     cache: KVCache
-    logits0: jax.Array  # [B, V] f32, the prefill's next-token logits (used at step 0 only)
     step: jax.Array  # [] int32, index of the next token to produce
     out: _Out
 
@@ -345,14 +346,31 @@ def _prefill(
     return result
 
 
-def _expand(cache: KVCache, logits: jax.Array, src: jax.Array, *, size: int):
-    """One cache row per sample (rows share their prompt's prefill), padded to ``size`` slots."""
+def _expand(
+    cache: KVCache, logits: jax.Array, src: jax.Array, rows: _Rows, *, size: int, topk: int
+) -> _State:
+    """One cache row per sample (rows share their prompt's prefill), padded to ``size`` slots, and
+    each row's first token (step 0) sampled from its prompt's next-token ``logits``."""
 
     def grow(x):
         x = jnp.take(x, src, axis=1)
         return jnp.pad(x, ((0, 0), (0, 0), (0, size - x.shape[2]), (0, 0), (0, 0)))
 
-    return KVCache(k=grow(cache.k), v=grow(cache.v)), jnp.take(logits, src, axis=0)
+    b = src.shape[0]
+    out = _Out(
+        last=jnp.zeros(b, jnp.int32),
+        tokens=jnp.zeros((b, size), jnp.int32),
+        logprobs=jnp.zeros((b, size), jnp.float32),
+        done=rows.max_tokens <= 0,  # padding rows never run
+        stopped=jnp.zeros(b, bool),
+        count=jnp.zeros(b, jnp.int32),
+        topk_ids=jnp.zeros((b, size, topk), jnp.int32),
+        topk_logprobs=jnp.zeros((b, size, topk), jnp.float32),
+    )
+    step = jnp.zeros((), jnp.int32)
+    token, logprob, top = _select(jnp.take(logits, src, axis=0), rows, _row_keys(rows), step, topk)
+    out = _record(out, rows, step, token, logprob, top)
+    return _State(cache=KVCache(k=grow(cache.k), v=grow(cache.v)), step=step + 1, out=out)
 
 
 def _decode_step(config: ModelConfig, params, lora, tokens: jax.Array, positions: jax.Array, cache: KVCache):
@@ -366,11 +384,10 @@ def _decode_step(config: ModelConfig, params, lora, tokens: jax.Array, positions
 def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_step: jax.Array) -> _State:
     """Produces tokens until every row is done or ``step == end_step``.
 
-    Step ``t`` feeds token ``t - 1`` at position ``prompt_len + t - 1`` and samples token ``t``.
-    The last slot is scratch: since ``size >= prompt_len + max_tokens`` and the final token is never
-    fed, no real position reaches it. Step 0 (whose token comes from the prefill's logits) and
-    finished rows feed into it, so every step runs the same body and the sampling code is
-    compiled once.
+    Step ``t >= 1`` feeds token ``t - 1`` at position ``prompt_len + t - 1`` and samples token ``t``
+    (step 0's token comes from the prefill's logits, in :func:`_expand`). The last slot is scratch:
+    since ``size >= prompt_len + max_tokens`` and the final token is never fed, no real position
+    reaches it. Finished rows feed into it, so every row runs the same body.
     """
     params, lora = model_weights(params, lora)
     keys = _row_keys(rows)
@@ -382,15 +399,13 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
 
     def body(carry):
         step, out, cache = carry
-        first = step == 0
-        positions = jnp.where(first | out.done, scratch, rows.prompt_len + step - 1)
+        positions = jnp.where(out.done, scratch, rows.prompt_len + step - 1)
         logits, cache = _decode_step(config, params, lora, out.last, positions, cache)
-        logits = jnp.where(first, state.logits0, logits)
         token, logprob, top = _select(logits, rows, keys, step, state.out.topk_ids.shape[-1])
         return step + 1, _record(out, rows, step, token, logprob, top), cache
 
     step, out, cache = jax.lax.while_loop(cond, body, (state.step, state.out, state.cache))
-    return _State(cache=cache, logits0=state.logits0, step=step, out=out)
+    return _State(cache=cache, step=step, out=out)
 
 
 # Module-level jits with the config as a static argument: every Sampler over the same model shares
@@ -413,6 +428,8 @@ def _program(
     key = (kind, cache, replicated, want_lp, topk, targets, alt)
     if key not in _PROGRAMS:
         kv = None if cache is None else KVCache(k=cache, v=cache)
+        # Decode keeps the cache in the layout the expand program leaves it in: donated in place.
+        state = None if kv is None else _State(cache=kv, step=replicated, out=replicated)
         if kind == "prefill":
             outs = None
             if kv is not None:
@@ -423,18 +440,13 @@ def _program(
                 _prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"), out_shardings=outs
             )
         elif kind == "expand":
-            fn = jax.jit(
-                _expand, static_argnames=("size",), out_shardings=None if kv is None else (kv, replicated)
-            )
+            fn = jax.jit(_expand, static_argnames=("size", "topk"), out_shardings=state)
         else:
-            outs = (
-                None if kv is None else _State(cache=kv, logits0=replicated, step=replicated, out=replicated)
-            )
             fn = jax.jit(
                 _decode,
                 static_argnames=("config",),
                 donate_argnames=("state",),
-                out_shardings=outs,
+                out_shardings=state,
                 compiler_options=decode_compiler_options(),
             )
         _PROGRAMS[key] = fn
@@ -786,36 +798,15 @@ class Sampler:
         lora = _with_adapter_ids(lora, row_adapter, b)
 
         placement = self._placement(b, size)
-        cache, logits0 = _program("expand", *placement)(
-            pre["cache"], pre["logits"], jnp.asarray(src), size=size
+        state = _program("expand", *placement)(
+            pre["cache"], pre["logits"], jnp.asarray(src), device_rows, size=size, topk=topk_sample
         )
         del pre
-        state = _State(
-            cache=cache,
-            logits0=logits0,
-            step=jnp.zeros((), jnp.int32),
-            out=_Out(
-                last=jnp.zeros(b, jnp.int32),
-                tokens=jnp.zeros((b, size), jnp.int32),
-                logprobs=jnp.zeros((b, size), jnp.float32),
-                done=jnp.asarray(np.arange(b) >= n),  # padding rows never run
-                stopped=jnp.zeros(b, bool),
-                count=jnp.zeros(b, jnp.int32),
-                topk_ids=jnp.zeros((b, size, topk_sample), jnp.int32),
-                topk_logprobs=jnp.zeros((b, size, topk_sample), jnp.float32),
-            ),
-        )
-        if placement[0] is not None:  # donated in place, so it must start in the layout decode keeps
-            cache_sharding, replicated = placement
-            kv = KVCache(k=cache_sharding, v=cache_sharding)
-            state = jax.device_put(
-                state, _State(cache=kv, logits0=replicated, step=replicated, out=replicated)
-            )
         stop_rows = [j for j, row in enumerate(rows) if requests[row.request].stop_strings]
         total = int(host["max_tokens"].max())
         chunk = self.stop_check_interval if stop_rows else total
-        step = 0
-        while True:
+        step = 1  # the expand program sampled token 0: one-token samples need no decode call
+        while step < total:
             step = min(step + chunk, total)
             state = _program("decode", *placement)(
                 self.config, self.params, lora, state, device_rows, jnp.int32(step)

@@ -37,7 +37,7 @@ import jtinker as tinker
 from jtinker import batching, losses, sampling, train
 from jtinker.models import KVCache, load_pretrained, make_tiny
 from jtinker.models import lora as lora_lib
-from jtinker.sampling import Sampler, SampleRequest, _expand
+from jtinker.sampling import Sampler, SampleRequest, _expand, _Rows
 
 UNIQUE_CONFIG = {"rms_norm_eps": 1.5e-6}  # no other test's model has it: fresh jit cache entries
 ADAM = tinker.AdamParams(learning_rate=1e-3)
@@ -335,8 +335,19 @@ def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
     if "jit__expand" not in names:
         config, _ = load_pretrained(model_dir)
         cache = KVCache.zeros(config, 1, 16)
-        lowered = jax.jit(_expand, static_argnames="size").lower(
-            cache, jnp.zeros((1, config.vocab_size)), jnp.zeros(2, jnp.int32), size=32
+        ints, floats = jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.float32)
+        rows = _Rows(
+            ints,
+            ints,
+            floats,
+            ints,
+            floats,
+            jnp.zeros((2, 2), jnp.uint32),
+            ints,
+            jnp.zeros((2, 4), jnp.int32),
+        )
+        lowered = jax.jit(_expand, static_argnames=("size", "topk")).lower(
+            cache, jnp.zeros((1, config.vocab_size)), jnp.zeros(2, jnp.int32), rows, size=32, topk=0
         )
         programs["expand"] = lowered.as_text()
     assert _flagged(programs) == {}

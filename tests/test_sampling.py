@@ -353,6 +353,17 @@ def test_stop_string_across_tokens(llama):
     assert llama.sampler.last_stats["decode_steps"] <= n + 4 < 32
 
 
+def test_first_token_comes_from_the_prefill(llama):
+    """The first token is sampled from the prefill's logits, so a one-token sample (what
+    ``compute_logprobs`` sends) runs no decode program, and ``n`` tokens take ``n - 1`` passes."""
+    (one,) = llama.sampler.sample([greedy(PROMPTS[0], max_tokens=1)])
+    assert llama.sampler.last_stats["decode_calls"] == 0 and llama.sampler.last_stats["decode_steps"] == 1
+    (five,) = llama.sampler.sample([greedy(PROMPTS[0], max_tokens=5)])
+    assert llama.sampler.last_stats["decode_calls"] == 1
+    assert five.sequences[0][0][:1] == one.sequences[0][0]
+    assert five.sequences[0][1][0] == pytest.approx(one.sequences[0][1][0], abs=1e-6)
+
+
 def test_seed_determinism_independent_of_batch(llama):
     request = SampleRequest(prompt=PROMPTS[0], num_samples=2, max_tokens=16, temperature=1.0, seed=1234)
     (alone,) = llama.sampler.sample([request])
