@@ -35,6 +35,11 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer, register_tokenizer  #
 COLORS = ["red", "blue", "green", "gold"]
 
 
+def _jsonl(path: Path) -> list[dict]:
+    """The records of a cookbook log file (``metrics.jsonl``, ``checkpoints.jsonl``)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, qwen3_dir):
     """Serves the tiny Qwen3 as ``tiny``; the cookbook loads that name's tokenizer from its directory
@@ -97,13 +102,13 @@ def test_supervised_loop_on_a_local_jsonl_file(server, tmp_path):
     )
     asyncio.run(train.main(config))
 
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    nll = [row["train_mean_nll"] for row in map(json.loads, lines) if "train_mean_nll" in row]
+    rows = _jsonl(tmp_path / "run" / "metrics.jsonl")
+    nll = [row["train_mean_nll"] for row in rows if "train_mean_nll" in row]
     assert len(nll) == 16  # 4 epochs of 4 batches
     # Medians: at this learning rate one batch of an epoch can spike (the LoRA seed is random).
     assert np.median(nll[-4:]) < 0.75 * np.median(nll[:4])
     # The final checkpoint was written through save_state / save_weights_for_sampler.
-    saved = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
+    saved = _jsonl(tmp_path / "run" / "checkpoints.jsonl")
     assert saved and saved[-1]["state_path"].startswith("tinker://")
 
 
@@ -198,7 +203,7 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
     )
     asyncio.run(train.main(config))
 
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _jsonl(tmp_path / "run" / "metrics.jsonl")
     steps = [row for row in rows if "env/all/reward/total" in row]
     assert len(steps) == 3
     for row in steps:
@@ -209,7 +214,7 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
             assert abs(row["optim/kl_sample_train_v1"]) < 1e-4 and row["optim/kl_sample_train_v2"] < 1e-8
         else:
             assert "async/staleness_max" in row
-    saved = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
+    saved = _jsonl(tmp_path / "run" / "checkpoints.jsonl")
     assert len(saved) >= 3 and all(row["state_path"].startswith("tinker://") for row in saved)
     assert saved[-1]["sampler_path"].startswith("tinker://")
 
@@ -283,7 +288,7 @@ def test_dpo_loop_on_local_comparisons(server, tmp_path):
     )
     train_dpo.main(config)
 
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _jsonl(tmp_path / "run" / "metrics.jsonl")
     steps = [row for row in rows if "dpo_loss" in row]
     assert len(steps) == 8  # 2 epochs of 4 pairs-batches
     assert steps[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-4)
@@ -352,7 +357,7 @@ def test_on_policy_distillation_loop(server, tmp_path):
     )
     asyncio.run(train_on_policy.main(config))
 
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _jsonl(tmp_path / "run" / "metrics.jsonl")
     kl = [row["teacher_kl"] for row in rows if "teacher_kl" in row]
     assert len(kl) == 16
     assert kl[0] > 1.0  # the fine-tuned student is far from the base teacher
