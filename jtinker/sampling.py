@@ -13,8 +13,9 @@
   Sampling parameters (temperature, top_k, top_p, seeds, stop ids, max_tokens) are per-row
   *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
   shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (expand) and ``(B, S)`` (decode; batch sizes
-  are powers of two, plus the stop-id list width, also a power of two), by the model config and
-  by the LoRA tree structure. The jits are module-level, so all Samplers of a process share them.
+  are powers of two; expand and decode also by the stop-id list width and the sampled top-k
+  width, powers of two too), by the model config and by the LoRA tree structure. The jits are
+  module-level, so all Samplers of a process share them.
 * **Stop strings** are matched on the host on the decoded text (across token boundaries). When a
   batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
   whose text already contains a stop string are marked done between chunks (early exit); the
