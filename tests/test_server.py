@@ -263,6 +263,10 @@ def test_out_of_order_seq_ids_run_in_order(server, service):
     first = server.post("/api/v1/forward_backward", content=body, headers=headers)
     again = server.post("/api/v1/forward_backward", content=body, headers=headers)  # a retried send
     assert first.json()["request_id"] == again.json()["request_id"]
+    # Another kind of request at a used seq_id is refused (not answered with the optim step's result).
+    clash = server.post("/api/v1/save_weights", json={"model_id": model_id, "seq_id": 2, "path": "clash"})
+    assert clash.status_code == 400
+    assert "seq_id 2" in clash.json()["detail"] and "OptimStep" in clash.json()["detail"]
 
     def result(response):
         while True:  # what the SDK does: poll again on try_again

@@ -124,7 +124,9 @@ class ModelSlot:
         self.ready = asyncio.Event()
         self.next_seq = 1
         self.pending: dict[int, _Pending] = {}
-        self.seen: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[int, tuple[str, str]] = (
+            collections.OrderedDict()
+        )  # (request id, kind)
         self.create_request_id: str | None = None
         self.unloaded = False
 
@@ -602,14 +604,21 @@ class Runtime:
         error: UserError | None = None,
     ) -> str:
         """Queues one training request at its ``seq_id``; returns its request id (the same one again
-        when the SDK retries a request the server already has)."""
+        when the SDK retries a request the server already has; a request of another kind at a used
+        ``seq_id`` is refused, not answered with the first one's result)."""
         slot = self.model(owner, model_id)
         if seq_id is None:  # clients that send no seq_id run after everything already queued
             seq_id = max([slot.next_seq, *(s + 1 for s in slot.pending)])
         if not isinstance(seq_id, int) or isinstance(seq_id, bool) or seq_id < 1:
             raise UserError(f"seq_id: must be a positive integer, got {seq_id!r}")
         if seq_id in slot.seen:
-            return slot.seen[seq_id]
+            request_id, first_kind = slot.seen[seq_id]
+            if first_kind != kind:
+                raise UserError(
+                    f"seq_id {seq_id} for model {model_id} was already used by a {first_kind} request "
+                    f"(this one is {kind}): each request needs a seq_id of its own"
+                )
+            return request_id
         if seq_id < slot.next_seq:
             raise UserError(
                 f"seq_id {seq_id} for model {model_id} was already executed (next is {slot.next_seq})"
@@ -617,7 +626,7 @@ class Runtime:
         if seq_id > slot.next_seq + MAX_SEQ_AHEAD:
             raise UserError(f"seq_id {seq_id} is too far ahead of {slot.next_seq} for model {model_id}")
         future = self.new_future(owner, kind, model_id)
-        slot.seen[seq_id] = future.request_id
+        slot.seen[seq_id] = (future.request_id, kind)
         while len(slot.seen) > SEEN_SEQ_IDS:
             slot.seen.popitem(last=False)
         if error is not None:
