@@ -139,24 +139,61 @@ class CheckpointStore:
 
         The returned future resolves to ``str(path)`` once the checkpoint is durable on disk.
         """
+        directory, staging = self._begin(path, overwrite)
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        args["meta"] = ocp.args.JsonSave(self._full_meta(path, meta))
+        checkpointer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
+        checkpointer.save(staging, args=ocp.args.Composite(**args))
+        return self._finish_in_background(path, directory, staging, checkpointer.wait_until_finished)
+
+    def save_files(
+        self,
+        path: CheckpointPath,
+        write: Callable[[Path], None],
+        meta: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> Future:
+        """Starts a save of plain files: ``write(directory)`` fills its ``files/`` in the background
+        (on process 0), swapped in complete like every save. The future resolves to ``str(path)``."""
+        directory, staging = self._begin(path, overwrite)
+
+        def write_all() -> None:
+            if jax.process_index() != 0:
+                return
+            write(staging / "files")
+            _meta_file(staging).parent.mkdir(parents=True)
+            _meta_file(staging).write_text(json.dumps(self._full_meta(path, meta)))
+            (staging / _COMPLETE_MARKER).write_text("")
+
+        return self._finish_in_background(path, directory, staging, write_all)
+
+    def _begin(self, path: CheckpointPath, overwrite: bool) -> tuple[Path, Path]:
+        """Waits for a save of the same name in flight (this one sees the last), refuses an existing
+        name unless ``overwrite``; returns the checkpoint's directory and its empty staging path (a save
+        writes beside the target under a hidden name, then swaps in: first save or overwrite alike)."""
         directory = self.directory(path)
         with self._lock:
             previous = self._pending.get(directory)
-        if previous is not None:  # one name has one save in flight: this one sees the last
+        if previous is not None:
             wait_futures([previous])
         self._recover(directory)
         if directory.exists() and not overwrite:
             raise ValueError(f"name: checkpoint {path} already exists (pass overwrite=True to replace it)")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**meta, "tinker_path": str(path), "created": dt.datetime.now(dt.UTC).isoformat()}
-        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
-        args["meta"] = ocp.args.JsonSave(meta)
-        # Write beside the target under a hidden name, then swap in (first save or overwrite alike).
         staging = _hidden(directory, "staging")
-        if staging.exists():  # left by a killed process
-            shutil.rmtree(staging, ignore_errors=True)
-        checkpointer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
-        checkpointer.save(staging, args=ocp.args.Composite(**args))
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed process
+        return directory, staging
+
+    @staticmethod
+    def _full_meta(path: CheckpointPath, meta: dict[str, Any]) -> dict[str, Any]:
+        return {**meta, "tinker_path": str(path), "created": dt.datetime.now(dt.UTC).isoformat()}
+
+    def _finish_in_background(
+        self, path: CheckpointPath, directory: Path, staging: Path, write: Callable[[], None]
+    ) -> Future:
+        """Runs ``write()`` (it completes ``staging``) off the caller's thread, then swaps it in (process
+        0); the future, pending until then, resolves to ``str(path)``."""
         future: Future = Future()
         with self._lock:
             self._pending[directory] = future
@@ -164,7 +201,7 @@ class CheckpointStore:
         def finish() -> None:
             error = None
             try:
-                checkpointer.wait_until_finished()
+                write()
                 if jax.process_index() == 0:
                     with self._swap_lock:
                         self._swap_in(staging, directory)
@@ -180,31 +217,6 @@ class CheckpointStore:
 
         threading.Thread(target=finish, name="jtinker-save", daemon=True).start()
         return future
-
-    def save_files(
-        self,
-        path: CheckpointPath,
-        write: Callable[[Path], None],
-        meta: dict[str, Any],
-        *,
-        overwrite: bool = False,
-    ) -> str:
-        """Writes a checkpoint of plain files: ``write(directory)`` fills its ``files/`` (synchronously),
-        swapped in complete like every save. Returns ``str(path)``."""
-        directory = self.directory(path)
-        self._recover(directory)
-        if directory.exists() and not overwrite:
-            raise ValueError(f"name: checkpoint {path} already exists (pass overwrite=True to replace it)")
-        staging = _hidden(directory, "staging")
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed process
-        write(staging / "files")
-        meta = {**meta, "tinker_path": str(path), "created": dt.datetime.now(dt.UTC).isoformat()}
-        _meta_file(staging).parent.mkdir(parents=True)
-        _meta_file(staging).write_text(json.dumps(meta))
-        (staging / _COMPLETE_MARKER).write_text("")
-        with self._swap_lock:
-            self._swap_in(staging, directory)
-        return str(path)
 
     def files(self, path: str, field: str = "path") -> dict[str, Path]:
         """An external-weights checkpoint's files, keyed by their path relative to its root."""

@@ -375,8 +375,8 @@ class Adapter:
     ) -> Future:
         """The weights as Hugging Face files other frameworks load: a PEFT adapter, or for a full
         fine-tune a merged model in the base dtype; each file age-encrypted to ``age_recipients``
-        (parsed by :func:`jtinker.export.age_recipients`) when given. Resolves to ``str(path)`` once
-        written."""
+        (parsed by :func:`jtinker.export.age_recipients`) when given. Training goes on while the files
+        are written; the future resolves to ``str(path)`` once they are."""
         from jax.experimental import multihost_utils
 
         from jtinker.export import encrypt_files, export_merged, export_peft, peft_base_name
@@ -400,20 +400,7 @@ class Adapter:
                 encrypt_files(out, age_recipients)
 
         meta = {**(metadata or {}), **self.identity(), "step": self.step, "dtype": jnp.dtype(base.dtype).name}
-        future: Future = Future()
-
-        def finish() -> None:  # off the worker: training goes on while the files are written
-            try:
-                written = store.save_files(path, write_and_encrypt, meta, overwrite=overwrite)
-                future.set_result(written)
-            except BaseException as e:
-                future.set_exception(e)
-
-        if jax.process_index() == 0:
-            threading.Thread(target=finish, name="jtinker-export", daemon=True).start()
-        else:
-            future.set_result(str(path))
-        return future
+        return store.save_files(path, write_and_encrypt, meta, overwrite=overwrite)  # off the worker
 
     def load(self, store: CheckpointStore, path: str, *, with_optimizer: bool) -> None:
         """Loads weights (and Adam state) after checking the checkpoint fits this base and LoRA."""

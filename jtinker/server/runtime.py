@@ -124,9 +124,8 @@ class ModelSlot:
         self.ready = asyncio.Event()
         self.next_seq = 1
         self.pending: dict[int, _Pending] = {}
-        self.seen: collections.OrderedDict[int, tuple[str, str]] = (
-            collections.OrderedDict()
-        )  # (request id, kind)
+        # seq_id -> (request id, kind) of the requests taken, so a retried send gets its first answer
+        self.seen: collections.OrderedDict[int, tuple[str, str]] = collections.OrderedDict()
         self.create_request_id: str | None = None
         self.unloaded = False
 
