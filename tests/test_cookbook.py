@@ -332,7 +332,9 @@ def test_on_policy_distillation_loop(server, tmp_path):
         )
         for p in prompts[:8]
     ]  # fmt: skip
-    for _ in range(10):
+    # A few steps only: a student still a little unsure of "red" gets a reverse-KL gradient from its
+    # first step, where a certain one waits on rare other samples and its drop comes late and at random.
+    for _ in range(4):
         training.forward_backward(red, "cross_entropy").result()
         training.optim_step(tinker.AdamParams(learning_rate=3e-2)).result()
     student = training.save_state("red-student").result().path
@@ -361,6 +363,6 @@ def test_on_policy_distillation_loop(server, tmp_path):
     kl = [row["teacher_kl"] for row in rows if "teacher_kl" in row]
     assert len(kl) == 16
     assert kl[0] > 1.0  # the fine-tuned student is far from the base teacher
-    assert np.median(kl[-4:]) < 0.25 * kl[0]
+    assert max(kl[-8:]) < 0.25 * kl[0]  # near the teacher by mid-run, and it stays there
     sample_train_kl = [row["optim/kl_sample_train_v1"] for row in rows if "optim/kl_sample_train_v1" in row]
     assert len(sample_train_kl) == 16 and max(map(abs, sample_train_kl)) < 1e-4  # sampler == learner
