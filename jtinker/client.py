@@ -556,7 +556,9 @@ def _sample_response(
     if result.prompt_alt_tokens is not None:
         tokens, logprobs = map(types.TensorData.from_numpy, result.prompt_alt_tokens)
         extra["prompt_alt_tokens"] = types.PromptAltTokens(tokens=tokens, logprobs=logprobs)
-    return types.SampleResponse(sequences=sequences, **extra)
+    return types.SampleResponse(
+        sequences=sequences, prompt_cache_hit_tokens=result.prompt_cache_hit_tokens, **extra
+    )
 
 
 class InflightWeights:

@@ -123,6 +123,12 @@ class BaseModel:
             self._sampler = Sampler(self.config, self.params, tokenizer, mesh=self.mesh, rules=self.rules)
         return self._sampler
 
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """The sampler's prefix cache: entries, bytes and prompt tokens served from it."""
+        if self._sampler is None:
+            return {"entries": 0, "bytes": 0, "hit_tokens": 0}
+        return self._sampler.prefix_cache.stats()
+
     # -- placement ----------------------------------------------------------------------------
     def place_lora_tree(self, tree):
         """Puts a LoRA-shaped tree (weights, grads, Adam state) on the mesh by the rules."""

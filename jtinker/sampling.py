@@ -16,6 +16,10 @@
   are powers of two; expand and decode also by the stop-id list width and the sampled top-k
   width, powers of two too), by the model config and by the LoRA tree structure. The jits are
   module-level, so all Samplers of a process share them.
+* **Prefix cache** (:mod:`jtinker.prefix_cache`): after decoding, each row's keys and values are kept
+  under its adapter; a later prompt sharing 16+ leading tokens with one prefills only the rest
+  (``_prefill_after``: the suffix at its positions, attending to the cached prefix), unless the call
+  asks for prompt logprobs, which need the whole prefill.
 * **Stop strings** are matched on the host on the decoded text (across token boundaries). When a
   batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
   whose text already contains a stop string are marked done between chunks (early exit); the
@@ -44,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import secrets
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -53,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jtinker import sharding
+from jtinker import prefix_cache, sharding
 from jtinker.distributed import from_process_zero
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
@@ -65,6 +70,7 @@ MIN_STOP_ID_WIDTH = 4
 CDF_BLOCK = 256  # two-level inverse CDF: block sums first, then one block's cumsum
 TOPK_PROMPT_CHUNK = 128
 MAX_PROMPT_DRAWS = 1 << 20  # prompt_alt_tokens_k times the positions it draws at
+DEFAULT_PREFIX_CACHE_MIB = 1024  # JTINKER_PREFIX_CACHE_MIB overrides it; 0 turns the cache off
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -104,6 +110,7 @@ class SampleResult:
     sequence_topk: list[tuple[np.ndarray, np.ndarray]] | None = None
     # ``(tokens, logprobs)`` ``[len(prompt) - 1, prompt_alt_tokens_k]``: draws at prompt positions 1...
     prompt_alt_tokens: tuple[np.ndarray, np.ndarray] | None = None
+    prompt_cache_hit_tokens: int = 0  # leading prompt tokens whose keys and values were reused
 
 
 class _Rows(NamedTuple):
@@ -347,6 +354,40 @@ def _prefill(
     return result
 
 
+def _prefill_after(
+    config: ModelConfig, cache_dtype, params, lora, past_k, past_v, starts, tokens, lengths, *, slots: int
+):
+    """Prefill of ``[P, Tn]`` prompt suffixes at positions ``starts + [0, Tn)``, attending to the
+    cached keys and values of the first ``starts[i]`` positions (``past_k``/``past_v``: one
+    ``[L, Tc, nKV, D]`` per prompt). Returns a ``slots``-slot cache and the next-token logits."""
+    params, lora = model_weights(params, lora)
+    p, t = tokens.shape
+
+    def fit(past):
+        x = jnp.stack(past, axis=1).astype(cache_dtype)  # [L, P, Tc, nKV, D]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0), (0, 0)))
+
+    positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    cache = KVCache(k=fit(past_k), v=fit(past_v))
+    hidden, cache = hidden_states(config, params, tokens, positions=positions, cache=cache, lora=lora)
+    last = hidden[jnp.arange(p), lengths - 1]
+    return {"cache": cache, "logits": unembed(params, last, lora)}
+
+
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _fit_slots(k: jax.Array, v: jax.Array, *, slots: int) -> tuple[jax.Array, jax.Array]:
+    """A cached ``[L, T, nKV, D]`` pair cut or zero-padded to ``slots`` positions."""
+    fit = lambda x: jnp.pad(x[:, :slots], ((0, 0), (0, max(0, slots - x.shape[1])), (0, 0), (0, 0)))
+    return fit(k), fit(v)
+
+
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _row_slots(cache: KVCache, row: jax.Array, *, slots: int) -> tuple[jax.Array, jax.Array]:
+    """Row ``row``'s first ``slots`` positions of a ``[L, B, S, nKV, D]`` cache, for the prefix cache."""
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, row, axis=1, keepdims=False)[:, :slots]
+    return take(cache.k), take(cache.v)
+
+
 def _expand(
     cache: KVCache, logits: jax.Array, src: jax.Array, rows: _Rows, *, size: int, topk: int
 ) -> _State:
@@ -431,7 +472,12 @@ def _program(
         kv = None if cache is None else KVCache(k=cache, v=cache)
         # Decode keeps the cache in the layout the expand program leaves it in: donated in place.
         state = None if kv is None else _State(cache=kv, step=replicated, out=replicated)
-        if kind == "prefill":
+        if kind == "prefill_after":
+            outs = None if kv is None else {"cache": kv, "logits": replicated}
+            fn = jax.jit(
+                _prefill_after, static_argnames=("config", "cache_dtype", "slots"), out_shardings=outs
+            )
+        elif kind == "prefill":
             outs = None
             if kv is not None:
                 names = ["logits"] + ["prompt_lp"] * want_lp + ["topk_lp", "topk_ids"] * bool(topk)
@@ -477,7 +523,7 @@ def decode_compiler_options() -> dict[str, str] | None:
 # XLA compilations (or persistent-cache loads) of each stage's function, process-wide, counted as
 # JAX reports them: jits of one function with other settings (placements, compiler options) keep
 # compile caches of their own, so no one cache sees them all.
-_COMPILES = dict.fromkeys(("prefill", "expand", "decode"), 0)
+_COMPILES = dict.fromkeys(("prefill", "prefill_after", "expand", "decode"), 0)
 
 
 def _count_compile(event: str, duration: float, **kwargs: Any) -> None:
@@ -545,6 +591,9 @@ class Sampler:
     """Samples from ``params`` (optionally with a LoRA adapter applied on the fly).
 
     ``tokenizer`` (anything with ``decode(list[int]) -> str``) is needed only for stop strings.
+    ``prefix_cache_bytes``: the budget of the :mod:`~jtinker.prefix_cache` (None: the environment's
+    ``JTINKER_PREFIX_CACHE_MIB``, else 1 GiB; 0: off). It is off on multi-process runs, whose
+    processes could disagree on when a dead adapter's entries go.
     """
 
     def __init__(
@@ -558,9 +607,17 @@ class Sampler:
         stop_check_interval: int = 16,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.ShardingRules | None = None,
+        prefix_cache_bytes: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = (
+                int(os.environ.get("JTINKER_PREFIX_CACHE_MIB", DEFAULT_PREFIX_CACHE_MIB)) << 20
+            )
+        if jax.process_count() > 1:
+            prefix_cache_bytes = 0
+        self.prefix_cache = prefix_cache.PrefixCache(prefix_cache_bytes)
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -680,6 +737,7 @@ class Sampler:
             except ValueError as e:
                 raise ValueError(f"requests[{i}].{e}") from None
         adapters = self._adapter_slots(requests, lora)
+        owners = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(requests)
         seeds = [r.seed % (1 << 64) if r.seed is not None else secrets.randbits(64) for r in requests]
         if any(r.seed is None for r in requests) and jax.process_count() > 1:
             # Fresh seeds are drawn per process; every process of the SPMD programs must use one set.
@@ -692,10 +750,10 @@ class Sampler:
         # Rows grouped by adapter: a stacked adapter's rows must be (see models.lora.stack).
         order = sorted(range(len(requests)), key=lambda i: adapters.slot[i])
         rows = [_Row(i, s) for i in order for s in range(requests[i].num_samples)]
-        self.last_stats = {"prefill_prompts": 0, "decode_steps": 0, "decode_calls": 0}
+        self.last_stats = {"prefill_prompts": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "decode_calls": 0}
         for start in range(0, len(rows), self.max_batch):
             chunk = rows[start : start + self.max_batch]
-            self._run(requests, seeds, chunk, results, *adapters.for_rows([r.request for r in chunk]))
+            self._run(requests, seeds, owners, chunk, results, *adapters.for_rows([r.request for r in chunk]))
         return results
 
     @staticmethod
@@ -719,8 +777,11 @@ class Sampler:
             distinct = [jax.tree.map(jnp.zeros_like, loras[0]) if x is None else x for x in distinct]
         return _Adapters(distinct, [slot_of[id(x)] for x in lora])
 
-    def _run(self, requests, seeds, rows: list[_Row], results: list[SampleResult], lora, row_adapter) -> None:
-        """``row_adapter[j]``: row ``j``'s index into a stacked ``lora`` (None: a single adapter)."""
+    def _run(
+        self, requests, seeds, owners, rows: list[_Row], results: list[SampleResult], lora, row_adapter
+    ) -> None:
+        """``owners[i]``: the adapter request ``i`` asked for (the prefix cache's key);
+        ``row_adapter[j]``: row ``j``'s index into a stacked ``lora`` (None: a single adapter)."""
         request_adapter = {row.request: a for row, a in zip(rows, row_adapter or [], strict=False)}
 
         def prompt_key(i: int) -> tuple:
@@ -734,7 +795,7 @@ class Sampler:
             prompt_index.setdefault(prompt_key(row.request), len(prompt_index))
         prompts = [prompt for _, prompt, _ in prompt_index]
         prompt_adapter = [a for a, _, _ in prompt_index] if row_adapter else None
-        owners = [None if i is None else requests[i] for _, _, i in prompt_index]
+        askers = [None if i is None else requests[i] for _, _, i in prompt_index]
         # Prompt logprobs once per request, in the first group that holds one of its samples.
         lp_needed = [
             i
@@ -755,10 +816,25 @@ class Sampler:
         topk = bucket(topk) if topk else 0  # fewer distinct programs; sliced per request below
         topk = min(topk, self.config.vocab_size)
         owner_seeds = [None if i is None else seeds[i] for _, _, i in prompt_index]
-        queries = self._queries(prompts, owners, owner_seeds)
-        pre = self._run_prefill(
-            prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, queries=queries
+        queries = self._queries(prompts, askers, owner_seeds)
+        prompt_owner = {}
+        for row in rows:
+            prompt_owner.setdefault(prompt_index[prompt_key(row.request)], owners[row.request])
+        # Prompt logprobs need the whole prefill; otherwise cached prefixes are not recomputed.
+        hits = (
+            None
+            if lp_needed
+            else [self.prefix_cache.lookup(prompt_owner[i], x) for i, x in enumerate(prompts)]
         )
+        if hits and any(hits):
+            pre = self._run_prefill_after(prompts, lora, hits, adapters=prompt_adapter)
+            for row in rows:
+                hit = hits[prompt_index[prompt_key(row.request)]]
+                results[row.request].prompt_cache_hit_tokens = hit[1] if hit else 0
+        else:
+            pre = self._run_prefill(
+                prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, queries=queries
+            )
         for i in lp_needed:
             self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[prompt_key(i)])
 
@@ -849,15 +925,35 @@ class Sampler:
                     out.topk_ids[j, :count, :k].copy(),
                     out.topk_logprobs[j, :count, :k].copy(),
                 )
+        self._keep_prefixes(requests, owners, rows, out, state.cache)
+
+    def _keep_prefixes(self, requests, owners, rows: list[_Row], out: _Out, cache: KVCache) -> None:
+        """Puts each row's keys and values in the prefix cache: its prompt and all of its tokens but
+        the last, which was never fed (rows stopped early fed their scratch slot after it)."""
+        if not self.prefix_cache.max_bytes:
+            return
+        self.prefix_cache.prune()
+        kept = set()
+        for j, row in enumerate(rows):
+            owner = owners[row.request]
+            fed = max(int(out.count[j]) - 1, 0)
+            tokens = (*requests[row.request].prompt, *out.tokens[j, :fed].tolist())
+            if len(tokens) < prefix_cache.MIN_HIT_TOKENS or (id(owner), tokens) in kept:
+                continue
+            if prefix_cache.owner_key(owner) is None:  # e.g. a full fine-tune's weights
+                return
+            kept.add((id(owner), tokens))
+            k, v = _row_slots(cache, jnp.int32(j), slots=bucket(len(tokens)))
+            self.prefix_cache.insert(owner, tokens, k, v)
 
     @staticmethod
     def _queries(
-        prompts: list[tuple[int, ...]], owners: list[SampleRequest | None], seeds: list[int | None]
+        prompts: list[tuple[int, ...]], askers: list[SampleRequest | None], seeds: list[int | None]
     ) -> _PromptQueries | None:
         """Host arrays (padded to the prefill's bucketed ``[P, Tp]``) of what each prompt's owning
         request asks at its positions: target ids, and uniforms for its alternative tokens (drawn
         from its seed, so a seeded request draws the same tokens every time). None: nothing asked."""
-        asks = [(i, r) for i, r in enumerate(owners) if r is not None]
+        asks = [(i, r) for i, r in enumerate(askers) if r is not None]
         if not asks:
             return None
         p, t = _prefill_shape(prompts)
@@ -913,6 +1009,40 @@ class Sampler:
             None if queries is None else jax.tree.map(jnp.asarray, queries),
             want_lp=want_lp,
             topk=topk,
+        )
+
+    def _run_prefill_after(self, prompts: list[tuple[int, ...]], lora, hits: list, *, adapters=None) -> dict:
+        """:func:`_prefill_after` of ``prompts`` past their cached prefixes (``hits[i]``: the prefix
+        cache's ``(entry, length)``, or None to prefill it whole)."""
+        p = bucket(len(prompts))
+        starts = np.zeros(p, np.int32)
+        starts[: len(hits)] = [hit[1] if hit else 0 for hit in hits]
+        tn = bucket(max(len(x) - int(n) for x, n in zip(prompts, starts, strict=False)), MIN_PROMPT_BUCKET)
+        slots = bucket(int(starts.max()) + tn)
+        tc = min(slots, max(hit[0].k.shape[1] for hit in hits if hit))
+        c = self.config
+        none = jnp.zeros((c.num_layers, tc, c.num_kv_heads, c.head_dim), self.cache_dtype)
+        past = [_fit_slots(hit[0].k, hit[0].v, slots=tc) if hit else (none, none) for hit in hits]
+        past += [(none, none)] * (p - len(hits))
+        tokens = np.zeros((p, tn), np.int32)
+        lengths = np.ones(p, np.int32)
+        for i, x in enumerate(prompts):
+            tokens[i, : len(x) - starts[i]] = x[starts[i] :]
+            lengths[i] = len(x) - starts[i]
+        self.last_stats["prefill_prompts"] += len(prompts)
+        self.last_stats["prefix_hit_tokens"] += int(starts.sum())
+        program = _program("prefill_after", *self._placement(p, slots))
+        return program(
+            self.config,
+            self.cache_dtype,
+            self.params,
+            _with_adapter_ids(lora, adapters, p),
+            tuple(k for k, _ in past),
+            tuple(v for _, v in past),
+            jnp.asarray(starts),
+            jnp.asarray(tokens),
+            jnp.asarray(lengths),
+            slots=slots,
         )
 
     @staticmethod

@@ -531,6 +531,28 @@ def test_save_weights_and_sampling(server, service):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_a_next_turn_reuses_the_last_turn_from_the_prefix_cache(server, service):
+    """Each sampling client's adapter keeps its sequences' keys and values: a prompt extending one
+    prefills only its new tokens, and the SDK's response says how many came from the cache."""
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=5).result()
+    train_step(tc, sft_batch(5, n=2), lr=0.05)
+    path = tc.save_weights_for_sampler("prefix-turns").result().path
+    clients = [
+        service.create_sampling_client(model_path=path).result(),
+        tc.save_weights_and_get_sampling_client().result(),
+    ]
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+    prompt = list(range(20, 60))
+    before = server.get("/status").json()["base_models"][0]["prefix_cache"]["hit_tokens"]
+    for sampler in clients:
+        first = sampler.sample(types.ModelInput.from_ints(prompt), 1, greedy).result()
+        turn = prompt + list(first.sequences[0].tokens) + [7, 8]
+        second = sampler.sample(types.ModelInput.from_ints(turn), 1, greedy).result()
+        assert (first.prompt_cache_hit_tokens, second.prompt_cache_hit_tokens) == (0, len(prompt) + 5)
+    stats = server.get("/status").json()["base_models"][0]["prefix_cache"]
+    assert stats["hit_tokens"] - before == 2 * (len(prompt) + 5) and stats["entries"] >= 2
+
+
 def test_inflight_sampling_clients_follow_each_inflight_save(server, service):
     """``kind="inflight"``: every inflight client of a model samples with its latest inflight save;
     a snapshot client keeps its weights."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -187,8 +188,16 @@ def test_greedy_sampling_on_a_mesh_matches_one_device(tiny_model_factory):
         adapter = lora_lib.init(base.config, 8, jax.random.key(1))
         for i, ab in enumerate(adapter.targets_tree().values()):  # non-zero b: the adapter matters
             ab["b"] = 0.3 * jax.random.normal(jax.random.key(i), ab["b"].shape)
-        results = base.sampler.sample(requests, base.place_lora_tree(adapter))
-        tokens[mesh_config] = [seq[0] for r in results for seq in r.sequences]
+        adapter = base.place_lora_tree(adapter)
+        results = base.sampler.sample(requests, adapter)
+        # A second turn extends each first sample: its prefix comes from the (sharded) prefix cache.
+        turn = [
+            dataclasses.replace(q, prompt=q.prompt + r.sequences[0][0])
+            for q, r in zip(requests, results, strict=True)
+        ]
+        again = base.sampler.sample(turn, adapter)
+        assert [r.prompt_cache_hit_tokens for r in again] == [len(q.prompt) - 1 for q in turn]
+        tokens[mesh_config] = [seq[0] for r in results + again for seq in r.sequences]
     assert len({t for seq in tokens[None] for t in seq}) > 3  # the output is not degenerate
     assert tokens["fsdp=4,tp=2"] == tokens[None]
     assert tokens["dp=2,fsdp=4"] == tokens[None]
