@@ -37,6 +37,9 @@ from workload import add_workload_args, make_datums, make_rows, resolve_model
 
 START = time.perf_counter()  # as early as possible: "process start" for time-to-first-step
 TARGET_S = 10.0
+# Steady-state calls repeat their prompts, which the sampler's prefix cache would serve: measure the
+# work of fresh prompts (bench/sample.py measures the cache on multi-turn episodes).
+os.environ.setdefault("JTINKER_PREFIX_CACHE_MIB", "0")
 CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 

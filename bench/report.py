@@ -207,6 +207,12 @@ def _rows_sample(d: dict) -> list[list[str]]:
             f"{ratio:.2f}x", ">= 3.0x" if int(b) == 8 else ">= 1.0x",
             _verdict(ratio >= (3 if int(b) == 8 else 1)),
         ])  # fmt: skip
+    if mt := d.get("multi_turn"):  # results from before the prefix cache have none
+        rows.append([
+            "sample", f"{mt['turns']}-turn episodes, batch {mt['batch']}: tokens/s with the prefix cache",
+            _n(mt["cached"]["tokens_per_s"]), f"no prefix cache {_n(mt['uncached']['tokens_per_s'])}",
+            f"{mt['ratio']:.2f}x", "(none)", "info",
+        ])  # fmt: skip
     return rows
 
 
@@ -307,6 +313,20 @@ def _details_sample(d: dict) -> list[str]:
         f"process (OMP_WAIT_POLICY={d.get('omp_wait_policy')}).",
         "",
         _md_table(["batch", "jtinker tok/s", "transformers tok/s", "ratio", "jtinker compile (s)"], rows),
+    ] + _details_multi_turn(d.get("multi_turn"))
+
+
+def _details_multi_turn(mt: dict | None) -> list[str]:
+    if not mt:
+        return []
+    return [
+        "",
+        f"- Multi-turn: {mt['batch']} episodes of {mt['turns']} turns; the first prompt has "
+        f"{mt['first_prompt_len']} tokens and each turn samples {mt['turn_tokens']} tokens (temperature 1) "
+        f"and appends them and {mt['turn_tokens']} new tokens: each prompt extends the last turn's sequence. "
+        f"Median episode: {mt['cached']['seconds']:.2f} s with the prefix cache, "
+        f"{mt['uncached']['seconds']:.2f} s without ({mt['ratio']:.2f}x); {mt['hit_tokens']:,} prompt "
+        "tokens were served from the cache.",
     ]
 
 

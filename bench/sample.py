@@ -8,9 +8,16 @@ transformers runs in a separate worker process: XLA's and torch's CPU thread poo
 slow each other down badly when they share a process. The two engines are timed *interleaved*
 (jtinker, transformers, jtinker, ...) so load from other processes hits both alike. Compile time
 is reported separately (first call minus the steady-state median); steady-state numbers are
-medians over ``--repeats`` runs after one warm-up run. Writes JSON to ``--out``.
+medians over ``--repeats`` runs after one warm-up run. The sampler's prefix cache is off for this
+comparison: the runs repeat their prompts, and transformers keeps nothing between calls.
 
-    python bench/sample.py [--batches 1 8 64] [--repeats 5] [--out bench_results/sample.json]
+Multi-turn episodes (``--turns`` 4, 0: skip) measure the prefix cache: batch 8, each turn samples
+``--turn-tokens`` (32) tokens at temperature 1 and appends them plus as many new "user" tokens to
+the prompt (128 tokens at first), so turn ``t``'s prompt extends turn ``t - 1``'s sequence. jtinker
+with its prefix cache vs without it, episodes interleaved, medians over ``--repeats`` episodes of
+fresh prompts after two warm-up episodes (which compile every bucket). Writes JSON to ``--out``.
+
+    python bench/sample.py [--batches 1 8 64] [--repeats 5] [--turns 4] [--out bench_results/sample.json]
 """
 
 from __future__ import annotations
@@ -79,6 +86,57 @@ def transformers_worker(
         conn.send(("done", elapsed))
 
 
+def multi_turn(config, params, args) -> dict:
+    """Episodes of ``args.turns`` turns, with the prefix cache and without it (see the module doc)."""
+    import numpy as np
+
+    from jtinker.sampling import Sampler, SampleRequest
+
+    batch, first, new = 8, 128, args.turn_tokens
+    samplers = {"cached": Sampler(config, params), "uncached": Sampler(config, params, prefix_cache_bytes=0)}
+
+    def episode(sampler, seed: int) -> float:
+        rng = np.random.default_rng(1000 + seed)
+        prompts = [rng.integers(0, 256, first).tolist() for _ in range(batch)]
+        t0 = time.perf_counter()
+        for _ in range(args.turns):
+            reqs = [
+                SampleRequest(prompt=p, num_samples=1, max_tokens=new, temperature=1.0, seed=i)
+                for i, p in enumerate(prompts)
+            ]
+            out = sampler.sample(reqs)
+            prompts = [
+                p + r.sequences[0][0] + rng.integers(0, 256, new).tolist()
+                for p, r in zip(prompts, out, strict=True)
+            ]
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for seed in range(2 + args.repeats):
+        for name, sampler in samplers.items():
+            elapsed = episode(sampler, seed)
+            if seed >= 2:
+                times[name].append(elapsed)
+    cached, uncached = (statistics.median(times[name]) for name in ("cached", "uncached"))
+    tokens = batch * new * args.turns
+    print(
+        f"multi-turn ({args.turns} turns, batch {batch}): "
+        f"prefix cache {tokens / cached:.1f} tok/s ({cached:.2f} s)"
+        f" | none {tokens / uncached:.1f} tok/s ({uncached:.2f} s) | ratio {uncached / cached:.2f}x",
+        flush=True,
+    )
+    return {
+        "turns": args.turns,
+        "batch": batch,
+        "first_prompt_len": first,
+        "turn_tokens": new,
+        "cached": {"seconds": cached, "tokens_per_s": tokens / cached, "times": times["cached"]},
+        "uncached": {"seconds": uncached, "tokens_per_s": tokens / uncached, "times": times["uncached"]},
+        "ratio": uncached / cached,
+        "hit_tokens": samplers["cached"].prefix_cache.hit_tokens,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
@@ -88,6 +146,8 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--out", type=Path, default=Path("bench_results/sample.json"))
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--turns", type=int, default=4, help="multi-turn episode length (0: skip)")
+    ap.add_argument("--turn-tokens", type=int, default=32)
     ap.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
@@ -121,7 +181,7 @@ def main() -> None:
 
     print(f"model {path}, jax {jax.__version__} ({jax.devices()[0].platform}), {threads} threads")
     config, params = load_pretrained(path)
-    sampler = Sampler(config, params, max_batch=max(args.batches))
+    sampler = Sampler(config, params, max_batch=max(args.batches), prefix_cache_bytes=0)
 
     def run_jt(batch: int) -> float:
         reqs = [
@@ -163,6 +223,8 @@ def main() -> None:
     if worker:
         conn.send(("stop",))
         worker.join(timeout=10)
+    if args.turns:
+        results["multi_turn"] = multi_turn(config, params, args)
 
     results.update(
         model="qwen3 'small' from make_tiny (8 layers, hidden 512, vocab 8192), f32, random weights",

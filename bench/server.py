@@ -42,6 +42,10 @@ from pathlib import Path
 import numpy as np
 from workload import add_workload_args, make_datums, make_rows, resolve_model
 
+# Steady-state calls repeat their prompts, which the sampler's prefix cache would serve: measure the
+# work of fresh prompts (bench/sample.py measures the cache on multi-turn episodes).
+os.environ.setdefault("JTINKER_PREFIX_CACHE_MIB", "0")
+
 WARMUP = 2
 BLOCK = 3  # timed rounds per block
 API_KEY = "tml-jtinker-bench-key-0000"
