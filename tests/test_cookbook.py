@@ -115,6 +115,18 @@ def test_supervised_loop_on_a_local_jsonl_file(server, tmp_path):
 class _VowelTask:
     """An environment whose reward is the fraction of sampled tokens that are vowels."""
 
+    PROMPT = [{"role": "user", "content": "vowels please"}]
+    FOLLOW_UP = "\nmore vowels:"
+
+    @classmethod
+    def uncached_tokens(cls, episodes: int, turns: int) -> int:
+        """Prompt tokens to prefill with the prefix cache: each episode's first prompt, then each turn's
+        follow-up and the last turn's final token (sampled, never fed)."""
+        tokenizer = get_tokenizer(BASE)
+        first = renderers.get_renderer("qwen3", tokenizer).build_generation_prompt(cls.PROMPT).length
+        follow_up = len(tokenizer.encode(cls.FOLLOW_UP, add_special_tokens=False))
+        return episodes * (first + (turns - 1) * (follow_up + 1))
+
     @staticmethod
     def dataset_builder(groups_per_batch: int, batches: int, turns: int = 1):
         """Each episode lasts ``turns`` turns: every observation extends the last one (observation,
@@ -126,14 +138,12 @@ class _VowelTask:
         renderer = renderers.get_renderer("qwen3", tokenizer)
         vowel_ids = set(tokenizer.encode("aeiou", add_special_tokens=False))
 
-        follow_up = tokenizer.encode("\nmore vowels:", add_special_tokens=False)
+        follow_up = tokenizer.encode(_VowelTask.FOLLOW_UP, add_special_tokens=False)
 
         class VowelEnv(Env):
             async def initial_observation(self):
                 self.turn = 1
-                self.context = renderer.build_generation_prompt(
-                    [{"role": "user", "content": "vowels please"}]
-                )
+                self.context = renderer.build_generation_prompt(_VowelTask.PROMPT)
                 return self.context, renderer.get_stop_sequences()
 
             async def step(self, action, *, extra=None):
@@ -210,6 +220,8 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
         assert np.isfinite(row["env/all/reward/total"]) and 0.0 <= row["env/all/vowel_fraction"] <= 1.0
         assert np.isfinite(row["grad_norm:mean"]) and "optim/entropy" in row
         assert row["env/all/turns_per_episode"] == (3 if mode == "multiturn" else 1)
+        if mode == "multiturn":  # later turns prefill only the follow-up after the last turn's sequence
+            assert row["tokens/prefill_uncached"] <= _VowelTask.uncached_tokens(episodes=8, turns=3)
         if mode != "async":  # sampler and learner share weights: their logprobs agree, token by token
             assert abs(row["optim/kl_sample_train_v1"]) < 1e-4 and row["optim/kl_sample_train_v2"] < 1e-8
         else:
