@@ -442,26 +442,29 @@ def test_fsdp_by_ep_mesh_matches_one_device(sparse):
 
 def test_greedy_sampling_matches_transformers_generate(mixed):
     """Prefill and decode through the KV cache on a model with both kinds of layers (one cache,
-    written by four scans)."""
+    written by four scans); a second turn extends each first one through the prefix cache."""
     eos = 258  # <|im_end|>, generation_config.eos_token_id
     sampler = Sampler(mixed.config, mixed.params, AutoTokenizer.from_pretrained(mixed.path))
     prompts = [[5, 17, 99, 200, 33, 71, 8, 150, 42, 9], list(range(40, 53))]
-    requests = [
-        SampleRequest(prompt=p, num_samples=1, max_tokens=12, temperature=0.0, stop_token_ids=(eos,))
-        for p in prompts
-    ]
-    results = sampler.sample(requests)
     hf = hf_model(mixed.path)
-    for prompt, result in zip(prompts, results, strict=True):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12
-            )
-        want = out[0, len(prompt) :].tolist()
-        want = want[: want.index(eos) + 1] if eos in want else want
-        tokens, _, _ = result.sequences[0]
-        assert list(tokens) == want and len(set(want)) > 1
+    for turn in range(2):
+        requests = [
+            SampleRequest(prompt=p, num_samples=1, max_tokens=12, temperature=0.0, stop_token_ids=(eos,))
+            for p in prompts
+        ]
+        results = sampler.sample(requests)
+        for prompt, result in zip(prompts, results, strict=True):
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                out = hf.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12
+                )
+            want = out[0, len(prompt) :].tolist()
+            want = want[: want.index(eos) + 1] if eos in want else want
+            tokens, _, _ = result.sequences[0]
+            assert list(tokens) == want and len(set(want)) > 1
+            assert result.prompt_cache_hit_tokens == (len(prompt) - 4 if turn else 0)
+        prompts = [p + list(r.sequences[0][0]) + [60, 61, 62] for p, r in zip(prompts, results, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
