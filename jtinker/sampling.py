@@ -941,7 +941,7 @@ class Sampler:
             if len(tokens) < prefix_cache.MIN_HIT_TOKENS or (id(owner), tokens) in kept:
                 continue
             if prefix_cache.owner_key(owner) is None:  # e.g. a full fine-tune's weights
-                return
+                continue
             kept.add((id(owner), tokens))
             k, v = _row_slots(cache, jnp.int32(j), slots=bucket(len(tokens)))
             self.prefix_cache.insert(owner, tokens, k, v)
