@@ -679,15 +679,22 @@ def server_capabilities() -> types.GetServerCapabilitiesResponse:
     )
 
 
+COMPILE_CACHE_BYTES = 4 << 30
+
+
 def enable_compile_cache() -> None:
     """Keeps compiled programs under ``$JTINKER_HOME/xla_cache``, so a second run of the same job starts
     in about a second instead of recompiling (~8 s for the small model's train step).
 
     Left alone if the user set ``jax_compilation_cache_dir`` (or ``JAX_COMPILATION_CACHE_DIR``) or
-    ``JTINKER_COMPILE_CACHE=0``.
+    ``JTINKER_COMPILE_CACHE=0``. The cache is bounded (least recently used entries go past
+    ``COMPILE_CACHE_BYTES``), which also makes JAX lock it across processes: without a bound, a
+    process could read an entry another was still writing and crash deserializing it.
     """
     if os.environ.get("JTINKER_COMPILE_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
+    if jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
     jax.config.update("jax_compilation_cache_dir", str(registry.home() / "xla_cache"))
 
 

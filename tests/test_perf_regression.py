@@ -471,3 +471,26 @@ def test_import_sets_xla_cpu_flags_that_reach_the_compiler():
     )
     started, hlo_started = run("import jax; jax.numpy.ones(1).block_until_ready()")
     assert started == "" and hlo_started == hlo_default  # too late to change: left alone
+
+
+def test_the_compile_cache_is_bounded_and_locked(tmp_path):
+    """The in-process client keeps compiled programs under ``$JTINKER_HOME/xla_cache`` with a size
+    bound, which makes JAX hold a file lock around every read and write: a process never reads an
+    entry another is still writing (deserializing a half-written executable crashed a test worker)."""
+    import os
+    import subprocess
+    import sys
+
+    from jtinker.client import COMPILE_CACHE_BYTES
+
+    code = (
+        "import jax, jtinker; jtinker.ServiceClient(); "
+        "jax.jit(lambda x: x * 2)(jax.numpy.ones(3)).block_until_ready(); "
+        "print(jax.config.jax_compilation_cache_max_size)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JTINKER_"))}
+    env.update(JTINKER_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == COMPILE_CACHE_BYTES
+    cache = tmp_path / "xla_cache"
+    assert (cache / ".lockfile").exists() and any(cache.glob("*-cache"))
