@@ -10,13 +10,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# One persistent compile cache per test run, shared by its xdist workers (they compile many of the same
-# programs) and locked across them (bounded: see jtinker.client.enable_compile_cache); never the user's
-# ~/.jtinker/xla_cache, whose entries earlier runs, other versions or other machines wrote (a worker
-# once crashed inside XLA deserializing one).
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/jtinker-test-xla-cache-{_RUN}")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
