@@ -795,7 +795,6 @@ class Sampler:
             prompt_index.setdefault(prompt_key(row.request), len(prompt_index))
         prompts = [prompt for _, prompt, _ in prompt_index]
         prompt_adapter = [a for a, _, _ in prompt_index] if row_adapter else None
-        askers = [None if i is None else requests[i] for _, _, i in prompt_index]
         # Prompt logprobs once per request, in the first group that holds one of its samples.
         lp_needed = [
             i
@@ -815,8 +814,6 @@ class Sampler:
         topk = max([requests[i].topk_prompt_logprobs for i in lp_needed], default=0)
         topk = bucket(topk) if topk else 0  # fewer distinct programs; sliced per request below
         topk = min(topk, self.config.vocab_size)
-        owner_seeds = [None if i is None else seeds[i] for _, _, i in prompt_index]
-        queries = self._queries(prompts, askers, owner_seeds)
         prompt_owner = {}
         for row in rows:
             prompt_owner.setdefault(prompt_index[prompt_key(row.request)], owners[row.request])
@@ -831,7 +828,10 @@ class Sampler:
             for row in rows:
                 hit = hits[prompt_index[prompt_key(row.request)]]
                 results[row.request].prompt_cache_hit_tokens = hit[1] if hit else 0
-        else:
+        else:  # the per-position queries (host arrays, seeded draws) only a whole prefill answers
+            askers = [None if i is None else requests[i] for _, _, i in prompt_index]
+            owner_seeds = [None if i is None else seeds[i] for _, _, i in prompt_index]
+            queries = self._queries(prompts, askers, owner_seeds)
             pre = self._run_prefill(
                 prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, queries=queries
             )
