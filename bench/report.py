@@ -432,7 +432,11 @@ def _details_compile(d: dict) -> list[str]:
         "first sample", "steady sample", "sample XLA / trace+lower / cache hits",
         "process start to first step",
     ]  # fmt: skip
-    shipped = "" if d["jtinker_enables_persistent_cache"] else " (no persistent compilation cache configured)"
+    shipped = (
+        " with its own persistent cache, empty at the start"
+        if d["jtinker_enables_persistent_cache"]
+        else " (off on CPU: `JTINKER_COMPILE_CACHE=1` turns jtinker's persistent cache on)"
+    )
     body = [
         f"- Train step batch {d['batch']} x {d['seq']}, rank {d['rank']}; sampling {d['sample']['batch']} "
         f"prompts of {d['sample']['prompt_len']} tokens, {d['sample']['new_tokens']} new tokens. Each run is "
@@ -440,7 +444,8 @@ def _details_compile(d: dict) -> list[str]:
         "",
         _md_table(header, rows),
         "",
-        f"Seconds. `default` is jtinker as shipped{shipped}; `cache_cold` and `cache_warm` set "
+        f"Seconds. `default` is jtinker as shipped, in a fresh `JTINKER_HOME`{shipped}; "
+        "`cache_cold` and `cache_warm` set "
         "`JAX_COMPILATION_CACHE_DIR` to one directory (empty, then filled by `cache_cold`) and "
         "`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`.",
     ]

@@ -683,15 +683,22 @@ COMPILE_CACHE_BYTES = 4 << 30
 
 
 def enable_compile_cache() -> None:
-    """Keeps compiled programs under ``$JTINKER_HOME/xla_cache``, so a second run of the same job starts
-    in about a second instead of recompiling (~8 s for the small model's train step).
+    """Keeps compiled programs under ``$JTINKER_HOME/xla_cache`` on GPU and TPU, where a second run
+    of the same job then skips minutes of compiling.
 
-    Left alone if the user set ``jax_compilation_cache_dir`` (or ``JAX_COMPILATION_CACHE_DIR``) or
-    ``JTINKER_COMPILE_CACHE=0``. The cache is bounded (least recently used entries go past
-    ``COMPILE_CACHE_BYTES``), which also makes JAX lock it across processes: without a bound, a
-    process could read an entry another was still writing and crash deserializing it.
+    Off on CPU unless ``JTINKER_COMPILE_CACHE=1``: there a warm cache saves about 3 s a start, and
+    XLA:CPU's executable (de)serialization has crashed processes (SIGSEGV; jax-ml/jax#28908, and
+    twice in this project's test workers). ``JTINKER_COMPILE_CACHE=0`` turns it off everywhere; a
+    ``jax_compilation_cache_dir`` the user set (or ``JAX_COMPILATION_CACHE_DIR``) is left alone.
+    The cache is bounded (least recently used entries go past ``COMPILE_CACHE_BYTES``), which also
+    makes JAX lock it across processes: no process reads an entry another is still writing.
     """
-    if os.environ.get("JTINKER_COMPILE_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    setting = os.environ.get("JTINKER_COMPILE_CACHE", "")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"JTINKER_COMPILE_CACHE: must be 0 or 1, got {setting!r}")
+    if setting == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    if setting != "1" and jax.default_backend() == "cpu":
         return
     if jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)

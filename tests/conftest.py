@@ -10,10 +10,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# No persistent compile cache in test processes: twice in one day a worker sharing a warm
-# ~/.jtinker/xla_cache crashed (SIGSEGV) inside XLA's executable serialize / deserialize_executable,
-# cause not pinned down. Tests of the cache itself set it up in their own processes.
-os.environ.setdefault("JTINKER_COMPILE_CACHE", "0")
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402

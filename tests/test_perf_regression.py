@@ -473,10 +473,12 @@ def test_import_sets_xla_cpu_flags_that_reach_the_compiler():
     assert started == "" and hlo_started == hlo_default  # too late to change: left alone
 
 
-def test_the_compile_cache_is_bounded_and_locked(tmp_path):
-    """The in-process client keeps compiled programs under ``$JTINKER_HOME/xla_cache`` with a size
-    bound, which makes JAX hold a file lock around every read and write: a process never reads an
-    entry another is still writing (deserializing a half-written executable crashed a test worker)."""
+def test_the_compile_cache_is_opt_in_on_cpu_bounded_and_locked(tmp_path):
+    """On CPU the client configures no persistent cache unless ``JTINKER_COMPILE_CACHE=1`` (XLA:CPU's
+    executable (de)serialization has crashed test workers). Once on, compiled programs go under
+    ``$JTINKER_HOME/xla_cache`` with a size bound, which makes JAX hold a file lock around every
+    read and write: a process never reads an entry another is still writing. A bad setting is
+    refused by name."""
     import os
     import subprocess
     import sys
@@ -486,11 +488,23 @@ def test_the_compile_cache_is_bounded_and_locked(tmp_path):
     code = (
         "import jax, jtinker; jtinker.ServiceClient(); "
         "jax.jit(lambda x: x * 2)(jax.numpy.ones(3)).block_until_ready(); "
-        "print(jax.config.jax_compilation_cache_max_size)"
+        "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JTINKER_"))}
     env.update(JTINKER_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) == COMPILE_CACHE_BYTES
+
+    def run(setting: str | None) -> subprocess.CompletedProcess:
+        extra = {} if setting is None else {"JTINKER_COMPILE_CACHE": setting}
+        command = [sys.executable, "-c", code]
+        return subprocess.run(command, env={**env, **extra}, capture_output=True, text=True)
+
+    default = run(None)
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert default.stdout.split() == ["None", "-1"] and not (tmp_path / "xla_cache").exists()
+    on = run("1")
+    assert on.returncode == 0, on.stderr[-2000:]
     cache = tmp_path / "xla_cache"
+    assert on.stdout.split() == [str(cache), str(COMPILE_CACHE_BYTES)]
     assert (cache / ".lockfile").exists() and any(cache.glob("*-cache"))
+    bad = run("yes")
+    assert bad.returncode != 0 and "JTINKER_COMPILE_CACHE: must be 0 or 1, got 'yes'" in bad.stderr
