@@ -70,6 +70,47 @@ def test_every_sdk_method_and_parameter_exists_in_process(name):
     assert not problems, f"{name}: " + "; ".join(problems)
 
 
+# Top-level SDK names with no meaning in process, each with its reason.
+NOT_AT_TOP_LEVEL = {
+    "auth", "lib", "proto", "resources",  # the SDK's own modules
+    "APIResponse", "AsyncAPIResponse", "RequestOptions", "Timeout",  # raw HTTP responses and settings
+    "SampleRequest", "OptimStepRequest",  # HTTP request bodies (clients take their arguments)
+    "AdminClient",  # hosted account administration
+    "DmelChunk",  # audio tokens for the hosted audio models
+    "LossHandle", "PerDatumLossFn",  # create_custom_loss (torch.fx losses uploaded to the service)
+}  # fmt: skip
+
+
+def test_every_top_level_sdk_name_exists_in_process():
+    """``import jtinker as tinker``: the SDK's types, exceptions and warning classes are there by the
+    same names, so ``tinker.StopReason`` or ``except tinker.RateLimitError`` work in process."""
+    theirs = {name for name in dir(sdk) if not name.startswith("_")}
+    missing = sorted(theirs - NOT_AT_TOP_LEVEL - set(dir(jtinker)))
+    assert not missing, f"jtinker lacks the SDK's top-level {missing}"
+    stale = sorted(name for name in NOT_AT_TOP_LEVEL if hasattr(jtinker, name))
+    assert not stale, f"{stale} are provided now: drop them from NOT_AT_TOP_LEVEL"
+    assert set(jtinker.__all__) <= set(dir(jtinker))
+
+
+def test_exceptions_have_the_sdk_hierarchy_and_status_codes():
+    """Each SDK exception's bases (by name) and HTTP status are ours too; NotFoundError is still a
+    FileNotFoundError for code that catches the built-in."""
+    for name in dir(sdk):
+        theirs = getattr(sdk, name)
+        if not (isinstance(theirs, type) and issubclass(theirs, (sdk.TinkerError, Warning))):
+            continue
+        ours = getattr(jtinker, name)
+        their_bases = {c.__name__ for c in theirs.__mro__ if c.__module__.startswith("tinker")}
+        our_bases = {c.__name__ for c in ours.__mro__}
+        assert their_bases <= our_bases, f"{name}: lacks {sorted(their_bases - our_bases)}"
+        assert getattr(ours, "status_code", None) == getattr(theirs, "status_code", None), name
+    assert issubclass(jtinker.ExperimentalWarning, FutureWarning)
+    error = jtinker.NotFoundError("training_run_id: no training run 'x'")
+    assert isinstance(error, FileNotFoundError) and error.status_code == 404 and "'x'" in error.message
+    failed = jtinker.RequestFailedError("bad datum", "req-1", "user")
+    assert (failed.message, failed.request_id, failed.category) == ("bad datum", "req-1", "user")
+
+
 def test_sdk_0_38_calling_conventions(qwen3_dir, tmp_path, monkeypatch):
     """0.38 returns futures of clients (``.result()`` or ``await`` gives the client) and awaitable
     ``APIFuture`` results; unsupported options fail with the field's name."""
