@@ -28,6 +28,7 @@ from jtinker.errors import (
     TinkerError,
     UnprocessableEntityError,
 )
+from jtinker.loss_handles import LossHandle, PerDatumLossFn
 from jtinker.rest import RestClient
 from jtinker.types import (
     AdamOptimizerConfig,
@@ -89,6 +90,7 @@ __all__ = [
     "ForwardBackwardOutput",
     "InternalServerError",
     "LoraConfig",
+    "LossHandle",
     "LossFnType",
     "ModelID",
     "ModelInput",
@@ -97,6 +99,7 @@ __all__ = [
     "OptimParams",
     "OptimStepResponse",
     "ParsedCheckpointTinkerPath",
+    "PerDatumLossFn",
     "PermissionDeniedError",
     "PromptProvenanceSpan",
     "RateLimitError",

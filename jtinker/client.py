@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jtinker import registry, sharding, train, types
+from jtinker import loss_handles, registry, sharding, train, types
 from jtinker.checkpoints import EXTERNAL, CheckpointPath, CheckpointStore, new_run_id, validate_name
 from jtinker.engine import (
     Adapter,
@@ -34,6 +34,7 @@ from jtinker.engine import (
     get_base_model,
     lora_from_checkpoint,
 )
+from jtinker.loss_handles import LossHandle, PerDatumLossFn
 from jtinker.sampling import SampleRequest, SampleResult
 
 if TYPE_CHECKING:
@@ -233,16 +234,23 @@ class TrainingClient(_ResolvedClient):
         return self._run_loss(data, loss_fn, loss_fn_config, backward=True)
 
     def forward_backward_custom(
-        self, data: list[types.Datum], loss_fn: Callable, *, loss_type_input: str = "logprobs"
+        self, data: list[types.Datum], loss_fn: Callable | LossHandle, *, loss_type_input: str = "logprobs"
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """``loss_fn(data, values_list) -> (loss, metrics)``, a JAX function, in one forward pass.
 
         ``values_list[i]`` is datum i's target logprobs ``[N]`` (Tinker's contract), or with
         ``loss_type_input="logits"`` its full f32 logits ``[N, V]`` (beyond Tinker: top-k,
         entropy or fixed-token-set losses). Unlike Tinker there is no second forward pass.
+        ``loss_fn`` may also be a :class:`LossHandle` from ``ServiceClient.create_custom_loss``
+        (a per-datum torch loss, run as JAX).
         """
         if loss_type_input not in ("logprobs", "logits"):
             raise ValueError(f"loss_type_input: must be 'logprobs' or 'logits', got {loss_type_input!r}")
+        if isinstance(loss_fn, LossHandle):
+            if loss_type_input != "logprobs":
+                raise ValueError("loss_type_input: a LossHandle takes logprobs")
+            loss_fn.check_data(data)  # before anything is queued: a rejected call accumulates nothing
+            loss_fn = loss_fn.batch_loss()
         return self._submit(
             lambda: _forward_backward_output(
                 *self._adapter.forward_backward_custom(data, loss_fn, loss_type_input)
@@ -741,6 +749,7 @@ class ServiceClient:
         self.mesh = _mesh_from(mesh if mesh is not None else os.environ.get("JTINKER_MESH"))
         self.store = CheckpointStore(store_dir)
         self._connection_kwargs = connection_kwargs
+        self.session_id = str(uuid.uuid4())  # names this client's custom losses, as the SDK's session does
         # The training clients alive in this process, by model id (the REST client lists their runs).
         self.runs: weakref.WeakValueDictionary[str, TrainingClient] = weakref.WeakValueDictionary()
 
@@ -753,6 +762,16 @@ class ServiceClient:
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
         return server_capabilities()
+
+    def create_custom_loss(self, fn: PerDatumLossFn, input_ranks: dict[str, int]) -> APIFuture[LossHandle]:
+        """SDK 0.38's custom loss: ``fn(logprobs, *inputs) -> (loss, metrics)`` in torch, run once per
+        datum and summed; ``input_ranks`` gives each parameter's rank (``logprobs`` first: 1 or 2).
+        It is traced with ``torch.fx`` under the SDK's rules and runs as JAX in one forward/backward
+        pass: pass the handle to ``TrainingClient.forward_backward_custom``. Needs torch to trace."""
+        handle = loss_handles.create(fn, input_ranks, self.session_id)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(handle)
+        return APIFuture(done)
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return self.get_server_capabilities()

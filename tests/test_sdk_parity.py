@@ -22,7 +22,6 @@ NOT_IN_PROCESS = {
         "holder",  # the SDK's HTTP connection holder
         "get_telemetry", "get_console_url",  # hosted telemetry and web console
         "copy_weights",  # copies between hosted projects
-        "create_custom_loss",  # uploads a torch.fx loss; in process, forward_backward_custom takes a JAX one
     },
     "TrainingClient": {"get_telemetry", "get_console_url"},
     "SamplingClient": {
@@ -77,7 +76,6 @@ NOT_AT_TOP_LEVEL = {
     "SampleRequest", "OptimStepRequest",  # HTTP request bodies (clients take their arguments)
     "AdminClient",  # hosted account administration
     "DmelChunk",  # audio tokens for the hosted audio models
-    "LossHandle", "PerDatumLossFn",  # create_custom_loss (torch.fx losses uploaded to the service)
 }  # fmt: skip
 
 

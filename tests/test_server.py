@@ -326,6 +326,77 @@ def test_forward_backward_custom_matches_in_process(server, service, qwen3_dir, 
         np.testing.assert_allclose(r, e, atol=2e-4)
 
 
+def test_create_custom_loss_runs_on_the_server_in_one_pass(server, service):
+    """SDK 0.38 uploads a ``create_custom_loss`` loss (the server announces custom_loss_server_side); it
+    then runs in one forward_backward request, with the result and update of the SDK's client-side
+    two-pass path. Unknown, foreign or hostile losses fail by name and the server stays up."""
+    pytest.importorskip("torch")
+
+    def nll_and_square(logprobs, weights):
+        square = (logprobs**2).sum()
+        return -(logprobs * weights).sum() + 0.1 * square, {"custom/sq:sum": square}
+
+    handle = service.create_custom_loss(nll_and_square, {"logprobs": 1, "weights": 1}).result()
+    assert handle.loss_id is not None  # uploaded, not run client-side
+
+    def batch_loss(batch, logprobs_list):  # the same loss on the SDK's client-side two-pass path
+        terms = [
+            nll_and_square(lp, d.loss_fn_inputs["weights"].to_torch())
+            for d, lp in zip(batch, logprobs_list, strict=True)
+        ]
+        return sum(loss for loss, _ in terms), {
+            "custom/sq:sum": sum(m["custom/sq:sum"].item() for _, m in terms)
+        }
+
+    data = sft_batch(2, n=3)
+    lr = types.AdamParams(learning_rate=0.05, eps=1.0)
+    one_pass = service.create_lora_training_client(BASE, rank=RANK, seed=11).result()
+    two_pass = service.create_lora_training_client(BASE, rank=RANK, seed=11).result()
+    got = one_pass.forward_backward_custom(data, handle).result()
+    want = two_pass.forward_backward_custom(data, batch_loss).result()
+    assert "surrogate_loss:sum" in want.metrics and "surrogate_loss:sum" not in got.metrics
+    for key in ("loss:sum", "custom/sq:sum"):
+        assert got.metrics[key] == pytest.approx(want.metrics[key], rel=1e-5)
+    for a, b in zip(got.loss_fn_outputs, want.loss_fn_outputs, strict=True):
+        np.testing.assert_allclose(a["logprobs"].data, b["logprobs"].data, atol=1e-5)
+    one_pass.optim_step(lr).result()
+    two_pass.optim_step(lr).result()
+    after_one, after_two = forward_logprobs(one_pass, data), forward_logprobs(two_pass, data)
+    before = [np.asarray(o["logprobs"].data) for o in got.loss_fn_outputs]
+    assert max(np.abs(a - b).max() for a, b in zip(after_one, before, strict=True)) > 1e-3  # it moved
+    for a, b in zip(after_one, after_two, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4)
+
+    with pytest.raises(tinker.RequestFailedError, match="loss_fn_config.loss_id: no custom loss 'nope'"):
+        one_pass.forward_backward(data, "custom", {"loss_id": "nope"}).result()
+    other_session = tinker.ServiceClient(base_url=server.url, api_key=KEY_A)
+    foreign = other_session.create_custom_loss(nll_and_square, {"logprobs": 1, "weights": 1}).result()
+    with pytest.raises(tinker.RequestFailedError, match="no custom loss .* in this model's session"):
+        one_pass.forward_backward(data, "custom", {"loss_id": foreign.loss_id}).result()
+    hostile = {
+        "session_id": service.holder.get_session_id(),
+        "custom_loss_seq_id": 1000,
+        "name": "hostile",
+        "inputs": [{"name": "logprobs", "rank": 1}],
+        "graph": {
+            "nodes": [
+                {"op": "placeholder", "name": "logprobs", "target": "logprobs"},
+                {"op": "call_function", "name": "shell", "target": "os.system", "args": ["true"]},
+                {
+                    "op": "output",
+                    "name": "output",
+                    "target": "output",
+                    "args": [{"tuple": [{"ref": "shell"}, {"dict": {}}]}],
+                },
+            ]
+        },
+    }
+    r = server.post("/api/v1/create_custom_loss", json=hostile)
+    assert r.status_code == 400 and "os.system" in r.json()["detail"], r.text
+    assert np.isfinite(train_step(one_pass, data))  # the failed requests did not stall the seq_id order
+    assert server.alive()
+
+
 def test_importance_sampling_rl_step(server, service):
     tc = service.create_lora_training_client(BASE, rank=RANK, seed=3).result()
     sampler = tc.save_weights_and_get_sampling_client().result()

@@ -291,6 +291,103 @@ def test_custom_cross_entropy_equals_builtin(service, qwen3_dir):
     assert_trees_close(grads_np(custom), grads_np(builtin), rtol=1e-5, atol_scale=1e-6)
 
 
+def _rl_data(tc, seed: int) -> list[tinker.Datum]:
+    """Datums with ``advantages`` and ``sampling_logprobs`` near the model's own logprobs, so some
+    ratios leave PPO's [0.8, 1.2] band."""
+    rng = np.random.default_rng(seed)
+    data = make_data(seed=seed)
+    current = logprobs_of(tc.forward(data, "cross_entropy").result())
+    return [
+        tinker.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": inputs_of(d, "target_tokens"),
+                "sampling_logprobs": (lp + rng.normal(0, 0.3, lp.shape)).astype(np.float32),
+                "advantages": rng.normal(0, 1, lp.shape).astype(np.float32),
+            },
+        )
+        for d, lp in zip(data, current, strict=True)
+    ]
+
+
+def test_create_custom_loss_runs_a_torch_loss_as_jax(service, qwen3_dir):
+    """SDK 0.38's ``create_custom_loss``: PPO written per datum in torch, traced and run as JAX in one
+    pass, gives the built-in ``ppo`` loss's value, logprobs and gradient; metrics combine by suffix."""
+    torch = pytest.importorskip("torch")
+
+    def ppo_in_torch(logprobs, sampling_logprobs, advantages):
+        ratio = torch.exp(logprobs - sampling_logprobs)
+        objective = torch.minimum(ratio * advantages, torch.clamp(ratio, 0.8, 1.2) * advantages)
+        return -objective.sum(), {
+            "custom/ratio:mean": ratio.mean(),
+            "custom/tokens:sum": torch.ones_like(ratio).sum(),
+        }
+
+    ranks = {"logprobs": 1, "sampling_logprobs": 1, "advantages": 1}
+    handle = service.create_custom_loss(ppo_in_torch, ranks).result()
+    assert isinstance(handle, tinker.LossHandle) and handle.input_names == ("sampling_logprobs", "advantages")
+    custom, builtin = new_client(service, qwen3_dir, seed=5), new_client(service, qwen3_dir, seed=5)
+    data = _rl_data(custom, 5)
+    got = custom.forward_backward_custom(data, handle).result()
+    # The built-in loss reads the sampling logprobs under "logprobs" (a custom loss's first parameter).
+    renamed = [
+        tinker.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": inputs_of(d, "target_tokens"),
+                "logprobs": inputs_of(d, "sampling_logprobs"),
+                "advantages": inputs_of(d, "advantages"),
+            },
+        )
+        for d in data
+    ]
+    want = builtin.forward_backward(renamed, "ppo").result()
+
+    assert want.metrics["clipped:sum"] > 0  # the clipped branch is exercised
+    assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-5)
+    ratios = [
+        np.exp(lp - inputs_of(d, "sampling_logprobs")) for d, lp in zip(data, logprobs_of(got), strict=True)
+    ]
+    assert got.metrics["custom/ratio:mean"] == pytest.approx(np.mean([r.mean() for r in ratios]), rel=1e-5)
+    assert got.metrics["custom/tokens:sum"] == sum(r.size for r in ratios)
+    for a, b in zip(logprobs_of(got), logprobs_of(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert_trees_close(grads_np(custom), grads_np(builtin), rtol=1e-4, atol_scale=1e-5)
+
+
+def test_create_custom_loss_rejects_bad_losses_and_data_by_name(service, qwen3_dir):
+    """A loss the SDK's rules refuse fails at creation; data missing an input, or with the wrong rank,
+    fails the call before anything accumulates."""
+    torch = pytest.importorskip("torch")
+
+    def uses_numpy(logprobs):
+        return torch.as_tensor(np.asarray(1.0)) * logprobs.sum(), {}
+
+    with pytest.raises(ValueError, match="create_custom_loss: uses_numpy"):
+        service.create_custom_loss(uses_numpy, {"logprobs": 1}).result()
+
+    def weighted(logprobs, advantages, beta):
+        return -(logprobs * advantages).sum() * beta, {}
+
+    handle = service.create_custom_loss(weighted, {"logprobs": 1, "advantages": 1, "beta": 0}).result()
+    tc = new_client(service, qwen3_dir, seed=6)
+    good = [make_datum(np.arange(6) + 1, advantages=np.ones(5, np.float32), beta=np.float32(0.5))]
+    missing = [make_datum(np.arange(6) + 1, beta=np.float32(0.5))]
+    with pytest.raises(ValueError, match=r"data\[0\]\.loss_fn_inputs\['advantages'\]: missing"):
+        tc.forward_backward_custom(missing, handle)
+    wrong_rank = [
+        make_datum(np.arange(6) + 1, advantages=np.ones(5, np.float32), beta=np.ones(3, np.float32))
+    ]
+    with pytest.raises(
+        ValueError, match=r"loss_fn_inputs\['beta'\]: rank 1, but loss 'weighted' declared rank 0"
+    ):
+        tc.forward_backward_custom(wrong_rank, handle)
+    assert_grads_zero(tc)
+    out = tc.forward_backward_custom(good, handle).result()
+    lp = logprobs_of(out)[0]
+    assert out.metrics["loss:sum"] == pytest.approx(-0.5 * lp.sum(), rel=1e-5)
+
+
 def test_custom_loss_on_full_logits(service, qwen3_dir):
     """The logits hook: a cross-entropy written on full logits equals the built-in one, and a
     loss that needs the whole distribution (entropy bonus) changes the gradient."""

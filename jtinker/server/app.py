@@ -201,7 +201,7 @@ class Api:
                 proto_compress_fwdbwd=self.config.compress_fwdbwd,
                 fwdbwd_max_chunk_len=self.config.fwdbwd_max_chunk_len,
                 sample_use_retrieve_futures=False,
-                custom_loss_server_side=False,  # forward_backward_custom runs the SDK's two-pass path
+                custom_loss_server_side=True,  # LossHandle losses run here, in one forward/backward
                 sample_join_sampling_session=False,
             )
         )
@@ -266,6 +266,11 @@ class Api:
         limit, offset = _int_param(request, "limit", 20, 1), _int_param(request, "offset", 0, 0, 10**9)
         sessions, _ = self.runtime.db.sessions_of(owner, limit, offset)
         return self.ok(sdk.ListSessionsResponse(sessions=sessions))
+
+    async def create_custom_loss(self, request: Request) -> JSONResponse:
+        owner = self.authorize(request)
+        req = await self.parse(request, sdk.CreateCustomLossRequest, "create_custom_loss")
+        return self.future(self.runtime.create_custom_loss(owner, req))
 
     # -- models -----------------------------------------------------------------------------------
     async def create_model(self, request: Request) -> JSONResponse:
@@ -625,6 +630,7 @@ def create_app(config: ServerConfig, keys: KeyRing, db: Database | None = None) 
     route(f"{API}/sessions", api.list_sessions, ("GET",))
     route(f"{API}/sessions/{{session_id}}", api.get_session, ("GET",))
     route(f"{API}/sessions/{{session_id}}/finish", api.finish_session)
+    route(f"{API}/create_custom_loss", api.create_custom_loss)
     route(f"{API}/create_model", api.create_model)
     route(f"{API}/get_info", api.get_info)
     route(f"{API}/unload_model", api.unload_model)

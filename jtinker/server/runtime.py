@@ -29,7 +29,7 @@ from typing import Any
 from tinker import types as sdk
 from tinker.types.try_again_response import TryAgainResponse
 
-from jtinker import registry
+from jtinker import loss_handles, registry
 from jtinker import types as jt
 from jtinker.checkpoints import CheckpointPath, expired
 from jtinker.client import STABILITY_INFO_UNSUPPORTED, ServiceClient, TrainingClient, _adam_hyperparams
@@ -173,6 +173,7 @@ class Runtime:
         self.futures: dict[str, FutureSlot] = {}
         self.models: dict[str, ModelSlot] = {}
         self.samplers: dict[str, SamplerSlot] = {}
+        self.custom_losses: dict[str, loss_handles.LossHandle] = {}  # loss_id -> handle, per session
         self.bases: dict[str, Any] = {}  # name -> jtinker BaseModel, for the status page
         self.base_errors: dict[str, str] = {}
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="jtinker-serve")
@@ -413,6 +414,44 @@ class Runtime:
         for sampler in list(self.samplers.values()):
             if sampler.session_id == session_id:
                 self.samplers.pop(sampler.sampler_id, None)
+        for loss_id, handle in list(self.custom_losses.items()):
+            if handle.session_id == session_id:
+                self.custom_losses.pop(loss_id)
+
+    # -- custom losses ----------------------------------------------------------------------------
+    def create_custom_loss(self, owner: str, req: sdk.CreateCustomLossRequest) -> str:
+        """Rebuilds an uploaded torch.fx loss as JAX (refusing anything off the allowlist, by node) and
+        stores it for the session's ``forward_backward`` calls with ``loss_fn="custom"``."""
+        self.own_session(owner, req.session_id)
+        loss_id = f"{req.session_id}:loss:{req.custom_loss_seq_id}"
+        if loss_id not in self.custom_losses:  # else a retried request: the same loss again
+            inputs = [(i.name, i.rank) for i in req.inputs]
+            nodes = [node.model_dump() for node in req.graph.nodes]
+            try:
+                handle = loss_handles.from_graph(req.name, inputs, nodes, req.session_id, loss_id)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            self.custom_losses[loss_id] = handle
+        future = self.new_future(owner, "CreateCustomLoss", None)
+        self.complete(future, sdk.CreateCustomLossResponse(loss_id=loss_id))
+        return future.request_id
+
+    def _custom_loss(self, owner: str, call: wire.ForwardBackwardCall) -> loss_handles.LossHandle:
+        if call.forward_only:
+            raise UserError("loss_fn: 'custom' runs in forward_backward only, not forward")
+        loss_id = (call.loss_fn_config or {}).get("loss_id")
+        handle = self.custom_losses.get(loss_id) if isinstance(loss_id, str) else None
+        slot = self.models.get(call.model_id)
+        if handle is None or slot is None or slot.owner != owner or handle.session_id != slot.session_id:
+            raise UserError(
+                f"loss_fn_config.loss_id: no custom loss {loss_id!r} in this model's session "
+                "(create it with ServiceClient.create_custom_loss)"
+            )
+        try:
+            handle.check_data(call.data)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return handle
 
     # -- base models ------------------------------------------------------------------------------
     def check_base_model(self, name: str) -> None:
@@ -696,22 +735,26 @@ class Runtime:
 
     # -- training requests ------------------------------------------------------------------------
     def forward_backward(self, owner: str, call: wire.ForwardBackwardCall) -> str:
-        error = call.error
-        if error is None and call.loss_fn == "custom":
-            error = UserError(
-                "loss_fn 'custom' (server-side custom losses) is not supported; this server announces "
-                "custom_loss_server_side=false, so the SDK runs LossHandle losses client-side"
-            )
+        error, custom = call.error, None
         if error is None and not call.data:
             error = UserError("data: empty batch; forward_backward needs at least one Datum")
+        if error is None and call.loss_fn == "custom":
+            try:
+                custom = self._custom_loss(owner, call)
+            except UserError as e:
+                error = e
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
+            if custom is not None:  # one forward/backward pass, the loss rebuilt as JAX
+                return client.forward_backward_custom(call.data, custom).future()
             adapter = _adapter(client)
             return adapter.base.worker.submit_loss(
                 adapter, call.data, call.loss_fn, call.loss_fn_config, backward=not call.forward_only
             )
 
-        def on_result(result: tuple[list, dict]) -> jt.ForwardBackwardOutput:
+        def on_result(result: tuple[list, dict] | jt.ForwardBackwardOutput) -> jt.ForwardBackwardOutput:
+            if isinstance(result, jt.ForwardBackwardOutput):
+                return dataclasses.replace(result, metrics=_clean_metrics(result.metrics))
             outputs, metrics = result
             return jt.ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",
