@@ -35,10 +35,24 @@ names and counts, and the output form up front. Value-dependent problems (a non-
 inputs of the wrong rank, a bad argument type or shape) raise ``ValueError`` naming the loss and node when
 the function first runs, i.e. while tracing under ``jax.jit`` and before any computation. Boolean-mask
 indexing has a data-dependent shape and therefore fails under ``jit`` just as it does in JAX.
+
+:func:`compile_masked` builds the same loss for arrays padded along T to a length bucket,
+``g(length, logprobs, *inputs)``, equal to the exact function on the unpadded arrays, so that one compiled
+program (and one ``vmap`` over a batch) serves every datum length of a bucket. A static pass decides, per
+node, where the T axis is; it returns None (the caller keeps the exact per-length function) for anything
+whose padded result could differ. Masked mode covers: every elementwise op above (arithmetic, comparisons,
+logical ops, unary math, clamp, where, masked_fill, nan_to_num, casts, ``*_like``, activations, math.*) when
+T axes line up under broadcasting; sum mean prod amax amin max min (with indices) logsumexp std var any all
+count_nonzero and mse_loss over any dims, T included; softmax, log_softmax and cumsum along any axis;
+getitem that keeps T whole; unsqueeze, squeeze of a size-1 axis, transpose, permute, t, ``.T``, expand,
+stack, cat (not along T), gather (not along T), flatten and reshape(-1) with T leading; dim, ndim, dtype,
+and shape/size of axes other than T. It refuses slicing or indexing T, the size of T (``shape[0]``,
+``numel``), matmul, other reshapes, and dims or sizes that are not literals in ops on values with T.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import operator
@@ -57,8 +71,12 @@ __all__ = [
     "SUPPORTED_ATTRIBUTES",
     "SUPPORTED_FUNCTIONS",
     "SUPPORTED_METHODS",
+    "UNMASKED_TARGETS",
+    "MaskedLossFn",
     "TracedLoss",
     "compile_graph",
+    "compile_masked",
+    "masked_refusal",
     "trace",
 ]
 
@@ -619,14 +637,19 @@ def _minmax(argfn: Callable[..., Array], full: Callable[..., Array], pair: Calla
         axis = operator.index(dim)
         if x.ndim == 0:
             return _MinMax(x, jnp.zeros((), jnp.int32))
-        idx = argfn(x, axis=axis, keepdims=True)
-        # Gather at the index, so the gradient goes to that one element as in torch (not split over ties).
-        values = jnp.take_along_axis(x, idx, axis=axis)
-        if not keepdim:
-            values, idx = jnp.squeeze(values, axis), jnp.squeeze(idx, axis)
-        return _MinMax(values, idx)
+        return _minmax_along(x, x, axis, keepdim, argfn)
 
     return impl
+
+
+def _minmax_along(x: Array, scan: Array, axis: int, keepdim: bool, argfn: Callable[..., Array]) -> _MinMax:
+    """``max``/``min`` with ``dim``: the arg-extreme of ``scan`` (``x``, or ``x`` with masked-out entries)."""
+    idx = argfn(scan, axis=axis, keepdims=True)
+    # Gather at the index, so the gradient goes to that one element as in torch (not split over ties).
+    values = jnp.take_along_axis(x, idx, axis=axis)
+    if not keepdim:
+        values, idx = jnp.squeeze(values, axis), jnp.squeeze(idx, axis)
+    return _MinMax(values, idx)
 
 
 def _amax(input: Any, dim: Any = (), keepdim: bool = False) -> Array:
@@ -641,12 +664,14 @@ def _logsumexp(input: Any, dim: Any, keepdim: bool = False) -> Array:
     return jax.nn.logsumexp(_fl(input), axis=_axes(dim), keepdims=keepdim)
 
 
-def _variance(input: Any, dim: Any, unbiased: Any, keepdim: bool, correction: Any) -> Array:
+def _variance(
+    input: Any, dim: Any, unbiased: Any, keepdim: bool, correction: Any, where: Any = None
+) -> Array:
     if isinstance(dim, bool):  # torch.var(x, False): the legacy positional ``unbiased``
         dim, unbiased = None, dim
     if correction is None:
         correction = 0 if unbiased is False else 1
-    return jnp.var(_fl(input), axis=_axes(dim), ddof=correction, keepdims=keepdim)
+    return jnp.var(_fl(input), axis=_axes(dim), ddof=correction, keepdims=keepdim, where=where)
 
 
 def _var(
@@ -1107,6 +1132,16 @@ class _Step:
     kwargs: dict[str, Any]
 
 
+class _Graph(NamedTuple):
+    """A checked wire graph, ready to run."""
+
+    loss: str
+    specs: tuple[tuple[str, int], ...]
+    placeholders: tuple[str, ...]
+    steps: tuple[_Step, ...]
+    output: tuple[_Ref, dict[str, _Ref]]
+
+
 def compile_graph(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> CustomLossFn:
     """Rebuild a wire-form custom loss as ``f(logprobs, *inputs) -> (loss, metrics)`` in JAX.
 
@@ -1116,6 +1151,10 @@ def compile_graph(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Cus
     function is pure and traceable under ``jax.jit``, ``jax.grad`` and ``jax.vmap``; it returns an f32
     scalar loss and a dict of f32 scalar metrics.
     """
+    return _build(_parse(name, inputs, nodes))
+
+
+def _parse(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> _Graph:
     loss = name if isinstance(name, str) else repr(name)
 
     def fail(msg: str, node: Mapping[str, Any] | None = None) -> ValueError:
@@ -1185,7 +1224,7 @@ def compile_graph(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Cus
         known.add(node_name)
     if output is None:
         raise fail("has no output node")
-    return _build(loss, specs, tuple(placeholders), tuple(steps), output)
+    return _Graph(loss, specs, tuple(placeholders), tuple(steps), output)
 
 
 def _input_specs(inputs: Sequence[Any], fail: Callable[..., ValueError]) -> tuple[tuple[str, int], ...]:
@@ -1325,47 +1364,904 @@ def _check_result(value: Any, depth: int = 0) -> None:
             _check_result(v, depth + 1)
 
 
-def _build(
-    loss: str,
-    specs: tuple[tuple[str, int], ...],
-    placeholders: tuple[str, ...],
-    steps: tuple[_Step, ...],
-    output: tuple[_Ref, dict[str, _Ref]],
-) -> CustomLossFn:
+def _build(graph: _Graph) -> CustomLossFn:
     def custom_loss(logprobs: Any, *inputs: Any) -> tuple[Array, dict[str, Array]]:
-        values = (logprobs, *inputs)
-        if len(values) != len(specs):
-            raise ValueError(f"custom loss {loss!r} takes {[s[0] for s in specs]}, got {len(values)} arrays")
-        env: dict[str, Any] = {}
-        for (key, rank), node_name, value in zip(specs, placeholders, values, strict=True):
-            arr = jnp.asarray(value)
-            if arr.ndim != rank:
-                raise ValueError(
-                    f"custom loss {loss!r} input {key!r} must have rank {rank}, got shape {tuple(arr.shape)}"
-                )
-            env[node_name] = arr
-        for step in steps:
-            try:
-                out = step.fn(*_resolve(step.args, env), **_resolve(step.kwargs, env))
-                _check_result(out)
-            except Exception as e:
-                raise ValueError(f"custom loss {loss!r} node {step.name!r} ({step.target}): {e}") from e
-            env[step.name] = out
-        result = _resolve(output[0], env)
-        if not isinstance(result, jax.Array) or result.ndim != 0:
-            shape = tuple(result.shape) if isinstance(result, jax.Array) else type(result).__name__
-            raise ValueError(f"custom loss {loss!r} must return a scalar tensor loss, got {shape}")
-        if not jnp.issubdtype(result.dtype, jnp.floating):
-            raise ValueError(f"custom loss {loss!r} must return a floating-point loss, got {result.dtype}")
-        metrics = {}
-        for key, ref in output[1].items():
-            value = env[ref.name]
-            if not isinstance(value, jax.Array) or value.ndim != 0:
-                raise ValueError(f"custom loss {loss!r} metric {key!r} must be a scalar tensor")
-            metrics[key] = value.astype(jnp.float32)
-        return result.astype(jnp.float32), metrics
+        return _evaluate(graph, (logprobs, *inputs))
 
-    custom_loss.__name__ = custom_loss.__qualname__ = (
-        f"custom_loss_{loss}" if loss.isidentifier() else "custom_loss"
+    return _named(custom_loss, "custom_loss", graph.loss)
+
+
+def _named(fn: Callable[..., Any], prefix: str, loss: str) -> Callable[..., Any]:
+    fn.__name__ = fn.__qualname__ = f"{prefix}_{loss}" if loss.isidentifier() else prefix
+    return fn
+
+
+def _evaluate(
+    graph: _Graph, values: tuple[Any, ...], masked: _Masked | None = None
+) -> tuple[Array, dict[str, Array]]:
+    """Run the graph on ``values`` (``logprobs, *inputs``); ``masked`` runs it on padded arrays instead."""
+    loss, specs = graph.loss, graph.specs
+    if len(values) != len(specs):
+        raise ValueError(f"custom loss {loss!r} takes {[s[0] for s in specs]}, got {len(values)} arrays")
+    env: dict[str, Any] = {}
+    for (key, rank), node_name, value in zip(specs, graph.placeholders, values, strict=True):
+        arr = jnp.asarray(value)
+        if arr.ndim != rank:
+            raise ValueError(
+                f"custom loss {loss!r} input {key!r} must have rank {rank}, got shape {tuple(arr.shape)}"
+            )
+        env[node_name] = arr if masked is None else masked.input(loss, key, arr)
+    for i, step in enumerate(graph.steps):
+        args, kwargs = _resolve(step.args, env), _resolve(step.kwargs, env)
+        try:
+            out = step.fn(*args, **kwargs) if masked is None else masked.run(i, step, args, kwargs)
+            _check_result(out)
+        except Exception as e:
+            raise ValueError(f"custom loss {loss!r} node {step.name!r} ({step.target}): {e}") from e
+        env[step.name] = out
+    result = _resolve(graph.output[0], env)
+    if not isinstance(result, jax.Array) or result.ndim != 0:
+        shape = tuple(result.shape) if isinstance(result, jax.Array) else type(result).__name__
+        raise ValueError(f"custom loss {loss!r} must return a scalar tensor loss, got {shape}")
+    if not jnp.issubdtype(result.dtype, jnp.floating):
+        raise ValueError(f"custom loss {loss!r} must return a floating-point loss, got {result.dtype}")
+    metrics = {}
+    for key, ref in graph.output[1].items():
+        value = env[ref.name]
+        if not isinstance(value, jax.Array) or value.ndim != 0:
+            raise ValueError(f"custom loss {loss!r} metric {key!r} must be a scalar tensor")
+        metrics[key] = value.astype(jnp.float32)
+    return result.astype(jnp.float32), metrics
+
+
+# ----------------------------------------------------------------------------------------------- masked
+# compile_masked runs the same loss on arrays padded along T to a bucket length L, so that one compiled
+# program serves every datum length up to L. A static pass over the graph (_analyze) tracks, for every value,
+# which axis is T; it refuses anything whose padded result could differ from the exact one, and marks the
+# few steps that must see the true length (reductions, softmax and cumsum along T). Every other step runs
+# the exact op on the padded arrays: it acts on each position alone, so valid positions are unaffected.
+#
+# Invariants of the masked run: every T axis holds the exact values at its valid positions; its padded
+# positions hold finite copies of the last valid row (inputs are re-padded on entry, softmax and cumsum along
+# T re-padded after), they never reach a value without T (reductions replace them by their identity with
+# `where`), and no gradient flows out of them (the re-padding fills are stop_gradient'ed and `where`'s
+# backward is a select), so the gradient at padded logprobs positions is exactly zero.
+
+MaskedLossFn = Callable[..., tuple[Array, dict[str, Array]]]
+
+_T = "T"  # a T axis in an abstract shape
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """A T axis merged with the axes after it (flatten/reshape at node ``node``): T * S entries exactly,
+    L * S padded, the valid ones first. Only axes merged by the same node are known to have the same S."""
+
+    node: str
+
+
+def _is_t(d: Any) -> bool:
+    return isinstance(d, _Merged) or (isinstance(d, str) and d == _T)
+
+
+class _NoMask(Exception):
+    """No exact masked form for a node (for a value without T: its shape cannot be inferred)."""
+
+
+@dataclass(frozen=True)
+class _Val:
+    """An abstract value. ``shape``: sizes (int when known, None when not, or a T marker), or None when
+    unknown (never for a value with T). ``tensor``: whether it is an array (None: unknown)."""
+
+    shape: tuple[Any, ...] | None = None
+    tensor: bool | None = None
+
+
+@dataclass(frozen=True)
+class _ShapeOf:
+    """``x.shape`` or ``x.size()`` of a value with T: only its entries other than T may be read."""
+
+    shape: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class _PairOf:
+    """``max``/``min`` with ``dim``: (values, indices)."""
+
+    values: _Val
+    indices: _Val
+
+
+_ANY = _Val()
+_PY_INT = _Val((), False)
+_IGNORED = (type(None), str, np.dtype, _Device, _Opaque)
+Rule = Callable[[inspect.BoundArguments, str], tuple[Any, Callable[..., Any] | None]]
+
+
+def _has_t(v: Any) -> bool:
+    if isinstance(v, _Val):
+        return v.shape is not None and any(map(_is_t, v.shape))
+    if isinstance(v, _ShapeOf):
+        return True
+    if isinstance(v, _PairOf):
+        return _has_t(v.values) or _has_t(v.indices)
+    if isinstance(v, (list, tuple)):
+        return any(map(_has_t, v))
+    if isinstance(v, dict):
+        return any(map(_has_t, v.values()))
+    if isinstance(v, slice):
+        return _has_t((v.start, v.stop, v.step))
+    return False
+
+
+def _t_axis(shape: tuple[Any, ...]) -> int | None:
+    axes = [i for i, d in enumerate(shape) if _is_t(d)]
+    if len(axes) > 1:  # e.g. an outer product of two T vectors
+        raise _NoMask("two T axes")
+    return axes[0] if axes else None
+
+
+def _known(v: Any) -> tuple[Any, ...]:
+    """The shape of an operand: a Python number or a value of known shape."""
+    if isinstance(v, (bool, int, float)):
+        return ()
+    if isinstance(v, _Val) and v.shape is not None:
+        return v.shape
+    raise _NoMask(f"operand of unknown shape {v!r}")
+
+
+def _lit_int(v: Any) -> int:
+    if type(v) is int:
+        return v
+    raise _NoMask(f"{v!r} is not a literal int")
+
+
+def _axis_of(d: Any, rank: int) -> int:
+    d = _lit_int(d)
+    if not -rank <= d < rank:
+        raise _NoMask(f"axis {d} out of range for rank {rank}")
+    return d % rank
+
+
+def _axes_of(dim: Any, rank: int) -> tuple[int, ...]:
+    """A torch ``dim`` as the tuple of axes it reduces (None or an empty list: all of them)."""
+    dims = dim if isinstance(dim, (list, tuple)) else (() if dim is None else (dim,))
+    axes = tuple(_axis_of(d, rank) for d in dims) or tuple(range(rank))
+    if len(set(axes)) != len(axes):
+        raise _NoMask("repeated axes")
+    return axes
+
+
+def _reduced(shape: tuple[Any, ...], axes: tuple[int, ...], keepdim: Any) -> tuple[Any, ...]:
+    if not isinstance(keepdim, bool):
+        raise _NoMask("keepdim must be a literal bool")
+    return tuple(1 if i in axes else d for i, d in enumerate(shape) if keepdim or i not in axes)
+
+
+def _broadcast(shapes: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """torch's right-aligned broadcasting; a T axis may only meet the same T axis or a size-1 axis."""
+    rank = max((len(s) for s in shapes), default=0)
+    out: list[Any] = []
+    for i in range(rank):
+        dims = [s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0]
+        ts = {d for d in dims if _is_t(d)}
+        if ts:
+            if len(ts) > 1 or any(not _is_t(d) and d != 1 for d in dims):
+                raise _NoMask("T broadcast against another axis")
+            out.append(ts.pop())
+            continue
+        big = {d for d in dims if d != 1}
+        if None in big:
+            out.append(None)
+        elif len(big) > 1:
+            raise _NoMask("shapes do not broadcast")
+        else:
+            out.append(big.pop() if big else 1)
+    return tuple(out)
+
+
+def _same(shapes: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """The common shape of stack/cat operands: T axes must line up exactly (no broadcasting)."""
+    if not shapes or len({len(s) for s in shapes}) != 1:
+        raise _NoMask("operands of different ranks")
+    out = []
+    for dims in zip(*shapes, strict=True):
+        ts = {d for d in dims if _is_t(d)}
+        if ts and (len(ts) > 1 or not all(map(_is_t, dims))):
+            raise _NoMask("T against another axis")
+        known = {d for d in dims if d is not None}
+        out.append(known.pop() if len(known) == 1 else None)
+    return out
+
+
+def _merge(shape: tuple[Any, ...], s: int, e: int, node: str) -> Any:
+    """The size of axes s..e of ``shape`` merged into one (flatten, reshape(-1))."""
+    part = shape[s : e + 1]
+    if not any(map(_is_t, part)):
+        return math.prod(part) if all(type(d) is int for d in part) else None
+    if not _is_t(part[0]):  # T not leading: its valid entries would not be a prefix
+        raise _NoMask("T merged after another axis")
+    return part[0] if len(part) == 1 else _Merged(node)
+
+
+def _flat(ba: inspect.BoundArguments) -> list[Any]:
+    out: list[Any] = []
+    for key, value in ba.arguments.items():
+        variadic = ba.signature.parameters[key].kind is inspect.Parameter.VAR_POSITIONAL
+        out.extend(value if variadic else (value,))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- masked: rules
+def _r_elementwise(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    ops = [v for v in _flat(ba) if not isinstance(v, _IGNORED)]
+    return _Val(_broadcast([_known(v) for v in ops]), True), None
+
+
+def _r_python(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    # operator and math: Python numbers give a Python number.
+    ops = [v for v in _flat(ba) if not isinstance(v, _IGNORED)]
+    tensor = True if any(isinstance(v, _Val) and v.tensor for v in ops) else None
+    return _Val(_broadcast([_known(v) for v in ops]), tensor), None
+
+
+def _r_cast(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    # to(other) and type_as(other) read only other's dtype.
+    return _Val(_known(ba.arguments["input"]), True), None
+
+
+def _r_like(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    if _has_t(ba.arguments.get("fill_value")):
+        raise _NoMask("fill value with T")
+    return _Val(_known(ba.arguments["input"]), True), None
+
+
+def _r_reduce(masked: Callable[..., Any]) -> Rule:
+    def rule(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
+        a = ba.arguments
+        shape = _known(a["input"])
+        dim = a.get("dim")
+        if masked is _mr_variance and isinstance(dim, bool):  # var(x, False): the legacy ``unbiased``
+            dim = None
+        axes = _axes_of(dim, len(shape))
+        t = _t_axis(shape)
+        runner = functools.partial(masked, t=t) if t is not None and t in axes else None
+        return _Val(_reduced(shape, axes, a.get("keepdim", False)), True), runner
+
+    return rule
+
+
+def _r_minmax(is_max: bool) -> Rule:
+    def rule(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
+        a = ba.arguments
+        x, dim, other = a["input"], a["dim"], a["other"]
+        if other is not None or (isinstance(dim, _Val) and dim.tensor is True):  # elementwise max(x, y)
+            return _Val(_broadcast([_known(x), _known(dim if other is None else other)]), True), None
+        shape = _known(x)
+        t = _t_axis(shape)
+        if dim is None:
+            runner = None if t is None else functools.partial(_mr_extreme_all, t=t, is_max=is_max)
+            return _Val((), True), runner
+        if not shape:
+            return _PairOf(_Val((), True), _Val((), True)), None
+        axis = _axis_of(dim, len(shape))
+        out = _Val(_reduced(shape, (axis,), a["keepdim"]), True)
+        runner = functools.partial(_mr_minmax_dim, t=t, is_max=is_max) if axis == t else None
+        return _PairOf(out, out), runner
+
+    return rule
+
+
+def _r_cumsum(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
+    shape = _known(ba.arguments["input"])
+    axis, t = _axis_of(ba.arguments["dim"], len(shape)), _t_axis(shape)
+    return _Val(shape, True), functools.partial(_mr_repadded, t=t) if axis == t else None
+
+
+def _r_softmax(log: bool) -> Rule:
+    def rule(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
+        shape = _known(ba.arguments["input"])
+        dim = ba.arguments["dim"]
+        if dim is None:  # torch's legacy implicit dim, as _softmax_input
+            dim = 0 if len(shape) in (0, 1, 3) else 1
+        axis, t = _axis_of(dim, len(shape)), _t_axis(shape)
+        return _Val(shape, True), functools.partial(_mr_softmax, t=t, log=log) if axis == t else None
+
+    return rule
+
+
+def _r_mse(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
+    a = ba.arguments
+    shape = _broadcast([_known(a["input"]), _known(a["target"])])
+    if a["reduction"] == "none":
+        return _Val(shape, True), None
+    if a["reduction"] not in ("mean", "sum"):
+        raise _NoMask("unknown reduction")
+    t = _t_axis(shape)
+    return _Val((), True), None if t is None else functools.partial(_mr_mse, t=t)
+
+
+def _r_flatten(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    shape = _known(ba.arguments["input"])
+    if not shape:
+        return _Val((1,), True), None
+    s, e = _axis_of(ba.arguments["start_dim"], len(shape)), _axis_of(ba.arguments["end_dim"], len(shape))
+    if s > e:
+        raise _NoMask("start_dim after end_dim")
+    return _Val((*shape[:s], _merge(shape, s, e, node), *shape[e + 1 :]), True), None
+
+
+def _r_reshape(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    a = ba.arguments
+    shape = _known(a["input"])
+    extra = a.get("shape", a.get("size"))
+    sizes = _shape_args(a["args"] if extra is None else (extra,))
+    if sizes == (-1,):  # reshape(-1) is flatten()
+        return _Val((_merge(shape, 0, len(shape) - 1, node),) if shape else (1,), True), None
+    if _has_t(a["input"]):
+        raise _NoMask("reshape of a value with T")
+    return _Val(tuple(None if s == -1 else s for s in sizes), True), None
+
+
+def _r_squeeze(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    shape, dim = _known(ba.arguments["input"]), ba.arguments["dim"]
+    if not shape:
+        return _Val((), True), None
+    # Only axes of known size: squeeze() would drop T when T == 1.
+    axes = (
+        range(len(shape))
+        if dim is None
+        else _axes_of(dim if isinstance(dim, (list, tuple)) else [dim], len(shape))
     )
-    return custom_loss
+    if not all(type(shape[i]) is int for i in axes):
+        raise _NoMask("squeeze of an axis of unknown size")
+    return _Val(tuple(d for i, d in enumerate(shape) if not (i in axes and d == 1)), True), None
+
+
+def _r_unsqueeze(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    shape = _known(ba.arguments["input"])
+    d = _axis_of(ba.arguments["dim"], len(shape) + 1)
+    return _Val((*shape[:d], 1, *shape[d:]), True), None
+
+
+def _r_transpose(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    shape = list(_known(ba.arguments["input"]))
+    i, j = _axis_of(ba.arguments["dim0"], len(shape)), _axis_of(ba.arguments["dim1"], len(shape))
+    shape[i], shape[j] = shape[j], shape[i]
+    return _Val(tuple(shape), True), None
+
+
+def _r_permute(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    a = ba.arguments
+    shape = _known(a["input"])
+    perm = [_axis_of(p, len(shape)) for p in _shape_args(a["args"] if a["dims"] is None else (a["dims"],))]
+    if sorted(perm) != list(range(len(shape))):
+        raise _NoMask("not a permutation")
+    return _Val(tuple(shape[p] for p in perm), True), None
+
+
+def _r_t(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    shape = _known(ba.arguments["input"])
+    if len(shape) > 2:
+        raise _NoMask("t() of more than 2 dims")
+    return _Val(shape[::-1], True), None
+
+
+def _r_expand(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    a = ba.arguments
+    shape = _known(a["input"])
+    sizes = _shape_args(a["args"] if a["size"] is None else (a["size"],))
+    lead = len(sizes) - len(shape)
+    if lead < 0 or any(s < 0 for s in sizes[:lead]):
+        raise _NoMask("bad expand")
+    out = list(sizes[:lead])
+    for s, d in zip(sizes[lead:], shape, strict=True):
+        if s != -1 and _is_t(d):
+            raise _NoMask("expand of T to a fixed size")
+        out.append(d if s == -1 else s)
+    return _Val(tuple(out), True), None
+
+
+def _r_stack(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    tensors = ba.arguments["tensors"]
+    if not isinstance(tensors, (list, tuple)):
+        raise _NoMask("stack of a non-list")
+    shape = _same([_known(v) for v in tensors])
+    d = _axis_of(ba.arguments["dim"], len(shape) + 1)
+    return _Val((*shape[:d], len(tensors), *shape[d:]), True), None
+
+
+def _r_cat(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    tensors = ba.arguments["tensors"]
+    if not isinstance(tensors, (list, tuple)):
+        raise _NoMask("cat of a non-list")
+    shape = _same([_known(v) for v in tensors])
+    d = _axis_of(ba.arguments["dim"], len(shape))
+    if _is_t(shape[d]):
+        raise _NoMask("cat along T")
+    shape[d] = None
+    return _Val(tuple(shape), True), None
+
+
+def _r_gather(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    # Along an axis other than T, with the index's T axis where the input's is (then _gather's corner slice
+    # keeps all of T, as it does in the exact run): each row picks from its own row.
+    xs, ix = _known(ba.arguments["input"]), _known(ba.arguments["index"])
+    axis = _lit_int(ba.arguments["dim"]) % max(len(xs), 1)
+    tx, ti = _t_axis(xs), _t_axis(ix)
+    if len(xs) != len(ix) or tx != ti or (tx is not None and (xs[tx] != ix[tx] or axis == tx)):
+        raise _NoMask("gather along T or with T misaligned")
+    return _Val(ix, True), None
+
+
+def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[Any, ...]:
+    """Basic indexing with literal ints, slices, None and Ellipsis; T may only be taken whole."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for it in items:
+        if not (
+            it is None
+            or it is Ellipsis
+            or type(it) is int
+            or (
+                isinstance(it, slice)
+                and all(p is None or type(p) is int for p in (it.start, it.stop, it.step))
+            )
+        ):
+            raise _NoMask(f"index {it!r}")
+    consumed = sum(1 for it in items if type(it) is int or isinstance(it, slice))
+    ellipses = sum(1 for it in items if it is Ellipsis)
+    if ellipses > 1 or consumed > len(shape):
+        raise _NoMask("too many indices")
+    if not ellipses:
+        items = (*items, Ellipsis)
+    out: list[Any] = []
+    i = 0
+    for it in items:
+        if it is None:
+            out.append(1)
+        elif it is Ellipsis:
+            k = len(shape) - consumed
+            out.extend(shape[i : i + k])
+            i += k
+        else:
+            d = shape[i]
+            i += 1
+            if _is_t(d):
+                if not (
+                    isinstance(it, slice)
+                    and it.start in (None, 0)
+                    and it.stop is None
+                    and it.step in (None, 1)
+                ):
+                    raise _NoMask("indexing or slicing T")
+                out.append(d)
+            elif isinstance(it, slice):
+                out.append(len(range(d)[it]) if type(d) is int else None)
+            elif type(d) is int and not -d <= it < d:
+                raise _NoMask("index out of range")
+    return tuple(out)
+
+
+def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    obj, idx = ba.arguments["obj"], ba.arguments["idx"]
+    if isinstance(obj, _PairOf):
+        i = _lit_int(idx)
+        if i not in (-2, -1, 0, 1):
+            raise _NoMask("index of a (values, indices) pair")
+        return (obj.values, obj.indices)[i], None
+    if isinstance(obj, _ShapeOf):
+        if _is_t(obj.shape[_axis_of(idx, len(obj.shape))]):
+            raise _NoMask("the size of T")
+        return _PY_INT, None
+    if not (isinstance(obj, _Val) and obj.shape is not None and obj.tensor):
+        raise _NoMask("index of an unknown value")
+    return _Val(_index_shape(obj.shape, idx), True), None
+
+
+def _r_getattr(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    obj, attr = ba.arguments["obj"], ba.arguments["name"]
+    if attr in ("values", "indices"):
+        if not isinstance(obj, _PairOf):
+            raise _NoMask("values/indices of a non-pair")
+        return getattr(obj, attr), None
+    if not (isinstance(obj, _Val) and obj.shape is not None and obj.tensor):
+        raise _NoMask("attribute of an unknown value")
+    if attr == "shape":
+        return (_ShapeOf(obj.shape) if _has_t(obj) else _ANY), None
+    if attr == "ndim":
+        return _PY_INT, None
+    if attr == "T":
+        return _Val(obj.shape[::-1], True), None
+    return _Val(None, False), None  # dtype, device
+
+
+def _r_size(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    x, dim = ba.arguments["input"], ba.arguments["dim"]
+    shape = _known(x)
+    if dim is None:
+        return (_ShapeOf(shape) if _has_t(x) else _ANY), None
+    if _is_t(shape[_axis_of(dim, len(shape))]):
+        raise _NoMask("the size of T")
+    return _PY_INT, None
+
+
+def _r_numel(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    if _has_t(ba.arguments["input"]):
+        raise _NoMask("numel of a value with T")
+    return _PY_INT, None
+
+
+def _r_ndim(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    return _PY_INT, None
+
+
+def _r_tensor(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+    data = ba.arguments["data"]
+    _python_numbers(data)  # no node values inside
+    return _Val(tuple(np.shape(data)), True), None
+
+
+# ------------------------------------------------------------------------------------ masked: run time
+class _Ctx(NamedTuple):
+    length: Array  # the datum's true T (an int scalar, traced under jit and vmap)
+    size: int  # L, the padded length of logprobs' axis 0
+
+
+def _valid(ctx: _Ctx, size: int) -> Array:
+    # A T axis of size L * S (S = 1 unless merged by flatten) has length * S valid entries, first.
+    return ctx.length * (size // ctx.size)
+
+
+def _tmask(ctx: _Ctx, x: Array, t: int) -> Array:
+    size = x.shape[t]
+    mask = jnp.arange(size) < _valid(ctx, size)
+    return mask.reshape((1,) * t + (size,) + (1,) * (x.ndim - t - 1))
+
+
+def _repad(ctx: _Ctx, y: Array, t: int) -> Array:
+    """``y`` with its padded positions along axis t replaced by its last valid row, as constants."""
+    size = y.shape[t]
+    if size == 0:
+        return y
+    last = jnp.clip(_valid(ctx, size) - 1, 0, size - 1)
+    edge = jax.lax.dynamic_index_in_dim(y, last, axis=t, keepdims=True)
+    return jnp.where(_tmask(ctx, y, t), y, jax.lax.stop_gradient(edge))
+
+
+def _extreme_identity(dtype: Any, is_max: bool) -> Array:
+    if jnp.issubdtype(dtype, jnp.inexact):
+        value: Any = -np.inf if is_max else np.inf
+    elif jnp.issubdtype(dtype, jnp.bool_):
+        value = not is_max
+    else:
+        value = jnp.iinfo(dtype).min if is_max else jnp.iinfo(dtype).max
+    return jnp.asarray(value, dtype)
+
+
+def _masked_extreme(
+    x: Array, mask: Array, axes: tuple[int, ...] | None, keepdims: bool, is_max: bool
+) -> Array:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return _masked_extreme_float(x, mask, axes, keepdims, is_max)
+    reduce = jnp.max if is_max else jnp.min
+    return reduce(jnp.where(mask, x, _extreme_identity(x.dtype, is_max)), axis=axes, keepdims=keepdims)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _masked_extreme_float(
+    x: Array, mask: Array, axes: tuple[int, ...] | None, keepdims: bool, is_max: bool
+) -> Array:
+    reduce = jnp.max if is_max else jnp.min
+    return reduce(jnp.where(mask, x, _extreme_identity(x.dtype, is_max)), axis=axes, keepdims=keepdims)
+
+
+@_masked_extreme_float.defjvp
+def _masked_extreme_jvp(
+    axes: tuple[int, ...] | None, keepdims: bool, is_max: bool, primals: Any, tangents: Any
+) -> tuple[Array, Array]:
+    # JAX's rule for reduce_max/min (elements equal to the result share the tangent equally), counting only
+    # valid elements: a padded identity never takes a share, even when the result is the identity itself.
+    x, mask = primals
+    dx = tangents[0]
+    ans = _masked_extreme_float(x, mask, axes, keepdims, is_max)
+    full = ans if keepdims else jnp.expand_dims(ans, tuple(range(x.ndim)) if axes is None else axes)
+    at = jnp.logical_and(x == full, mask).astype(dx.dtype)
+    return ans, jnp.sum(dx * at, axis=axes, keepdims=keepdims) / jnp.sum(at, axis=axes, keepdims=keepdims)
+
+
+def _norm_axes(dim: Any, ndim: int) -> tuple[int, ...] | None:
+    axes = _axes(dim)
+    if axes is None:
+        return None
+    return tuple(d % ndim for d in (axes if isinstance(axes, tuple) else (axes,)))
+
+
+# Masked forms of the steps that see the true length: (ctx, fn, bound arguments, T axis) -> value. They
+# mirror the exact implementations above, with JAX's own ``where=`` or an identity in the padded positions.
+def _mr_jnp(reduce: Callable[..., Array]) -> Callable[..., Array]:
+    def impl(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+        a = ba.arguments
+        x = jnp.asarray(a["input"])
+        extra = {"dtype": _opt_dtype(a["dtype"])} if "dtype" in a else {}
+        return reduce(x, axis=_axes(a["dim"]), keepdims=a["keepdim"], where=_tmask(ctx, x, t), **extra)
+
+    return impl
+
+
+def _mr_extreme(is_max: bool) -> Callable[..., Array]:
+    def impl(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+        x = jnp.asarray(ba.arguments["input"])
+        axes = _norm_axes(ba.arguments["dim"], x.ndim)
+        return _masked_extreme(x, _tmask(ctx, x, t), axes, ba.arguments["keepdim"], is_max)
+
+    return impl
+
+
+def _mr_extreme_all(
+    ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int, is_max: bool
+) -> Array:
+    x = jnp.asarray(ba.arguments["input"])
+    return _masked_extreme(x, _tmask(ctx, x, t), None, False, is_max)
+
+
+def _mr_minmax_dim(
+    ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int, is_max: bool
+) -> _MinMax:
+    a = ba.arguments
+    x = jnp.asarray(a["input"])
+    # The first extreme of the valid entries: a padded identity never wins, and ties keep the lowest index.
+    scan = jnp.where(_tmask(ctx, x, t), x, _extreme_identity(x.dtype, is_max))
+    argfn = jnp.argmax if is_max else jnp.argmin
+    return _minmax_along(x, scan, operator.index(a["dim"]), a["keepdim"], argfn)
+
+
+def _mr_logsumexp(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+    a = ba.arguments
+    x = _fl(a["input"])
+    x = jnp.where(_tmask(ctx, x, t), x, -jnp.inf)
+    return jax.nn.logsumexp(x, axis=_axes(a["dim"]), keepdims=a["keepdim"])
+
+
+def _mr_variance(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+    a = ba.arguments
+    mask = _tmask(ctx, jnp.asarray(a["input"]), t)
+    out = _variance(a["input"], a["dim"], a["unbiased"], a["keepdim"], a["correction"], where=mask)
+    return jnp.sqrt(out) if fn is _std else out
+
+
+def _mr_count_nonzero(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+    x = jnp.asarray(ba.arguments["input"])
+    x = jnp.where(_tmask(ctx, x, t), x, jnp.zeros((), x.dtype))
+    return jnp.count_nonzero(x, axis=_axes(ba.arguments["dim"]))
+
+
+def _mr_repadded(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+    # cumsum along T: the valid prefix does not see the padding; the padded tail is re-padded.
+    return _repad(ctx, fn(*ba.args, **ba.kwargs), t)
+
+
+def _mr_softmax(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int, log: bool) -> Array:
+    a = ba.arguments
+    x, axis = _softmax_input(a["input"], a["dim"], a["dtype"])
+    x = jnp.where(_tmask(ctx, x, t), x, -jnp.inf)  # exp(-inf) = 0: the padding adds nothing to the sum
+    y = (jax.nn.log_softmax if log else jax.nn.softmax)(x, axis=axis)
+    return _repad(ctx, y, t)
+
+
+def _mr_mse(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+    a = dict(ba.arguments)
+    reduction = a.pop("reduction")
+    d = _mse_loss(**a, reduction="none")
+    mask = _tmask(ctx, d, t)
+    return jnp.sum(d, where=mask) if reduction == "sum" else jnp.mean(d, where=mask)
+
+
+_MASK_ELEMENTWISE = (
+    "clamp clip clamp_min clamp_max minimum maximum pow mul add sub div masked_fill nan_to_num logical_and "
+    "logical_or detach clone"
+)
+_MASK_PYTHON = "add sub mul truediv floordiv pow neg pos abs gt ge lt le eq ne and_ or_ invert"
+
+
+def _masked_rules() -> dict[int, Rule]:
+    """Each allowlisted op's masked rule, by implementation (torch.sum and Tensor.sum share one)."""
+    by_name: dict[str, Rule] = {
+        **dict.fromkeys(_TORCH_ELEMENTWISE, _r_elementwise),
+        **dict.fromkeys(_MASK_ELEMENTWISE.split(), _r_elementwise),
+        "sum": _r_reduce(_mr_jnp(jnp.sum)),
+        "mean": _r_reduce(_mr_jnp(jnp.mean)),
+        "prod": _r_reduce(_mr_jnp(jnp.prod)),
+        "any": _r_reduce(_mr_jnp(jnp.any)),
+        "all": _r_reduce(_mr_jnp(jnp.all)),
+        "amax": _r_reduce(_mr_extreme(True)),
+        "amin": _r_reduce(_mr_extreme(False)),
+        "logsumexp": _r_reduce(_mr_logsumexp),
+        "std": _r_reduce(_mr_variance),
+        "var": _r_reduce(_mr_variance),
+        "count_nonzero": _r_reduce(_mr_count_nonzero),
+        "max": _r_minmax(True),
+        "min": _r_minmax(False),
+        "cumsum": _r_cumsum,
+        "softmax": _r_softmax(False),
+        "log_softmax": _r_softmax(True),
+        "reshape": _r_reshape,
+        "flatten": _r_flatten,
+        "squeeze": _r_squeeze,
+        "unsqueeze": _r_unsqueeze,
+        "transpose": _r_transpose,
+        "permute": _r_permute,
+        "t": _r_t,
+        "numel": _r_numel,
+        "gather": _r_gather,
+    }
+    rules = {id(_TORCH_SHARED[name]): rule for name, rule in by_name.items()}
+    functions: dict[str, Rule] = {
+        **{f"operator.{op}": _r_python for op in _MASK_PYTHON.split()},
+        **{f"math.{op}": _r_python for op in ("log", "exp", "sqrt", "fabs", "pow")},
+        "operator.getitem": _r_getitem,
+        "getattr": _r_getattr,
+        "torch.where": _r_elementwise,
+        "torch.stack": _r_stack,
+        "torch.cat": _r_cat,
+        "torch.concat": _r_cat,
+        "torch.zeros_like": _r_like,
+        "torch.ones_like": _r_like,
+        "torch.full_like": _r_like,
+        "torch.tensor": _r_tensor,
+        "torch._C._nn.log_sigmoid": _r_elementwise,
+        "torch._C._nn.softplus": _r_elementwise,
+        "torch.nn.functional.relu": _r_elementwise,
+        "torch.nn.functional.softmax": _r_softmax(False),
+        "torch.nn.functional.log_softmax": _r_softmax(True),
+        "torch.nn.functional.mse_loss": _r_mse,
+    }
+    methods: dict[str, Rule] = {
+        **dict.fromkeys(("where", "contiguous", "float", "double", "long", "int", "bool"), _r_elementwise),
+        "view": _r_reshape,
+        "expand": _r_expand,
+        "to": _r_cast,
+        "type_as": _r_cast,
+        "size": _r_size,
+        "dim": _r_ndim,
+    }
+    rules |= {id(_FUNCTIONS[target]): rule for target, rule in functions.items()}
+    rules |= {id(_METHODS[target]): rule for target, rule in methods.items()}
+    return rules
+
+
+_MASK_RULES = _masked_rules()
+# Allowlisted targets with no masked form at all (on values with T): matrix products mix T with other axes.
+UNMASKED_TARGETS: frozenset[str] = frozenset(
+    t for t, fn in (*_FUNCTIONS.items(), *_METHODS.items()) if id(fn) not in _MASK_RULES
+)
+
+
+_Plan = tuple[tuple[Any, Callable[..., Any] | None], ...]
+
+
+def _analyze(graph: _Graph) -> tuple[_Plan | None, str | None]:
+    """Per step: its abstract value and its masked runner (None: run the exact op); or why there is none."""
+    env: dict[str, Any] = {}
+    for (_, rank), node in zip(graph.specs, graph.placeholders, strict=True):
+        env[node] = _Val((_T, *(None,) * (rank - 1)) if rank else (), True)
+    plan = []
+    for step in graph.steps:
+        args, kwargs = _resolve(step.args, env), _resolve(step.kwargs, env)
+        with_t = _has_t((args, kwargs))
+        rule = _MASK_RULES.get(id(step.fn))
+        where = f"node {step.name!r} ({step.target})"
+        try:
+            if rule is None:
+                raise _NoMask("no masked form")
+            bound = _SIGNATURES[id(step.fn)].bind(*args, **kwargs)
+            bound.apply_defaults()
+            value, runner = rule(bound, step.name)
+            for part in (value.values, value.indices) if isinstance(value, _PairOf) else (value,):
+                if isinstance(part, (_Val, _ShapeOf)) and part.shape is not None:
+                    _t_axis(part.shape)  # at most one T axis
+        except Exception as e:
+            if with_t:
+                return None, f"{where}: {e}"
+            value, runner = _ANY, None  # no T: the step runs as is; only its shape is unknown
+        if not with_t:
+            if _has_t(value):  # T comes only from the inputs; a rule that says otherwise is not trusted
+                return None, f"{where}: T out of nowhere"
+            runner = None
+        env[step.name] = value
+        plan.append((value, runner))
+    for key, ref in (("loss", graph.output[0]), *graph.output[1].items()):
+        if _has_t(env[ref.name]):  # not a scalar: the exact run raises
+            return None, f"{key} {ref.name!r} has T"
+    return tuple(plan), None
+
+
+def masked_refusal(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> str | None:
+    """Why :func:`compile_masked` returns None for this graph (its first refused node), else None."""
+    return _analyze(_parse(name, inputs, nodes))[1]
+
+
+def _shape_agrees(dims: Sequence[int], shape: tuple[Any, ...], size: int) -> bool:
+    if len(dims) != len(shape):
+        return False
+    for d, a in zip(dims, shape, strict=True):
+        if isinstance(a, _Merged):
+            if d % size:
+                return False
+        elif (_is_t(a) and d != size) or (type(a) is int and d != a):
+            return False
+    return True
+
+
+class _Masked:
+    """What _evaluate needs for a masked run: the plan, the true length and the padded length."""
+
+    def __init__(self, plan: _Plan, ctx: _Ctx) -> None:
+        self.plan, self.ctx = plan, ctx
+
+    def input(self, loss: str, key: str, arr: Array) -> Array:
+        if arr.ndim == 0:
+            return arr
+        if arr.shape[0] != self.ctx.size:
+            raise ValueError(
+                f"custom loss {loss!r} input {key!r} has {arr.shape[0]} positions along T, logprobs has "
+                f"{self.ctx.size}: pad every input with T to the same length"
+            )
+        return _repad(self.ctx, arr, 0)
+
+    def run(self, i: int, step: _Step, args: Any, kwargs: Any) -> Any:
+        value, runner = self.plan[i]
+        if runner is None:
+            out = step.fn(*args, **kwargs)
+        else:
+            bound = _SIGNATURES[id(step.fn)].bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = runner(self.ctx, step.fn, bound)
+        # Shapes are static: while tracing, check the analysis against what the op really returned.
+        parts = [(value, out)]
+        if isinstance(value, _PairOf):
+            if not isinstance(out, _MinMax):
+                raise ValueError(f"masked run expected (values, indices), got {type(out).__name__}")
+            parts = [(value.values, out.values), (value.indices, out.indices)]
+        for abstract, got in parts:
+            if isinstance(abstract, (_Val, _ShapeOf)) and abstract.shape is not None:
+                dims = tuple(got) if isinstance(abstract, _ShapeOf) else np.shape(got)
+                if not _shape_agrees(dims, abstract.shape, self.ctx.size):
+                    raise ValueError(f"masked run expected shape {abstract.shape}, got {dims}")
+        return out
+
+
+def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> MaskedLossFn | None:
+    """The loss of :func:`compile_graph` on arrays padded along T: ``g(length, logprobs, *inputs)``.
+
+    ``length`` is the datum's true T (an int scalar, may be traced); ``logprobs`` and every input of rank
+    >= 1 have their T axis (axis 0) padded to the same ``L >= length >= 1`` (edge padding is expected, but
+    any padding works: inputs are re-padded on entry); rank-0 inputs are scalars. ``(loss, metrics)`` equal
+    the exact function's on the unpadded arrays (to float rounding, reductions may sum in another order),
+    ``jax.grad`` with respect to ``logprobs`` equals the exact gradient on the first ``length`` positions
+    and is exactly zero on the padded ones; ``g`` works under ``jax.jit``, ``jax.vmap`` (with a per-datum
+    ``length``) and ``jax.grad``, so one program serves every length of a bucket and a whole batch.
+
+    Returns None when the graph uses anything whose padded result could differ from the exact one (the
+    caller then runs the exact function per length): slicing or indexing T, the size of T (``shape[0]``,
+    ``numel``), matrix products, reshapes other than a T-leading flatten, T broadcast against another axis,
+    two T axes in one value, and dims or sizes that are not literals in ops on values with T. Raises
+    ``ValueError`` for graphs that :func:`compile_graph` refuses.
+    """
+    graph = _parse(name, inputs, nodes)
+    plan = _analyze(graph)[0]
+    if plan is None:
+        return None
+
+    def masked_loss(length: Any, logprobs: Any, *inputs: Any) -> tuple[Array, dict[str, Array]]:
+        n = jnp.asarray(length)
+        if n.ndim != 0 or not jnp.issubdtype(n.dtype, jnp.integer):
+            raise ValueError(
+                f"custom loss {graph.loss!r} length must be an int scalar, got {n.dtype}{n.shape}"
+            )
+        lp = jnp.asarray(logprobs)
+        size = lp.shape[0] if lp.ndim else 1
+        if size == 0:
+            raise ValueError(f"custom loss {graph.loss!r} needs logprobs padded to at least one position")
+        return _evaluate(graph, (lp, *inputs), _Masked(plan, _Ctx(n, size)))
+
+    return _named(masked_loss, "masked_loss", graph.loss)

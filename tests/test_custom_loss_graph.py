@@ -1,12 +1,14 @@
 """jtinker.losses.custom: torch.fx tracing in the SDK's wire form, and the graph rebuilt as JAX.
 
 Every loss is written in torch, traced, compiled, and checked against the torch function run directly
-(values, metrics, and the gradient w.r.t. logprobs from torch autograd).
+(values, metrics, and the gradient w.r.t. logprobs from torch autograd). compile_masked's padded form is
+checked the same way, on batches of datums of different lengths padded to one bucket.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import warnings
@@ -23,8 +25,11 @@ from jtinker.losses.custom import (
     SUPPORTED_ATTRIBUTES,
     SUPPORTED_FUNCTIONS,
     SUPPORTED_METHODS,
+    UNMASKED_TARGETS,
     TracedLoss,
     compile_graph,
+    compile_masked,
+    masked_refusal,
     trace,
 )
 
@@ -74,11 +79,11 @@ class Case:
         return self.fn.__name__
 
 
-def make_inputs(case: Case, seed: int = 0) -> list[np.ndarray]:
+def make_inputs(case: Case, seed: int = 0, length: int = T) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for name, rank in case.ranks.items():
-        shape = ((), (T,), (T, K))[rank]
+        shape = ((), (length,), (length, K))[rank]
         gen = _logprobs if name == "logprobs" else case.gens.get(name, _normal)
         value = gen(rng, shape)
         if gen is _near:
@@ -959,3 +964,444 @@ def test_oversized_intermediates_are_refused_while_tracing() -> None:
     with pytest.raises(ValueError, match=f"at most {MAX_ELEMENTS}"):
         jax.eval_shape(f, jax.ShapeDtypeStruct((n,), jnp.float32))
     assert float(f(jnp.ones(3))[0]) == 9.0
+
+
+# ------------------------------------------------------------------ compile_masked: padded to a bucket
+BUCKET = 32
+LENGTHS = (1, 5, 17, 31)
+
+# Losses of this file that compile_masked refuses, with the reason: the exact function serves them.
+MASKED_NONE = {
+    "shifted_token_loss": "node 'getitem' (operator.getitem): the size of T",  # logprobs.shape[0], x[1:]
+    "python_operators": "node 'matmul' (operator.matmul): no masked form",  # a @ b over T
+    "reductions": "indexing or slicing T",  # torch.prod(x[0])
+    "shapes": "node 'reshape_1' (reshape): reshape of a value with T",  # x.reshape(2, -1)
+    "gathers": "indexing or slicing T",  # index[:3]
+    "arithmetic": "node 'matmul' (torch.matmul): no masked form",
+}
+
+
+def _pad(a: np.ndarray, n: int, fill: float | None = None) -> np.ndarray:
+    """The first n rows of a, padded along axis 0 to BUCKET with its last row (or with fill)."""
+    if a.ndim == 0:
+        return a
+    if fill is None or not np.issubdtype(a.dtype, np.floating):
+        tail = np.repeat(a[n - 1 : n], BUCKET - n, axis=0)
+    else:
+        tail = np.full((BUCKET - n, *a.shape[1:]), fill, a.dtype)
+    return np.concatenate([a[:n], tail])
+
+
+def masked(case: Case) -> Callable | None:
+    traced = trace(case.fn, case.ranks)
+    return compile_masked(traced.name, traced.inputs, traced.nodes)
+
+
+def batch_step(g: Callable, fast_compile: bool = False) -> Callable:
+    # fast_compile: the same program with less LLVM optimization, ~40% less compile time for big test graphs.
+    options = {"xla_backend_optimization_level": 0} if fast_compile else None
+    return jax.jit(jax.vmap(jax.value_and_grad(g, argnums=1, has_aux=True)), compiler_options=options)
+
+
+def assert_masked_matches_torch(
+    case: Case, g: Callable, lengths=LENGTHS, seed: int = 0, fast_compile: bool = True
+) -> None:
+    """One jitted, vmapped call on datums of different lengths equals torch on each unpadded datum."""
+    datums = [make_inputs(case, seed + i, length=n) for i, n in enumerate(lengths)]
+    step = batch_step(g, fast_compile)
+
+    def run(fill):
+        pairs = list(zip(datums, lengths, strict=True))
+        stacked = [np.stack([_pad(d[i], n, fill) for d, n in pairs]) for i in range(len(datums[0]))]
+        return step(jnp.asarray(lengths, jnp.int32), *map(jnp.asarray, stacked))
+
+    (loss, metrics), grad = run(None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "std\\(\\): degrees of freedom")
+        warnings.filterwarnings("ignore", "var\\(\\): degrees of freedom")
+        references = [torch_reference(case.fn, arrays) for arrays in datums]
+    for k, (n, (want_loss, want_metrics, want_grad)) in enumerate(zip(lengths, references, strict=True)):
+        msg = f"{case.id} length {n}"
+        np.testing.assert_allclose(float(loss[k]), want_loss, atol=ATOL, rtol=RTOL, err_msg=msg)
+        assert set(metrics) == set(want_metrics)
+        for key, value in metrics.items():
+            np.testing.assert_allclose(
+                float(value[k]), want_metrics[key], atol=ATOL, rtol=RTOL, err_msg=f"{msg} {key}"
+            )
+        np.testing.assert_allclose(np.asarray(grad[k][:n]), want_grad, atol=ATOL, rtol=RTOL, err_msg=msg)
+        assert np.all(np.asarray(grad[k][n:]) == 0), msg  # padded positions: exactly zero
+
+    # Padding with NaN instead of the last row changes nothing: inputs are re-padded on entry.
+    (loss2, metrics2), grad2 = run(np.nan)
+    np.testing.assert_array_equal(np.asarray(loss2), np.asarray(loss))
+    for key in metrics:
+        np.testing.assert_array_equal(np.asarray(metrics2[key]), np.asarray(metrics[key]))
+    np.testing.assert_array_equal(np.asarray(grad2), np.asarray(grad))
+
+
+@pytest.mark.parametrize("case", ALL, ids=lambda c: c.id)
+def test_masked_matches_exact_on_padded_batches(case: Case) -> None:
+    traced = trace(case.fn, case.ranks)
+    g = compile_masked(traced.name, traced.inputs, traced.nodes)
+    if case.id in MASKED_NONE:
+        assert g is None
+        assert MASKED_NONE[case.id] in masked_refusal(traced.name, traced.inputs, traced.nodes)
+        return
+    assert g is not None, masked_refusal(traced.name, traced.inputs, traced.nodes)
+    assert masked_refusal(traced.name, traced.inputs, traced.nodes) is None
+    assert_masked_matches_torch(case, g, fast_compile=case not in REALISTIC)
+
+
+def test_masked_covers_the_common_rl_losses() -> None:
+    common = {"ppo_loss", "importance_sampling_loss", "dpo_like_loss", "kl_penalty_loss", "multi_target_loss"}
+    assert common <= {c.id for c in ALL} - set(MASKED_NONE)
+    assert {"matmul", "operator.matmul", "torch.matmul"} == UNMASKED_TARGETS
+
+
+def test_masked_equals_compile_graph_and_compiles_once() -> None:
+    """Against the exact JAX function itself, and one program for every length of the bucket."""
+    case = REALISTIC[0]
+    traced = trace(case.fn, case.ranks)
+    f = compile_graph(traced.name, traced.inputs, traced.nodes)
+    g = compile_masked(traced.name, traced.inputs, traced.nodes)
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return g(*args)
+
+    step = jax.jit(jax.value_and_grad(counted, argnums=1, has_aux=True))
+    for n in (3, 32):
+        arrays = make_inputs(case, seed=n, length=n)
+        (want, want_metrics), want_grad = jax.jit(jax.value_and_grad(f, has_aux=True))(*arrays)
+        (loss, metrics), grad = step(jnp.int32(n), *(jnp.asarray(_pad(a, n)) for a in arrays))
+        np.testing.assert_allclose(float(loss), float(want), rtol=1e-6, atol=1e-6)
+        for key, value in want_metrics.items():
+            np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad[:n]), np.asarray(want_grad), rtol=1e-6, atol=1e-6)
+    assert len(traces) == 1
+
+
+# One loss per masked rule family; metrics name each rule, so a failure points at it.
+def reductions_over_t(logprobs, flag):
+    x, p, m = logprobs, torch.exp(0.1 * logprobs), flag > 0.5
+    values = {
+        "sum": x.sum(),
+        "sum_dim": torch.sum(x, dim=0),
+        "sum_keep": x.sum(0, keepdim=True)[0],
+        "mean": x.mean(),
+        "mean_dim": torch.mean(x, -1),
+        "max": x.max(),
+        "min": torch.min(x),
+        "amax": x.amax(),
+        "amin": torch.amin(x, dim=0),
+        "lse": torch.logsumexp(x, 0),
+        "prod": p.prod(),
+        "var0": torch.var(x, 0, False, True)[0],
+        "max_dim": x.max(dim=0).values,
+        "min_dim_keep": torch.min(x, 0, keepdim=True)[0][0],
+        "mse_mean": F.mse_loss(x, p),
+        "mse_sum": F.mse_loss(p, x, reduction="sum"),
+    }
+    loss = sum(v * (i + 1) for i, v in enumerate(values.values()))
+    metrics = {f"custom/{k}:sum": v.detach() for k, v in values.items()}
+    metrics |= {
+        # At length 1: 0 and NaN as in torch; kept out of the loss, whose gradient at sqrt(0) is NaN in JAX.
+        "custom/std0:sum": x.std(correction=0),
+        "custom/std:sum": x.std(),
+        "custom/var:sum": torch.var(x, dim=0),
+        "custom/any:sum": m.any().float() + torch.any(x > 0).float(),
+        "custom/all:sum": torch.all(m).float() + (x < 0).all(dim=0).float(),
+        "custom/count:sum": torch.count_nonzero(m).float() + m.count_nonzero(dim=0).float(),
+        "custom/argmax:sum": x.max(dim=0).indices.float(),
+        "custom/argmin:sum": torch.min(x, 0, keepdim=True)[1].float().sum(),
+    }
+    return loss, metrics
+
+
+def reductions_over_t_and_k(logprobs, flag, w):
+    x, p, m, wk = logprobs, torch.exp(0.1 * logprobs), flag > 0.5, w.sum(0)
+    scalars = [
+        x.sum((0, 1)),
+        x.sum(dim=[]),
+        x.mean(),
+        x.amax((0, 1)),
+        x.amin(),
+        torch.logsumexp(x, (0, 1)),
+        p.prod(),
+        x.var((0, 1), correction=0),
+        x.min(),
+    ]
+    over_t = [  # [K] or [1, K]: no T left
+        x.sum(0),
+        x.sum(0, keepdim=True),
+        x.mean(0),
+        x.amax(0),
+        x.amin(0, keepdim=True),
+        torch.logsumexp(x, 0),
+        p.prod(0),
+        x.var(0, keepdim=True, unbiased=False),
+        x.max(0).values,
+        x.min(0)[0],
+        x.T.sum(1),
+        x.T.max(1).values,
+    ]
+    over_k = [x.sum(1), x.mean(1), x.amax(1), x.std(1), x.max(1).values]  # [T]
+    over_k_keep = [x.sum(1, keepdim=True), x.mean(1, keepdim=True), x.logsumexp(1, keepdim=True)]  # [T, 1]
+    over_k_keep += [p.prod(1, keepdim=True), x.max(1, keepdim=True).values]
+    loss = sum(v * (i + 1) for i, v in enumerate(scalars)) + sum((v * wk).sum() for v in over_t)
+    loss = loss + sum((v * w[:, 0]).sum() for v in over_k) + sum((v * w[:, :1]).sum() for v in over_k_keep)
+    metrics = {
+        "custom/argmax_t:sum": (x.max(0).indices.float() * wk).sum(),
+        "custom/argmin_t_keep:sum": (x.min(0, keepdim=True).indices.float() * wk).sum(),
+        "custom/argmax_k:sum": (x.max(1).indices.float() * w[:, 0]).sum(),
+        "custom/argmax_t_of_t:sum": (x.T.max(1).indices.float() * wk).sum(),
+        "custom/std_t:sum": ((x.std(0) + x.std(0, correction=0)) * wk).sum(),  # NaN at length 1, as in torch
+        "custom/any:sum": (m.any(0).float() * wk).sum()
+        + (m.any(1).float() * w[:, 0]).sum()
+        + m.any().float(),
+        "custom/all:sum": (m.all(0).float() * wk).sum()
+        + (m.all(1, keepdim=True).float() * w[:, :1]).sum()
+        + m.all().float(),
+        "custom/count:sum": (torch.count_nonzero(m, 0).float() * wk).sum()
+        + (m.count_nonzero(1).float() * w[:, 0]).sum()
+        + torch.count_nonzero(m, (0, 1)).float(),
+    }
+    return loss, metrics
+
+
+def softmax_over_t(logprobs, other):
+    x = logprobs
+    rows = [
+        torch.softmax(x, 0),
+        x.log_softmax(0),
+        F.log_softmax(x, dim=0, dtype=torch.float32),
+        x.softmax(-1),
+        x.log_softmax(1),
+        x.T.softmax(1).T,
+        F.softmax(x),  # the legacy implicit dim: 1 for rank 2
+    ]
+    vectors = [F.softmax(x[:, 0], dim=0) * 3, torch.log_softmax(x[:, 1], -1), F.softmax(x[:, 2])]
+    loss = sum((v * other).sum() for v in rows) + sum((v * other[:, 0]).sum() for v in vectors)
+    return loss, {"custom/lsm_t_max:sum": x.log_softmax(0).amax(), "custom/sm_t:sum": _pw(x.softmax(0))}
+
+
+def cumsum_over_t(logprobs, other):
+    x = logprobs
+    c, ck = torch.cumsum(x, dim=0), x.cumsum(1)
+    c1 = x[:, 0].cumsum(0)
+    loss = (c * other).sum() + c.amax() + c1.max() + (c1 * x[:, 1]).mean()
+    loss = (
+        loss + torch.cumsum(x.exp(), 0).logsumexp(0).sum() + (ck * other).sum() + x.flatten().cumsum(0).min()
+    )
+    return loss, {"custom/last:sum": c1.max(dim=0)[1].float(), "custom/pw:sum": _pw(c)}
+
+
+def shapes_keeping_t(logprobs, index):
+    x = logprobs
+    parts = [
+        x[:, 0],
+        x[..., 1],
+        x[:, 1:],
+        x[:, None, 2],
+        x[:, -1],
+        x[..., None],
+        x[:, 1:3:2],
+        x[0:, :2],
+        x.unsqueeze(1).squeeze(1),
+        x.unsqueeze(0).squeeze(0),
+        torch.squeeze(x.sum(1, keepdim=True), -1),
+        x[:, :1].expand(-1, 3),
+        torch.stack([x[:, 0], x[:, 1]], dim=1),
+        torch.cat([x, x[:, :2]], dim=1),
+        x.gather(1, index),
+        torch.gather(x, -1, index.expand(-1, 2)),
+        x.flatten(),
+        x.reshape(-1),
+        x.view(-1),
+        x.flatten(1),
+        x.unsqueeze(-1).flatten(1),
+        x[:, :1] * x,
+        x.contiguous().clone().detach() * x,
+    ]
+    # T second: flattening those would merge T after K (refused), so they are turned back first.
+    moved = [
+        x.T,
+        x.t(),
+        x.transpose(0, 1),
+        torch.permute(x, (1, 0)),
+        torch.stack([x[:, 0], x[:, 1]]),
+        x[:, 0].expand(2, -1),
+    ]
+    loss = sum(_pw(p) for p in parts) + sum(_pw(m.T) for m in moved) + x.flatten().softmax(0).max()
+    loss = loss + x.reshape(-1).amax()
+    loss = loss + x.sum() / x.size(-1) + x.shape[-1] * x.mean() + x.dim() + x.ndim + x.size()[1]
+    return loss, {"custom/flat_argmax:sum": torch.max(x.flatten(), 0).indices.float()}
+
+
+def scalar_broadcast(logprobs, beta, bias):
+    x = logprobs
+    y = x * beta + bias
+    z = torch.where(x > bias, x, beta)
+    loss = (y.sum(1) * beta).mean() + z.mean() + torch.clamp(x, min=bias).sum() + (x - bias).pow(2).amax()
+    loss = loss + F.mse_loss(x, torch.full_like(x, 1.0) * bias) + F.softplus(x * beta).sum()
+    return loss, {"custom/margin:mean": (x.sum() - bias).detach()}
+
+
+MASKED_RULES = [
+    Case(reductions_over_t, {"logprobs": 1, "flag": 1}, {"flag": _mask}),
+    Case(reductions_over_t_and_k, {"logprobs": 2, "flag": 2, "w": 2}, {"flag": _mask}),
+    Case(softmax_over_t, {"logprobs": 2, "other": 2}),
+    Case(cumsum_over_t, {"logprobs": 2, "other": 2}),
+    Case(shapes_keeping_t, {"logprobs": 2, "index": 2}, {"index": _index}),
+    Case(scalar_broadcast, {"logprobs": 2, "beta": 0, "bias": 0}, {"beta": _positive}),
+]
+
+
+@pytest.mark.parametrize("case", MASKED_RULES, ids=lambda c: c.id)
+def test_masked_rules(case: Case) -> None:
+    g = masked(case)
+    assert g is not None, masked_refusal(*dataclasses.astuple(trace(case.fn, case.ranks)))
+    assert_masked_matches_torch(case, g)
+
+
+def test_masked_extreme_ties_at_the_identity() -> None:
+    """max over T of all -inf: the gradient is shared by the valid entries only, as in the exact run."""
+    body = [
+        _call("a", "amax", _ref("logprobs"), op="call_method"),
+        _call("b", "max", _ref("logprobs"), op="call_method"),
+        _call("y", "operator.add", _ref("a"), _ref("b")),
+    ]
+    nodes = _graph(*body)
+    f, g = compile_graph("ties", [("logprobs", 1)], nodes), compile_masked("ties", [("logprobs", 1)], nodes)
+    lp = np.full(3, -np.inf, np.float32)
+    (want, _), want_grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(lp))
+    (loss, _), grad = jax.jit(jax.value_and_grad(g, argnums=1, has_aux=True))(3, jnp.asarray(_pad(lp, 3)))
+    assert float(loss) == float(want) == -np.inf
+    np.testing.assert_allclose(np.asarray(grad[:3]), np.asarray(want_grad))
+    np.testing.assert_allclose(np.asarray(want_grad), [2 / 3] * 3)
+    assert np.all(np.asarray(grad[3:]) == 0)
+
+
+def _x_rank(logprobs, w):
+    return (logprobs @ w).sum(), {}
+
+
+def _slice_t(logprobs):
+    return logprobs[1:].sum(), {}
+
+
+def _last(logprobs):
+    return logprobs[-1], {}
+
+
+def _first(logprobs):
+    return logprobs[0] + logprobs.sum(), {}
+
+
+def _bool_mask(logprobs, mask):
+    return logprobs[mask > 0].sum(), {}
+
+
+def _index_tensor(logprobs, index):
+    return logprobs[index[:, 0]].sum(), {}
+
+
+def _reshape_t(logprobs):
+    return logprobs.reshape(2, -1).sum(), {}
+
+
+def _t_against_k(logprobs, weights):
+    return (logprobs * weights).sum(), {}  # [T] * [T, K]: T meets K
+
+
+def _outer(logprobs):
+    return (logprobs[:, None] * logprobs[None, :]).sum(), {}
+
+
+def _numel(logprobs):
+    return logprobs.sum() / logprobs.numel(), {}
+
+
+def _len_t(logprobs):
+    return logprobs.sum() / logprobs.size(0), {}
+
+
+def _squeeze_all(logprobs):
+    return logprobs.squeeze().sum(), {}
+
+
+def _flatten_t_minor(logprobs):
+    return _pw(logprobs.T.flatten()), {}
+
+
+def _merged_with_plain(logprobs):
+    return (logprobs.flatten() * logprobs[:, 0]).sum(), {}
+
+
+def _cat_t(logprobs):
+    return torch.cat([logprobs, logprobs]).sum(), {}
+
+
+def _reduced_against_t(logprobs, other):
+    return (logprobs.sum(0) + other).sum(), {}  # [K] + [T]
+
+
+def _dim_not_literal(logprobs):
+    return logprobs.sum(logprobs.dim() - 2).sum(), {}
+
+
+def _expand_t(logprobs):
+    return logprobs[:, :1].expand(3, 2).sum(), {}
+
+
+def _vector_output(logprobs):
+    return logprobs * 2, {}
+
+
+MASKED_REFUSED = [
+    (_x_rank, {"logprobs": 1, "w": 1}, "no masked form"),
+    (_slice_t, {"logprobs": 1}, "indexing or slicing T"),
+    (_last, {"logprobs": 1}, "indexing or slicing T"),
+    (_first, {"logprobs": 1}, "indexing or slicing T"),
+    (_bool_mask, {"logprobs": 1, "mask": 1}, "index"),
+    (_index_tensor, {"logprobs": 1, "index": 2}, "index"),
+    (_reshape_t, {"logprobs": 2}, "reshape of a value with T"),
+    (_t_against_k, {"logprobs": 1, "weights": 2}, "T broadcast against another axis"),
+    (_outer, {"logprobs": 1}, "two T axes"),
+    (_numel, {"logprobs": 1}, "numel of a value with T"),
+    (_len_t, {"logprobs": 1}, "the size of T"),
+    (_squeeze_all, {"logprobs": 2}, "squeeze of an axis of unknown size"),
+    (_flatten_t_minor, {"logprobs": 2}, "T merged after another axis"),
+    (_merged_with_plain, {"logprobs": 2}, "T broadcast against another axis"),
+    (_cat_t, {"logprobs": 1}, "cat along T"),
+    (_reduced_against_t, {"logprobs": 2, "other": 1}, "T broadcast against another axis"),
+    (_dim_not_literal, {"logprobs": 2}, "is not a literal int"),
+    (_expand_t, {"logprobs": 2}, "expand of T to a fixed size"),
+    (_vector_output, {"logprobs": 1}, "loss 'mul' has T"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "ranks", "needle"), MASKED_REFUSED, ids=[c[0].__name__ for c in MASKED_REFUSED]
+)
+def test_masked_refuses(fn, ranks, needle) -> None:
+    traced = trace(fn, ranks)
+    assert compile_masked(traced.name, traced.inputs, traced.nodes) is None
+    assert needle in masked_refusal(traced.name, traced.inputs, traced.nodes)
+    compile_graph(traced.name, traced.inputs, traced.nodes)  # the exact function still serves it
+
+
+def test_masked_checks_its_inputs() -> None:
+    traced = trace(_plain, {"logprobs": 1, "advantages": 1})
+    g = compile_masked(traced.name, traced.inputs, traced.nodes)
+    with pytest.raises(ValueError, match="input 'advantages' has 5 positions along T, logprobs has 8"):
+        g(3, jnp.zeros(8), jnp.zeros(5))
+    with pytest.raises(ValueError, match="length must be an int scalar"):
+        g(3.0, jnp.zeros(8), jnp.zeros(8))
+    with pytest.raises(ValueError, match="input 'advantages' must have rank 1"):
+        g(3, jnp.zeros(8), jnp.zeros((8, 2)))
+    with pytest.raises(ValueError, match="custom loss '_plain' node 'mul' \\(call_function 'os.system'\\)"):
+        nodes = copy.deepcopy(list(traced.nodes))
+        _set("mul", target="os.system")(nodes)
+        compile_masked(traced.name, traced.inputs, nodes)
