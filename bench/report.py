@@ -232,6 +232,12 @@ def _rows_server(d: dict) -> list[list[str]]:
              f"one by one {_n(d['sdk_sample_serial_tokens_per_s'])}",
              f"{d['sample_multi_over_serial']:.2f}", "(none)", "info"]
         )  # fmt: skip
+    if "custom_one_over_two_pass" in d:
+        rows.append(
+            ["server", "PPO in torch via create_custom_loss: one request vs the SDK's two passes, tokens/s",
+             _n(d["custom_one_pass_tokens_per_s"]), f"two passes {_n(d['custom_two_pass_tokens_per_s'])}",
+             f"{d['custom_one_over_two_pass']:.2f}", "(none)", "info"]
+        )  # fmt: skip
     return rows
 
 
@@ -349,6 +355,13 @@ def _details_server(d: dict) -> list[str]:
             f"{d['sdk_sample_multi_round_s'] * 1e3:.0f} ms per round at once (one batch), "
             f"{d['sdk_sample_serial_s'] * 1e3:.0f} ms one after another (each decode step of the batch reads "
             f"all {d['clients']} adapters)."
+        )
+    if "custom_one_pass_step_s" in d:
+        lines.append(
+            f"- A PPO step written per datum in torch: uploaded with `create_custom_loss`, one "
+            f"`forward_backward` request, {d['custom_one_pass_step_s'] * 1e3:.0f} ms; the same loss as a "
+            "callable (the SDK's forward, torch on the client, backward) "
+            f"{d['custom_two_pass_step_s'] * 1e3:.0f} ms."
         )
     return lines
 

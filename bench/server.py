@@ -15,6 +15,9 @@ in the same run:
   from one SDK sampling client vs ``--clients`` sampling clients (each its own adapter) sampling
   ``batch / clients`` each at once. The server runs them as one batch (a stacked LoRA); also timed
   one client after another (``sample_serial``), the cost without cross-adapter batching.
+* ``custom_one_pass`` / ``custom_two_pass``: a PPO step written per datum in torch, through the SDK:
+  as a ``create_custom_loss`` handle the server runs in one ``forward_backward`` request, vs the same
+  loss as a callable, which the SDK runs in two passes (a forward, torch on the client, a backward).
 
 The setups take turns in blocks (so a drift in machine load affects all of them alike); within a
 block, the setups compared with each other alternate step by step (``sdk`` with ``sdk_multi``; the
@@ -109,6 +112,50 @@ class Server:
                 self.proc.kill()
 
 
+def ppo_in_torch(logprobs, sampling_logprobs, advantages):
+    """PPO's clipped objective for one datum, as a ``create_custom_loss`` function."""
+    import torch
+
+    ratio = torch.exp(logprobs - sampling_logprobs)
+    return -torch.minimum(ratio * advantages, torch.clamp(ratio, 0.8, 1.2) * advantages).sum(), {}
+
+
+def ppo_batch_in_torch(data, logprobs_list):
+    """The same loss over a batch, as a ``forward_backward_custom`` callable (the SDK's two-pass path)."""
+    total = sum(
+        ppo_in_torch(
+            lp, d.loss_fn_inputs["sampling_logprobs"].to_torch(), d.loss_fn_inputs["advantages"].to_torch()
+        )[0]
+        for d, lp in zip(data, logprobs_list, strict=True)
+    )
+    return total, {}
+
+
+def rl_datums(ns, rows: np.ndarray) -> list:
+    """``make_datums``' rows with what the PPO loss reads: sampling logprobs and advantages."""
+    rng = np.random.default_rng(1)
+    return [
+        ns.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "sampling_logprobs": ns.TensorData.from_numpy(
+                    rng.normal(-5.5, 0.2, len(row) - 1).astype(np.float32)
+                ),
+                "advantages": ns.TensorData.from_numpy(rng.normal(0, 1, len(row) - 1).astype(np.float32)),
+            },
+        )
+        for d, row in zip(make_datums(ns, rows), rows, strict=True)
+    ]
+
+
+def custom_step(training, adam, data, loss) -> None:
+    fb = training.forward_backward_custom(data, loss)
+    opt = training.optim_step(adam)
+    fb.result()
+    opt.result()
+
+
 def sdk_client(url: str, model_dir: Path, rank: int, seed: int):
     import tinker
 
@@ -160,8 +207,16 @@ def setups(
         for sc in samplers:
             sample(sc, prompt, share, params)
 
+    custom_service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    custom = custom_service.create_lora_training_client(str(model_dir), rank=rank, seed=0).result()
+    ranks = {"logprobs": 1, "sampling_logprobs": 1, "advantages": 1}
+    handle = custom_service.create_custom_loss(ppo_in_torch, ranks).result()
+    rl_data = rl_datums(tinker.types, rows)
+
     return {
         "inprocess": lambda: step(local, local_adam, local_data),
+        "custom_one_pass": lambda: custom_step(custom, adam, rl_data, handle),
+        "custom_two_pass": lambda: custom_step(custom, adam, rl_data, ppo_batch_in_torch),
         "sdk": lambda: step(remote, adam, data),
         "sdk_multi": round_of_clients,
         "sample": lambda: sample(one_sampler, prompt, batch, params),
@@ -173,7 +228,12 @@ def setups(
 # Setups compared with each other run in alternation within one block (paired rounds); the blocks of
 # the three groups alternate, so a drift in machine load hits every setup alike. Each block starts
 # with one untimed step that only wakes its process up.
-GROUPS = (("inprocess",), ("sdk", "sdk_multi"), ("sample", "sample_multi", "sample_serial"))
+GROUPS = (
+    ("inprocess",),
+    ("sdk", "sdk_multi"),
+    ("sample", "sample_multi", "sample_serial"),
+    ("custom_one_pass", "custom_two_pass"),
+)
 
 
 def measure(runs: dict, steps: int) -> dict[str, list[float]]:
@@ -272,6 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
         "sample_multi_over_serial": statistics.median(
             paired_ratios(times["sample_serial"], times["sample_multi"])
         ),
+        "custom_one_pass_step_s": med["custom_one_pass"],
+        "custom_two_pass_step_s": med["custom_two_pass"],
+        "custom_one_pass_tokens_per_s": tokens / med["custom_one_pass"],
+        "custom_two_pass_tokens_per_s": tokens / med["custom_two_pass"],
+        "custom_one_over_two_pass": statistics.median(
+            paired_ratios(times["custom_two_pass"], times["custom_one_pass"])
+        ),
         "step_times": times,
         "server_status": status,
     }
@@ -297,6 +364,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.clients} clients {med['sample_multi'] * 1e3:.1f} ms per round; "
         f"{args.clients} / 1 throughput {result['sample_multi_over_single']:.2f}; "
         f"{result['sample_multi_over_serial']:.2f}x faster than one client after another"
+    )
+    print(
+        f"PPO in torch via create_custom_loss: one request {med['custom_one_pass'] * 1e3:.1f} ms/step vs "
+        f"the SDK's two passes {med['custom_two_pass'] * 1e3:.1f} ms/step: "
+        f"{result['custom_one_over_two_pass']:.2f}x"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

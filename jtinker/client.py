@@ -31,6 +31,7 @@ from jtinker.engine import (
     BaseModel,
     FullSpec,
     LoraSpec,
+    differentiate,
     get_base_model,
     lora_from_checkpoint,
 )
@@ -250,10 +251,12 @@ class TrainingClient(_ResolvedClient):
             if loss_type_input != "logprobs":
                 raise ValueError("loss_type_input: a LossHandle takes logprobs")
             loss_fn.check_data(data)  # before anything is queued: a rejected call accumulates nothing
-            loss_fn = loss_fn.batch_loss()
+            value_and_grad = loss_fn.value_and_grad
+        else:
+            value_and_grad = differentiate(loss_fn)
         return self._submit(
             lambda: _forward_backward_output(
-                *self._adapter.forward_backward_custom(data, loss_fn, loss_type_input)
+                *self._adapter.forward_backward_custom(data, value_and_grad, loss_type_input)
             )
         )
 

@@ -283,13 +283,14 @@ class Adapter:
         return loss_outputs(outputs), combine_metrics(metric_parts)
 
     def forward_backward_custom(
-        self, data: Sequence, loss_fn: Callable, loss_type_input: str = "logprobs"
+        self, data: Sequence, value_and_grad: Callable, loss_type_input: str = "logprobs"
     ) -> tuple[list, dict]:
         """A user loss over per-datum logprobs (or full logits), differentiated in one forward pass.
 
-        The jitted forward keeps its VJP residuals; ``loss_fn(data, values_list)`` runs eagerly
-        on the per-datum arrays (``[N]`` target logprobs, or ``[N, V]`` f32 logits with
-        ``loss_type_input="logits"``); its gradient is pulled back through the stored VJP.
+        The jitted forward keeps its VJP residuals; ``value_and_grad(data, values_list)`` gives
+        ``((loss, metrics), grads)`` for the per-datum arrays (``[N]`` target logprobs, or ``[N, V]`` f32
+        logits with ``loss_type_input="logits"``), see :func:`differentiate`; the gradients are pulled
+        back through the stored VJP.
         """
         if loss_type_input not in ("logprobs", "logits"):
             raise ValueError(f"loss_type_input: must be 'logprobs' or 'logits', got {loss_type_input!r}")
@@ -300,36 +301,36 @@ class Adapter:
         )
         batches = [(members, self._placed(host)) for members, host in self._host_batches(data, None)]
         forwards = []
-        logprobs_list: list[jax.Array | None] = [None] * len(data)
+        values_list: list[np.ndarray | jax.Array | None] = [None] * len(data)
         for members, host in batches:
-            logprobs, pullback = forward(
+            values, pullback = forward(
                 self.lora, self.base.params, host.batch, config=self.base.config, remat=self.base.remat
             )
-            forwards.append((members, host, logprobs, pullback))
+            forwards.append((members, host, values, pullback))
+        for members, host, values, _ in forwards:
+            # Logprobs are sliced on the host (no device program per datum length); full logits stay
+            # on the device, where they are.
+            rows = np.asarray(values) if loss_type_input == "logprobs" else values
             for i, p in zip(members, host.placements, strict=True):
-                logprobs_list[i] = logprobs[p.row, p.start : p.start + p.length]
+                values_list[i] = rows[p.row, p.start : p.start + p.length]
 
-        def total_loss(lps):
-            loss, metrics = loss_fn(list(data), lps)
-            return jnp.asarray(loss, jnp.float32).reshape(()), metrics
-
-        (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(logprobs_list)
+        (loss, metrics), grads = value_and_grad(list(data), values_list)
         grad_acc = self.grad_acc
-        for members, host, logprobs, pullback in forwards:
-            cotangent = np.zeros(logprobs.shape, np.float32)
+        for members, host, values, pullback in forwards:
+            cotangent = np.zeros(values.shape, np.float32)
             for i, p in zip(members, host.placements, strict=True):
                 cotangent[p.row, p.start : p.start + p.length] = np.asarray(grads[i])
             grad_acc = self.steps.accumulate_pullback(grad_acc, pullback, jnp.asarray(cotangent))
         self.grad_acc = grad_acc
         if loss_type_input == "logits":  # report target logprobs, as every forward_backward does
             outputs = []
-            for i, logits in enumerate(logprobs_list):
+            for i, logits in enumerate(values_list):
                 targets = np.asarray(data[i].loss_fn_inputs["target_tokens"].to_numpy(), np.int64)
                 lsm = np.asarray(jax.nn.log_softmax(logits, axis=-1))
                 picked = np.take_along_axis(lsm, targets.reshape(len(lsm), -1), axis=-1)
                 outputs.append(picked[:, 0] if targets.ndim == 1 else picked)
         else:
-            outputs = [np.asarray(lp) for lp in logprobs_list]
+            outputs = [np.asarray(lp) for lp in values_list]
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         return loss_outputs(outputs), {"loss:sum": float(loss), **metrics}
 
@@ -581,6 +582,17 @@ def lora_from_checkpoint(
 def _scatter_outputs(outputs: list, members: list[int], host: HostBatch, logprobs: np.ndarray) -> None:
     for i, p in zip(members, host.placements, strict=True):
         outputs[i] = logprobs[p.row, p.start : p.start + p.length]
+
+
+def differentiate(loss_fn: Callable) -> Callable:
+    """``value_and_grad`` for :meth:`Adapter.forward_backward_custom` from a JAX
+    ``loss_fn(data, values_list) -> (loss, metrics)`` over the whole batch."""
+
+    def total_loss(data: list, values_list: list) -> tuple[jax.Array, dict]:
+        loss, metrics = loss_fn(data, values_list)
+        return jnp.asarray(loss, jnp.float32).reshape(()), metrics
+
+    return jax.value_and_grad(total_loss, argnums=1, has_aux=True)
 
 
 def loss_outputs(per_datum: list) -> list[dict[str, np.ndarray]]:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jtinker.batching import batch_bucket, length_bucket
 from jtinker.losses import custom
 
 # A per-datum custom loss in torch: (logprobs, *the loss_fn_inputs it reads) -> (loss, metrics).
@@ -35,7 +35,11 @@ class LossHandle:
     session_id: str
     graph: tuple[dict, ...] = dataclasses.field(repr=False)
     loss_id: str | None = None
-    fn: Callable = dataclasses.field(repr=False, compare=False, default=None)  # per datum, jitted
+    # Per datum, jitted: (logprobs, *inputs) -> ((loss, metrics), d loss / d logprobs).
+    fn: Callable = dataclasses.field(repr=False, compare=False, default=None)
+    # The whole batch in one call, each datum padded to a length bucket: (lengths, logprobs, *inputs) ->
+    # ((losses, metrics), grads), one row per datum; None for a graph with no padded form.
+    batched: Callable | None = dataclasses.field(repr=False, compare=False, default=None)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -66,25 +70,52 @@ class LossHandle:
             )
         return arr
 
-    def batch_loss(self) -> Callable:
-        """``loss_fn(data, logprobs_list) -> (loss, metrics)`` for ``forward_backward_custom``: the
-        per-datum losses summed; ``:sum`` metrics summed and ``:mean`` metrics averaged over data."""
+    def value_and_grad(self, data: Sequence, logprobs_list: Sequence) -> tuple[tuple[float, dict], list]:
+        """``((loss, metrics), grads)`` for ``Adapter.forward_backward_custom``: per-datum losses summed,
+        ``:sum`` metrics summed and ``:mean`` metrics averaged over the data, gradients per datum.
 
-        def loss_fn(data: Sequence, logprobs_list: Sequence) -> tuple[jax.Array, dict]:
-            total, sums = jnp.float32(0), {}
-            for i, (datum, logprobs) in enumerate(zip(data, logprobs_list, strict=True)):
-                fn_inputs = datum.loss_fn_inputs
-                inputs = [
-                    jnp.asarray(self._input(fn_inputs, k, rank, i), jnp.float32)
-                    for k, rank in self.inputs[1:]
-                ]
-                loss, metrics = self.fn(logprobs, *inputs)
-                total = total + loss
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-            return total, {k: v / len(data) if k.endswith(":mean") else v for k, v in sums.items()}
+        The batch runs as one program per (row, length) bucket when the graph has a padded form and
+        every ``[T, ...]`` input is as long as its datum; else one program per distinct datum shape.
+        """
+        logprobs = [np.asarray(lp, np.float32) for lp in logprobs_list]
+        inputs = [
+            [self._input(d.loss_fn_inputs, key, rank, i) for key, rank in self.inputs[1:]]
+            for i, d in enumerate(data)
+        ]
+        pairs = zip(logprobs, inputs, strict=True)
+        aligned = all(x.ndim == 0 or len(x) == len(lp) for lp, xs in pairs for x in xs)
+        if self.batched is not None and aligned:
+            return self._padded_value_and_grad(logprobs, inputs)
+        total, sums, grads = 0.0, {}, []
+        for lp, xs in zip(logprobs, inputs, strict=True):
+            (loss, metrics), grad = self.fn(lp, *xs)
+            total, grads = total + loss, [*grads, grad]
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        return _reduce(total, sums, len(logprobs)), grads
 
-        return loss_fn
+    def _padded_value_and_grad(self, logprobs: list, inputs: list) -> tuple[tuple[float, dict], list]:
+        n, lengths = len(logprobs), [len(lp) for lp in logprobs]
+        rows, length = batch_bucket(n), length_bucket(max(lengths))
+
+        def stack(arrays: list[np.ndarray]) -> np.ndarray:
+            # Edge padding: padded positions repeat real values, so every intermediate stays finite.
+            pad = [
+                np.pad(a, [(0, length - len(a))] + [(0, 0)] * (a.ndim - 1), "edge") if a.ndim else a
+                for a in arrays
+            ]
+            return np.stack(pad + [pad[0]] * (rows - n))  # spare rows repeat row 0; dropped below
+
+        columns = [stack([xs[j] for xs in inputs]) for j in range(len(self.inputs) - 1)]
+        padded_lengths = np.asarray(lengths + [lengths[0]] * (rows - n), np.int32)
+        (losses, metrics), grads = self.batched(padded_lengths, stack(logprobs), *columns)
+        grads = np.asarray(grads)
+        sums = {key: np.asarray(value)[:n].sum() for key, value in metrics.items()}
+        return _reduce(np.asarray(losses)[:n].sum(), sums, n), [grads[i, :t] for i, t in enumerate(lengths)]
+
+
+def _reduce(total: Any, sums: dict, n: int) -> tuple[float, dict]:
+    return float(total), {k: float(v) / n if k.endswith(":mean") else float(v) for k, v in sums.items()}
 
 
 def from_graph(
@@ -97,9 +128,13 @@ def from_graph(
     """A handle for an uploaded graph; ``ValueError`` naming the node if it is not allowed."""
     inputs = tuple((str(n), int(r)) for n, r in inputs)
     nodes = tuple(dict(node) for node in graph)
-    # One small program per distinct datum shape, reused across steps.
-    fn = jax.jit(custom.compile_graph(name, inputs, nodes))
-    return LossHandle(name, inputs, session_id, nodes, loss_id, fn)
+    # The loss and its gradient: per datum shape, or per padded batch shape when the graph allows it.
+    fn = jax.jit(jax.value_and_grad(custom.compile_graph(name, inputs, nodes), has_aux=True))
+    masked = custom.compile_masked(name, inputs, nodes)
+    batched = (
+        None if masked is None else jax.jit(jax.vmap(jax.value_and_grad(masked, argnums=1, has_aux=True)))
+    )
+    return LossHandle(name, inputs, session_id, nodes, loss_id, fn, batched)
 
 
 def create(fn: PerDatumLossFn, input_ranks: Mapping[str, int], session_id: str) -> LossHandle:

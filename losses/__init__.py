@@ -1,4 +1,5 @@
-"""Loss functions: Tinker's built-in token losses (:mod:`.tinker`) and DPO (:mod:`.dpo`)."""
+"""Loss functions: Tinker's built-in token losses (:mod:`.tinker`), DPO (:mod:`.dpo`), and SDK 0.38's
+custom losses (torch.fx graphs) rebuilt as JAX (:mod:`.custom`)."""
 
 from .dpo import dpo_loss
 from .tinker import (

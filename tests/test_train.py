@@ -355,6 +355,52 @@ def test_create_custom_loss_runs_a_torch_loss_as_jax(service, qwen3_dir):
     assert_trees_close(grads_np(custom), grads_np(builtin), rtol=1e-4, atol_scale=1e-5)
 
 
+_BACKEND_COMPILES = [0]
+
+
+def _count_compiles(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def test_a_custom_loss_handle_compiles_nothing_for_new_lengths(service, qwen3_dir):
+    """The loss runs on the batch padded to a (rows, length) bucket: datums of lengths never seen
+    before, in the same buckets, compile nothing (no loss program, no eager op)."""
+    torch = pytest.importorskip("torch")
+
+    def kl_penalized(logprobs, sampling_logprobs, advantages):
+        ratio = torch.exp(logprobs - sampling_logprobs)
+        return -(ratio * advantages).sum() + 0.1 * (logprobs - sampling_logprobs).pow(2).mean(), {}
+
+    ranks = {"logprobs": 1, "sampling_logprobs": 1, "advantages": 1}
+    handle = service.create_custom_loss(kl_penalized, ranks).result()
+    assert handle.batched is not None  # the graph has a padded form
+    tc = new_client(service, qwen3_dir, seed=7)
+
+    def call(lengths, seed):
+        rng = np.random.default_rng(seed)
+
+        def floats(n, mean):
+            return rng.normal(mean, 1, n).astype(np.float32)
+
+        data = [
+            make_datum(
+                rng.integers(0, VOCAB, n + 1), sampling_logprobs=floats(n, -5), advantages=floats(n, 0)
+            )
+            for n in lengths
+        ]
+        return tc.forward_backward_custom(data, handle).result()
+
+    call([20, 25, 30, 27], seed=1)
+    compiled = _BACKEND_COMPILES[0]
+    out = call([21, 26, 29, 22], seed=2)
+    assert _BACKEND_COMPILES[0] == compiled
+    assert np.isfinite(out.metrics["loss:sum"]) and [len(lp) for lp in logprobs_of(out)] == [21, 26, 29, 22]
+
+
 def test_create_custom_loss_rejects_bad_losses_and_data_by_name(service, qwen3_dir):
     """A loss the SDK's rules refuse fails at creation; data missing an input, or with the wrong rank,
     fails the call before anything accumulates."""
