@@ -48,6 +48,9 @@ from workload import add_workload_args, make_datums, make_rows, resolve_model
 # Steady-state calls repeat their prompts, which the sampler's prefix cache would serve: measure the
 # work of fresh prompts (bench/sample.py measures the cache on multi-turn episodes).
 os.environ.setdefault("JTINKER_PREFIX_CACHE_MIB", "0")
+# The two-pass custom loss runs torch in this process: its OpenMP threads must not spin after each step,
+# taking the cores from the setups measured next (the loss itself is a few ops on [T] arrays).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 WARMUP = 2
 BLOCK = 3  # timed rounds per block
@@ -207,6 +210,9 @@ def setups(
         for sc in samplers:
             sample(sc, prompt, share, params)
 
+    import torch
+
+    torch.set_num_threads(1)
     custom_service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
     custom = custom_service.create_lora_training_client(str(model_dir), rank=rank, seed=0).result()
     ranks = {"logprobs": 1, "sampling_logprobs": 1, "advantages": 1}
