@@ -3,7 +3,9 @@
 ``ServiceClient.create_custom_loss(fn, input_ranks)`` (in process) and the server's
 ``/create_custom_loss`` (the SDK uploads the traced graph) both end in a :class:`LossHandle` whose
 graph :func:`jtinker.losses.custom.compile_graph` rebuilt as a JAX function. ``forward_backward_custom``
-then differentiates it in one forward/backward pass, with no torch and no second pass.
+then differentiates it in one forward/backward pass, with no torch and no second pass. Where the graph
+has an exact padded form (:func:`jtinker.losses.custom.compile_masked`), the whole batch runs as one
+program per (rows, length) bucket, so datums of new lengths compile nothing.
 """
 
 from __future__ import annotations
