@@ -56,6 +56,16 @@ def test_custom_loss(recipe):
     assert out["last_loss"] < 0.7 * out["first_loss"]
 
 
+def test_torch_custom_loss(recipe):
+    """A torch loss through create_custom_loss trains: its metrics combine by suffix (:mean averaged,
+    :sum summed over the batch) and the mean answer NLL falls."""
+    history = recipe("torch_custom_loss").main(["--steps", "15"])["history"]
+    nll = [h["custom/nll:mean"] for h in history]
+    assert mean(nll[-3:]) < 0.6 * mean(nll[:3]), nll
+    assert history[0]["loss:sum"] == pytest.approx(16 * nll[0], rel=1e-5)  # 16 data, each its mean NLL
+    assert history[0]["custom/answer_tokens:sum"] > 16
+
+
 def test_export_to_peft(recipe, tmp_path):
     out = recipe("export_to_peft").main([str(tmp_path / "peft"), "--steps", "2"])
     assert out["state_path"].startswith("tinker://")
