@@ -6,9 +6,9 @@ torch to trace the loss).
 The loss is per datum, as the SDK defines it: ``fn(logprobs, *inputs) -> (loss, metrics)`` over the
 datum's target logprobs and the ``loss_fn_inputs`` it names. Here it is a length-normalised NLL: each
 answer counts the same however many tokens it has. ``create_custom_loss`` traces it with ``torch.fx``;
-jtinker rebuilds the graph in JAX and ``forward_backward_custom`` differentiates it in one pass. The
-same script drives ``jtinker serve`` through the official SDK, where the loss is uploaded and runs on
-the server in one request.
+jtinker rebuilds the graph in JAX and ``forward_backward_custom`` differentiates it in one pass. With
+``import tinker`` and ``tinker.ServiceClient(base_url=...)`` the same calls drive ``jtinker serve``: the
+SDK uploads the loss and it runs on the server in one request.
 """
 
 from __future__ import annotations
