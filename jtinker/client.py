@@ -70,6 +70,13 @@ class APIFuture(Generic[T]):
         return self._future
 
 
+def _resolved(value: T) -> APIFuture[T]:
+    """An ``APIFuture`` that is already done (work that ran at once, in the caller)."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    done.set_result(value)
+    return APIFuture(done)
+
+
 class _ResolvedClient:
     """SDK 0.38's client-creating calls return a future of the client that also acts as the client.
     Here the client is ready at once, so it is its own future: ``.result()`` and ``await`` give it."""
@@ -771,10 +778,7 @@ class ServiceClient:
         datum and summed; ``input_ranks`` gives each parameter's rank (``logprobs`` first: 1 or 2).
         It is traced with ``torch.fx`` under the SDK's rules and runs as JAX in one forward/backward
         pass: pass the handle to ``TrainingClient.forward_backward_custom``. Needs torch to trace."""
-        handle = loss_handles.create(fn, input_ranks, self.session_id)
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(handle)
-        return APIFuture(done)
+        return _resolved(loss_handles.create(fn, input_ranks, self.session_id))
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         return self.get_server_capabilities()
@@ -944,9 +948,7 @@ class ServiceClient:
         other clients of this process, so this only checks ``status``."""
         if status not in ("success", "errored", "interrupted"):
             raise ValueError(f"status: must be 'success', 'errored' or 'interrupted', got {status!r}")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(None)
-        return APIFuture(done)
+        return _resolved(None)
 
 
 __all__ = ["APIFuture", "SamplingClient", "ServiceClient", "TrainingClient"]

@@ -91,7 +91,8 @@ class LossHandle:
         total, sums, grads = 0.0, {}, []
         for lp, xs in zip(logprobs, inputs, strict=True):
             (loss, metrics), grad = self.fn(lp, *xs)
-            total, grads = total + loss, [*grads, grad]
+            total = total + loss
+            grads.append(grad)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         return _reduce(total, sums, len(logprobs)), grads

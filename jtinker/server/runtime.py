@@ -447,11 +447,7 @@ class Runtime:
                 f"loss_fn_config.loss_id: no custom loss {loss_id!r} in this model's session "
                 "(create it with ServiceClient.create_custom_loss)"
             )
-        try:
-            handle.check_data(call.data)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        return handle
+        return handle  # the data is checked against it by forward_backward_custom, in seq_id order
 
     # -- base models ------------------------------------------------------------------------------
     def check_base_model(self, name: str) -> None:
@@ -745,16 +741,18 @@ class Runtime:
                 error = e
 
         def op(client: TrainingClient) -> concurrent.futures.Future:
-            if custom is not None:  # one forward/backward pass, the loss rebuilt as JAX
-                return client.forward_backward_custom(call.data, custom).future()
             adapter = _adapter(client)
             return adapter.base.worker.submit_loss(
                 adapter, call.data, call.loss_fn, call.loss_fn_config, backward=not call.forward_only
             )
 
-        def on_result(result: tuple[list, dict] | jt.ForwardBackwardOutput) -> jt.ForwardBackwardOutput:
-            if isinstance(result, jt.ForwardBackwardOutput):
-                return dataclasses.replace(result, metrics=_clean_metrics(result.metrics))
+        def custom_op(client: TrainingClient) -> concurrent.futures.Future:
+            return client.forward_backward_custom(call.data, custom).future()  # one pass, the loss as JAX
+
+        def custom_result(out: jt.ForwardBackwardOutput) -> jt.ForwardBackwardOutput:
+            return dataclasses.replace(out, metrics=_clean_metrics(out.metrics))
+
+        def on_result(result: tuple[list, dict]) -> jt.ForwardBackwardOutput:
             outputs, metrics = result
             return jt.ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",
@@ -763,6 +761,8 @@ class Runtime:
             )
 
         kind = "Forward" if call.forward_only else "ForwardBackward"
+        if custom is not None:
+            op, on_result = custom_op, custom_result
         return self.submit_ordered(owner, call.model_id, call.seq_id, kind, op, on_result, error)
 
     def optim_step(self, owner: str, model_id: str, seq_id: int | None, body: dict) -> str:
