@@ -1465,6 +1465,16 @@ class _ShapeOf:
 
 
 @dataclass(frozen=True)
+class _ByLength:
+    """A number computed from the size of T (``x.shape[0]``, ``x.size(0)``, ``x.numel()``): a Python int in
+    the exact run, the same number as a traced int32 scalar in the masked one. Only :func:`_r_python`'s
+    operators take it, so it never sizes or indexes anything."""
+
+    def __repr__(self) -> str:
+        return "<a number from the size of T>"
+
+
+@dataclass(frozen=True)
 class _PairOf:
     """``max``/``min`` with ``dim``: (values, indices)."""
 
@@ -1474,6 +1484,7 @@ class _PairOf:
 
 _ANY = _Val()
 _PY_INT = _Val((), False)
+_BY_LENGTH = _ByLength()
 _IGNORED = (type(None), str, np.dtype, _Device, _Opaque)
 Rule = Callable[[inspect.BoundArguments, str], tuple[Any, Callable[..., Any] | None]]
 
@@ -1481,7 +1492,7 @@ Rule = Callable[[inspect.BoundArguments, str], tuple[Any, Callable[..., Any] | N
 def _has_t(v: Any) -> bool:
     if isinstance(v, _Val):
         return v.shape is not None and any(map(_is_t, v.shape))
-    if isinstance(v, _ShapeOf):
+    if isinstance(v, (_ShapeOf, _ByLength)):
         return True
     if isinstance(v, _PairOf):
         return _has_t(v.values) or _has_t(v.indices)
@@ -1598,11 +1609,39 @@ def _r_elementwise(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
     return _Val(_broadcast([_known(v) for v in ops]), True), None
 
 
-def _r_python(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
-    # operator and math: Python numbers give a Python number.
-    ops = [v for v in _flat(ba) if not isinstance(v, _IGNORED)]
-    tensor = True if any(isinstance(v, _Val) and v.tensor for v in ops) else None
-    return _Val(_broadcast([_known(v) for v in ops]), tensor), None
+# Operators that take a number from the size of T. Its traced int32 form must equal Python's int, so besides
+# it they take only tensors, floats, bools and small int literals, and no pow or exp: sums and products then
+# stay in int32's range for any T below 2**20. A product of two such numbers is refused for the same reason.
+_BY_LENGTH_OPS = frozenset(
+    ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "abs", "gt", "ge", "lt", "le", "eq", "ne")
+    + ("log", "sqrt", "fabs")
+)
+_BY_LENGTH_LITERAL = 1024
+
+
+def _with_length(v: Any) -> bool:
+    """Whether ``v`` may meet a number from the size of T (see above)."""
+    if isinstance(v, _Val):
+        return v.tensor is True
+    return isinstance(v, (_ByLength, bool, float)) or (type(v) is int and abs(v) <= _BY_LENGTH_LITERAL)
+
+
+def _r_python(op: str) -> Rule:
+    """operator and math: Python numbers give a Python number; a number from the size of T gives one too."""
+
+    def rule(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+        ops = [v for v in _flat(ba) if not isinstance(v, _IGNORED)]
+        by_length = sum(isinstance(v, _ByLength) for v in ops)
+        if by_length and (
+            op not in _BY_LENGTH_OPS or (op == "mul" and by_length > 1) or not all(map(_with_length, ops))
+        ):
+            raise _NoMask(f"{op} of a number from the size of T")
+        shapes = [() if isinstance(v, _ByLength) else _known(v) for v in ops]
+        if any(isinstance(v, _Val) and v.tensor for v in ops):
+            return _Val(_broadcast(shapes), True), None
+        return (_BY_LENGTH if by_length else _Val(_broadcast(shapes), None)), None
+
+    return rule
 
 
 def _r_cast(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
@@ -1612,7 +1651,7 @@ def _r_cast(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
 
 def _r_like(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
     if _has_t(ba.arguments.get("fill_value")):
-        raise _NoMask("fill value with T")
+        raise _NoMask("fill value from T")
     return _Val(_known(ba.arguments["input"]), True), None
 
 
@@ -1842,7 +1881,7 @@ def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
     obj, idx = ba.arguments["obj"], ba.arguments["idx"]
     if isinstance(obj, _PairOf):
         i = _lit_int(idx)
@@ -1851,7 +1890,7 @@ def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
         return (obj.values, obj.indices)[i], None
     if isinstance(obj, _ShapeOf):
         if _is_t(obj.shape[_axis_of(idx, len(obj.shape))]):
-            raise _NoMask("the size of T")
+            return _BY_LENGTH, _mr_size_of_t
         return _PY_INT, None
     if not (isinstance(obj, _Val) and obj.shape is not None and obj.tensor):
         raise _NoMask("index of an unknown value")
@@ -1875,20 +1914,19 @@ def _r_getattr(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
     return _Val(None, False), None  # dtype, device
 
 
-def _r_size(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
+def _r_size(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
     x, dim = ba.arguments["input"], ba.arguments["dim"]
     shape = _known(x)
     if dim is None:
         return (_ShapeOf(shape) if _has_t(x) else _ANY), None
     if _is_t(shape[_axis_of(dim, len(shape))]):
-        raise _NoMask("the size of T")
+        return _BY_LENGTH, _mr_size_of_t
     return _PY_INT, None
 
 
-def _r_numel(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
-    if _has_t(ba.arguments["input"]):
-        raise _NoMask("numel of a value with T")
-    return _PY_INT, None
+def _r_numel(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
+    t = _t_axis(_known(ba.arguments["input"]))
+    return (_PY_INT, None) if t is None else (_BY_LENGTH, functools.partial(_mr_numel, t=t))
 
 
 def _r_ndim(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
@@ -2040,6 +2078,16 @@ def _mr_repadded(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, 
     return _repad(ctx, fn(*ba.args, **ba.kwargs), t)
 
 
+def _mr_size_of_t(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments) -> Array:
+    # The op gives the padded size of a T axis (L, or L * S when merged); the exact run sees length (* S).
+    return _valid(ctx, fn(*ba.args, **ba.kwargs))
+
+
+def _mr_numel(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
+    shape = jnp.shape(ba.arguments["input"])
+    return math.prod(shape[:t] + shape[t + 1 :]) * _valid(ctx, shape[t])
+
+
 def _mr_softmax(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int, log: bool) -> Array:
     a = ba.arguments
     x, axis = _softmax_input(a["input"], a["dim"], a["dtype"])
@@ -2096,8 +2144,8 @@ def _masked_rules() -> dict[int, Rule]:
     }
     rules = {id(_TORCH_SHARED[name]): rule for name, rule in by_name.items()}
     functions: dict[str, Rule] = {
-        **{f"operator.{op}": _r_python for op in _MASK_PYTHON.split()},
-        **{f"math.{op}": _r_python for op in ("log", "exp", "sqrt", "fabs", "pow")},
+        **{f"operator.{op}": _r_python(op) for op in _MASK_PYTHON.split()},
+        **{f"math.{op}": _r_python(op) for op in ("log", "exp", "sqrt", "fabs", "pow")},
         "operator.getitem": _r_getitem,
         "getattr": _r_getattr,
         "torch.where": _r_elementwise,
@@ -2223,6 +2271,8 @@ class _Masked:
                 raise ValueError(f"masked run expected (values, indices), got {type(out).__name__}")
             parts = [(value.values, out.values), (value.indices, out.indices)]
         for abstract, got in parts:
+            if isinstance(abstract, _ByLength) and np.ndim(got) != 0:
+                raise ValueError(f"masked run expected a number, got shape {np.shape(got)}")
             if isinstance(abstract, (_Val, _ShapeOf)) and abstract.shape is not None:
                 dims = tuple(got) if isinstance(abstract, _ShapeOf) else np.shape(got)
                 if not _shape_agrees(dims, abstract.shape, self.ctx.size):
@@ -2242,9 +2292,10 @@ def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Ma
     ``length``) and ``jax.grad``, so one program serves every length of a bucket and a whole batch.
 
     Returns None when the graph uses anything whose padded result could differ from the exact one (the
-    caller then runs the exact function per length): slicing or indexing T, the size of T (``shape[0]``,
-    ``numel``), matrix products, reshapes other than a T-leading flatten, T broadcast against another axis,
-    two T axes in one value, and dims or sizes that are not literals in ops on values with T. Raises
+    caller then runs the exact function per length): slicing or indexing T, matrix products, reshapes
+    other than a T-leading flatten, T broadcast against another axis, two T axes in one value, dims or
+    sizes that are not literals in ops on values with T, and the size of T used other than in arithmetic
+    (``x.sum() / x.shape[0]`` is exact: the size read is the true length). Raises
     ``ValueError`` for graphs that :func:`compile_graph` refuses.
     """
     graph = _parse(name, inputs, nodes)

@@ -972,7 +972,7 @@ LENGTHS = (1, 5, 17, 31)
 
 # Losses of this file that compile_masked refuses, with the reason: the exact function serves them.
 MASKED_NONE = {
-    "shifted_token_loss": "node 'getitem' (operator.getitem): the size of T",  # logprobs.shape[0], x[1:]
+    "shifted_token_loss": "node 'getitem_1' (operator.getitem): indexing or slicing T",  # logprobs[1:]
     "python_operators": "node 'matmul' (operator.matmul): no masked form",  # a @ b over T
     "reductions": "indexing or slicing T",  # torch.prod(x[0])
     "shapes": "node 'reshape_1' (reshape): reshape of a value with T",  # x.reshape(2, -1)
@@ -1248,6 +1248,18 @@ def scalar_broadcast(logprobs, beta, bias):
     return loss, {"custom/margin:mean": (x.sum() - bias).detach()}
 
 
+def sizes_of_t(logprobs, weights):
+    # The size of T read as shape, size(dim), numel and through a flatten, in arithmetic: the true length.
+    x = logprobs
+    n, k = x.shape
+    flat = x.flatten()
+    loss = -(x * weights).sum() / n + x.sum() / x.numel() + flat.sum() / flat.shape[0] * 0.5
+    loss = loss + x.mean() / math.sqrt(x.size(0)) - (n - 1) / (n + 2) * x.sum(1).mean() + abs(-n) // 2 * 0.01
+    loss = loss + (x.sum(0) * (n > 3)).sum() / n / k + math.log(n + 1) * x.amax() - (n * 0.5 - n) * x.mean()
+    zero = x.sum().detach() * 0
+    return loss, {"custom/tokens:sum": zero + n, "custom/long:mean": zero + (n >= 8)}
+
+
 MASKED_RULES = [
     Case(reductions_over_t, {"logprobs": 1, "flag": 1}, {"flag": _mask}),
     Case(reductions_over_t_and_k, {"logprobs": 2, "flag": 2, "w": 2}, {"flag": _mask}),
@@ -1255,6 +1267,7 @@ MASKED_RULES = [
     Case(cumsum_over_t, {"logprobs": 2, "other": 2}),
     Case(shapes_keeping_t, {"logprobs": 2, "index": 2}, {"index": _index}),
     Case(scalar_broadcast, {"logprobs": 2, "beta": 0, "bias": 0}, {"beta": _positive}),
+    Case(sizes_of_t, {"logprobs": 2, "weights": 2}),
 ]
 
 
@@ -1319,12 +1332,32 @@ def _outer(logprobs):
     return (logprobs[:, None] * logprobs[None, :]).sum(), {}
 
 
-def _numel(logprobs):
-    return logprobs.sum() / logprobs.numel(), {}
+def _size_pow(logprobs):
+    return logprobs.sum() / logprobs.shape[0] ** 2, {}
 
 
-def _len_t(logprobs):
-    return logprobs.sum() / logprobs.size(0), {}
+def _size_squared(logprobs):
+    return logprobs.sum() / (logprobs.shape[0] * logprobs.size(0)), {}
+
+
+def _size_big_literal(logprobs):
+    return logprobs.sum() / (logprobs.numel() * 4096), {}
+
+
+def _size_times_size(logprobs, other):
+    return logprobs.sum() / (logprobs.shape[0] * other.shape[1]), {}  # a Python int of unknown size
+
+
+def _size_fills(logprobs):
+    return torch.full_like(logprobs, logprobs.shape[0]).sum(), {}
+
+
+def _size_slices(logprobs):
+    return logprobs.exp()[: logprobs.shape[0]].sum(), {}
+
+
+def _size_exp(logprobs):
+    return logprobs.sum() * math.exp(logprobs.size(0)), {}
 
 
 def _squeeze_all(logprobs):
@@ -1369,8 +1402,13 @@ MASKED_REFUSED = [
     (_reshape_t, {"logprobs": 2}, "reshape of a value with T"),
     (_t_against_k, {"logprobs": 1, "weights": 2}, "T broadcast against another axis"),
     (_outer, {"logprobs": 1}, "two T axes"),
-    (_numel, {"logprobs": 1}, "numel of a value with T"),
-    (_len_t, {"logprobs": 1}, "the size of T"),
+    (_size_pow, {"logprobs": 1}, "pow of a number from the size of T"),
+    (_size_squared, {"logprobs": 1}, "mul of a number from the size of T"),
+    (_size_big_literal, {"logprobs": 1}, "mul of a number from the size of T"),
+    (_size_times_size, {"logprobs": 1, "other": 2}, "mul of a number from the size of T"),
+    (_size_fills, {"logprobs": 1}, "fill value from T"),
+    (_size_slices, {"logprobs": 1}, "index slice(None, <a number from the size of T>, None)"),
+    (_size_exp, {"logprobs": 1}, "exp of a number from the size of T"),
     (_squeeze_all, {"logprobs": 2}, "squeeze of an axis of unknown size"),
     (_flatten_t_minor, {"logprobs": 2}, "T merged after another axis"),
     (_merged_with_plain, {"logprobs": 2}, "T broadcast against another axis"),

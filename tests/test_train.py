@@ -368,12 +368,14 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 def test_a_custom_loss_handle_compiles_nothing_for_new_lengths(service, qwen3_dir):
     """The loss runs on the batch padded to a (rows, length) bucket: datums of lengths never seen
-    before, in the same buckets, compile nothing (no loss program, no eager op)."""
+    before, in the same buckets, compile nothing (no loss program, no eager op), even with the loss
+    normalised by the size of T (read as the true length in the padded program)."""
     torch = pytest.importorskip("torch")
 
     def kl_penalized(logprobs, sampling_logprobs, advantages):
         ratio = torch.exp(logprobs - sampling_logprobs)
-        return -(ratio * advantages).sum() + 0.1 * (logprobs - sampling_logprobs).pow(2).mean(), {}
+        pg = -(ratio * advantages).sum() / logprobs.shape[0]
+        return pg + 0.1 * (logprobs - sampling_logprobs).pow(2).mean(), {}
 
     ranks = {"logprobs": 1, "sampling_logprobs": 1, "advantages": 1}
     handle = service.create_custom_loss(kl_penalized, ranks).result()
