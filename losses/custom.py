@@ -1833,8 +1833,10 @@ def _r_gather(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
     return _Val(ix, True), None
 
 
-def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[Any, ...]:
-    """Basic indexing with literal ints, slices, None and Ellipsis; T may only be taken whole."""
+def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[tuple[Any, ...], tuple[int, int] | None]:
+    """Basic indexing with literal ints, slices, None and Ellipsis: the result's shape, and where T is
+    indexed by -1 (``(item, axis)``: the index item and the input axis), which the masked run reads at the
+    true last position. T may be taken whole or at 0 or -1 (a length is at least 1); not sliced."""
     items = idx if isinstance(idx, tuple) else (idx,)
     for it in items:
         if not (
@@ -1854,8 +1856,9 @@ def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[Any, ...]:
     if not ellipses:
         items = (*items, Ellipsis)
     out: list[Any] = []
+    last = None
     i = 0
-    for it in items:
+    for pos, it in enumerate(items):
         if it is None:
             out.append(1)
         elif it is Ellipsis:
@@ -1866,19 +1869,25 @@ def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[Any, ...]:
             d = shape[i]
             i += 1
             if _is_t(d):
-                if not (
-                    isinstance(it, slice)
-                    and it.start in (None, 0)
-                    and it.stop is None
-                    and it.step in (None, 1)
+                if it == -1 and type(it) is int:
+                    last = (pos, i - 1)
+                elif not (
+                    (type(it) is int and it == 0)
+                    or (
+                        isinstance(it, slice)
+                        and it.start in (None, 0)
+                        and it.stop is None
+                        and it.step in (None, 1)
+                    )
                 ):
                     raise _NoMask("indexing or slicing T")
-                out.append(d)
+                if isinstance(it, slice):
+                    out.append(d)
             elif isinstance(it, slice):
                 out.append(len(range(d)[it]) if type(d) is int else None)
             elif type(d) is int and not -d <= it < d:
                 raise _NoMask("index out of range")
-    return tuple(out)
+    return tuple(out), last
 
 
 def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
@@ -1894,7 +1903,8 @@ def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[...
         return _PY_INT, None
     if not (isinstance(obj, _Val) and obj.shape is not None and obj.tensor):
         raise _NoMask("index of an unknown value")
-    return _Val(_index_shape(obj.shape, idx), True), None
+    shape, last = _index_shape(obj.shape, idx)
+    return _Val(shape, True), None if last is None else functools.partial(_mr_last_of_t, last=last)
 
 
 def _r_getattr(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
@@ -2081,6 +2091,15 @@ def _mr_repadded(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, 
 def _mr_size_of_t(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments) -> Array:
     # The op gives the padded size of a T axis (L, or L * S when merged); the exact run sees length (* S).
     return _valid(ctx, fn(*ba.args, **ba.kwargs))
+
+
+def _mr_last_of_t(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, last: tuple[int, int]):
+    # x[..., -1, ...] on T: the last valid position, not the last padded one (whose gradient must stay zero).
+    obj, idx = ba.arguments["obj"], ba.arguments["idx"]
+    item, axis = last
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    items[item] = _valid(ctx, jnp.shape(obj)[axis]) - 1
+    return fn(obj, tuple(items) if isinstance(idx, tuple) else items[0])
 
 
 def _mr_numel(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, t: int) -> Array:
@@ -2292,7 +2311,8 @@ def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Ma
     ``length``) and ``jax.grad``, so one program serves every length of a bucket and a whole batch.
 
     Returns None when the graph uses anything whose padded result could differ from the exact one (the
-    caller then runs the exact function per length): slicing or indexing T, matrix products, reshapes
+    caller then runs the exact function per length): slicing T or indexing it other than at 0 and -1 (read
+    at the true last position), matrix products, reshapes
     other than a T-leading flatten, T broadcast against another axis, two T axes in one value, dims or
     sizes that are not literals in ops on values with T, and the size of T used other than in arithmetic
     (``x.sum() / x.shape[0]`` is exact: the size read is the true length). Raises

@@ -974,7 +974,6 @@ LENGTHS = (1, 5, 17, 31)
 MASKED_NONE = {
     "shifted_token_loss": "node 'getitem_1' (operator.getitem): indexing or slicing T",  # logprobs[1:]
     "python_operators": "node 'matmul' (operator.matmul): no masked form",  # a @ b over T
-    "reductions": "indexing or slicing T",  # torch.prod(x[0])
     "shapes": "node 'reshape_1' (reshape): reshape of a value with T",  # x.reshape(2, -1)
     "gathers": "indexing or slicing T",  # index[:3]
     "arithmetic": "node 'matmul' (torch.matmul): no masked form",
@@ -1260,6 +1259,15 @@ def sizes_of_t(logprobs, weights):
     return loss, {"custom/tokens:sum": zero + n, "custom/long:mean": zero + (n >= 8)}
 
 
+def ends_of_t(logprobs, advantages, weights):
+    # T indexed at 0 (always valid) and at -1 (read at the true last position, not the padded one).
+    x, a = logprobs, advantages[0]  # a per-sequence advantage, repeated along T
+    loss = -(x.sum(1) * a).sum() + x[-1].sum() * 2 + x[0, 1] - x[-1, -1] * 0.5
+    loss = loss + (x * weights)[:, None][-1].sum()
+    loss = loss + x.flatten()[-1] + x.flatten()[0] + x[..., 0][-1] + x.T[:, -1].sum() + x.cumsum(0)[-1].mean()
+    return loss, {"custom/last:mean": x[-1].mean().detach(), "custom/first:sum": x[0][0]}
+
+
 MASKED_RULES = [
     Case(reductions_over_t, {"logprobs": 1, "flag": 1}, {"flag": _mask}),
     Case(reductions_over_t_and_k, {"logprobs": 2, "flag": 2, "w": 2}, {"flag": _mask}),
@@ -1268,6 +1276,7 @@ MASKED_RULES = [
     Case(shapes_keeping_t, {"logprobs": 2, "index": 2}, {"index": _index}),
     Case(scalar_broadcast, {"logprobs": 2, "beta": 0, "bias": 0}, {"beta": _positive}),
     Case(sizes_of_t, {"logprobs": 2, "weights": 2}),
+    Case(ends_of_t, {"logprobs": 2, "advantages": 1, "weights": 2}),
 ]
 
 
@@ -1304,12 +1313,12 @@ def _slice_t(logprobs):
     return logprobs[1:].sum(), {}
 
 
-def _last(logprobs):
-    return logprobs[-1], {}
+def _second(logprobs):
+    return logprobs[1] + logprobs.sum(), {}  # the exact run raises for a length of 1
 
 
-def _first(logprobs):
-    return logprobs[0] + logprobs.sum(), {}
+def _second_last(logprobs):
+    return logprobs[-2], {}
 
 
 def _bool_mask(logprobs, mask):
@@ -1395,8 +1404,8 @@ def _vector_output(logprobs):
 MASKED_REFUSED = [
     (_x_rank, {"logprobs": 1, "w": 1}, "no masked form"),
     (_slice_t, {"logprobs": 1}, "indexing or slicing T"),
-    (_last, {"logprobs": 1}, "indexing or slicing T"),
-    (_first, {"logprobs": 1}, "indexing or slicing T"),
+    (_second, {"logprobs": 1}, "indexing or slicing T"),
+    (_second_last, {"logprobs": 1}, "indexing or slicing T"),
     (_bool_mask, {"logprobs": 1, "mask": 1}, "index"),
     (_index_tensor, {"logprobs": 1, "index": 2}, "index"),
     (_reshape_t, {"logprobs": 2}, "reshape of a value with T"),
