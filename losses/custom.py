@@ -2311,11 +2311,11 @@ def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Ma
     ``length``) and ``jax.grad``, so one program serves every length of a bucket and a whole batch.
 
     Returns None when the graph uses anything whose padded result could differ from the exact one (the
-    caller then runs the exact function per length): slicing T or indexing it other than at 0 and -1 (read
-    at the true last position), matrix products, reshapes
-    other than a T-leading flatten, T broadcast against another axis, two T axes in one value, dims or
-    sizes that are not literals in ops on values with T, and the size of T used other than in arithmetic
-    (``x.sum() / x.shape[0]`` is exact: the size read is the true length). Raises
+    caller then runs the exact function per length): slicing T or indexing it other than at 0 and -1 (-1 is
+    read at the true last position), matrix products, reshapes other than a T-leading flatten, T broadcast
+    against another axis, two T axes in one value, dims or sizes that are not literals in ops on values with
+    T, and the size of T used other than in arithmetic (``x.sum() / x.shape[0]`` is exact: the size read is
+    the true length). Raises
     ``ValueError`` for graphs that :func:`compile_graph` refuses.
     """
     graph = _parse(name, inputs, nodes)
