@@ -1417,14 +1417,16 @@ def _evaluate(
 # ----------------------------------------------------------------------------------------------- masked
 # compile_masked runs the same loss on arrays padded along T to a bucket length L, so that one compiled
 # program serves every datum length up to L. A static pass over the graph (_analyze) tracks, for every value,
-# which axis is T; it refuses anything whose padded result could differ from the exact one, and marks the
-# few steps that must see the true length (reductions, softmax and cumsum along T). Every other step runs
-# the exact op on the padded arrays: it acts on each position alone, so valid positions are unaffected.
+# which axis is T (merged with the axes after it by a flatten, or with literal slices cut off its ends: its
+# valid entries are always a prefix); it refuses anything whose padded result could differ from the exact
+# one, and marks the few steps that must see the true length (reductions, softmax and cumsum along T, T's
+# size and its last entry). Every other step runs the exact op on the padded arrays: it acts on each
+# position alone, so valid positions are unaffected.
 #
 # Invariants of the masked run: every T axis holds the exact values at its valid positions; its padded
-# positions hold finite copies of the last valid row (inputs are re-padded on entry, softmax and cumsum along
-# T re-padded after), they never reach a value without T (reductions replace them by their identity with
-# `where`), and no gradient flows out of them (the re-padding fills are stop_gradient'ed and `where`'s
+# positions hold finite values copied from valid rows (inputs are re-padded on entry, softmax and cumsum
+# along T re-padded after), they never reach a value without T (reductions replace them by their identity
+# with `where`), and no gradient flows out of them (the re-padding fills are stop_gradient'ed and `where`'s
 # backward is a select), so the gradient at padded logprobs positions is exactly zero.
 
 MaskedLossFn = Callable[..., tuple[Array, dict[str, Array]]]
@@ -1440,8 +1442,21 @@ class _Merged:
     node: str
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """A T axis (plain or merged) with ``cut`` positions sliced off its ends by literal slices (``x[1:]``,
+    ``x[:-1]``): ``T * S - cut`` entries exactly, ``L * S - cut`` padded, the valid ones first. Axes with the
+    same base and cut line up position by position, as they do in the exact run."""
+
+    base: Any
+    cut: int
+
+
+_MAX_CUT = 8  # positions sliced off T in all; padded lengths are longer (length buckets start at 16)
+
+
 def _is_t(d: Any) -> bool:
-    return isinstance(d, _Merged) or (isinstance(d, str) and d == _T)
+    return isinstance(d, (_Merged, _Cut)) or (isinstance(d, str) and d == _T)
 
 
 class _NoMask(Exception):
@@ -1592,6 +1607,8 @@ def _merge(shape: tuple[Any, ...], s: int, e: int, node: str) -> Any:
         return math.prod(part) if all(type(d) is int for d in part) else None
     if not _is_t(part[0]):  # T not leading: its valid entries would not be a prefix
         raise _NoMask("T merged after another axis")
+    if isinstance(part[0], _Cut) and len(part) > 1:
+        raise _NoMask("a slice of T merged with other axes")
     return part[0] if len(part) == 1 else _Merged(node)
 
 
@@ -1650,7 +1667,8 @@ def _r_cast(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
 
 
 def _r_like(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
-    if _has_t(ba.arguments.get("fill_value")):
+    fill = ba.arguments.get("fill_value")
+    if _has_t(fill) and not isinstance(fill, _ByLength):
         raise _NoMask("fill value from T")
     return _Val(_known(ba.arguments["input"]), True), None
 
@@ -1836,7 +1854,8 @@ def _r_gather(ba: inspect.BoundArguments, node: str) -> tuple[Any, None]:
 def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[tuple[Any, ...], tuple[int, int] | None]:
     """Basic indexing with literal ints, slices, None and Ellipsis: the result's shape, and where T is
     indexed by -1 (``(item, axis)``: the index item and the input axis), which the masked run reads at the
-    true last position. T may be taken whole or at 0 or -1 (a length is at least 1); not sliced."""
+    true last position. T may be indexed at 0 or -1 (a length is at least 1) and sliced by ``[a:-b]``
+    (``a, b >= 0``): what that cuts off either end is the same for every length."""
     items = idx if isinstance(idx, tuple) else (idx,)
     for it in items:
         if not (
@@ -1869,25 +1888,30 @@ def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[tuple[Any, ...], tup
             d = shape[i]
             i += 1
             if _is_t(d):
-                if it == -1 and type(it) is int:
-                    last = (pos, i - 1)
-                elif not (
-                    (type(it) is int and it == 0)
-                    or (
-                        isinstance(it, slice)
-                        and it.start in (None, 0)
-                        and it.stop is None
-                        and it.step in (None, 1)
-                    )
-                ):
-                    raise _NoMask("indexing or slicing T")
-                if isinstance(it, slice):
-                    out.append(d)
+                if type(it) is int:
+                    if it not in (0, -1):
+                        raise _NoMask("indexing T other than at 0 or -1")
+                    last = (pos, i - 1) if it == -1 else last
+                else:
+                    out.append(_sliced_t(d, it))
             elif isinstance(it, slice):
                 out.append(len(range(d)[it]) if type(d) is int else None)
             elif type(d) is int and not -d <= it < d:
                 raise _NoMask("index out of range")
     return tuple(out), last
+
+
+def _sliced_t(d: Any, it: slice) -> Any:
+    """The T marker of ``x[it]`` along T: ``[a:-b]`` cuts a + b positions for every length."""
+    start, stop = it.start or 0, it.stop or 0
+    if it.step not in (None, 1) or start < 0 or stop > 0:
+        raise _NoMask("slicing T other than by [a:-b]")
+    if start - stop == 0:
+        return d
+    base, cut = (d.base, d.cut) if isinstance(d, _Cut) else (d, 0)
+    if cut + start - stop > _MAX_CUT:
+        raise _NoMask(f"slicing more than {_MAX_CUT} positions off T")
+    return _Cut(base, cut + start - stop)
 
 
 def _r_getitem(ba: inspect.BoundArguments, node: str) -> tuple[Any, Callable[..., Any] | None]:
@@ -1956,8 +1980,10 @@ class _Ctx(NamedTuple):
 
 
 def _valid(ctx: _Ctx, size: int) -> Array:
-    # A T axis of size L * S (S = 1 unless merged by flatten) has length * S valid entries, first.
-    return ctx.length * (size // ctx.size)
+    # A T axis of size L * S - cut (S = 1 unless merged by flatten; cut < L positions sliced off) has
+    # length * S - cut valid entries, first.
+    merged = -(-size // ctx.size)
+    return ctx.length * merged - (ctx.size * merged - size)
 
 
 def _tmask(ctx: _Ctx, x: Array, t: int) -> Array:
@@ -2242,6 +2268,12 @@ def _analyze(graph: _Graph) -> tuple[_Plan | None, str | None]:
     return tuple(plan), None
 
 
+def _dims(value: Any) -> tuple[Any, ...]:
+    """Every axis of an abstract value's shape(s)."""
+    parts = (value.values, value.indices) if isinstance(value, _PairOf) else (value,)
+    return tuple(d for p in parts if isinstance(p, (_Val, _ShapeOf)) and p.shape for d in p.shape)
+
+
 def masked_refusal(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> str | None:
     """Why :func:`compile_masked` returns None for this graph (its first refused node), else None."""
     return _analyze(_parse(name, inputs, nodes))[1]
@@ -2251,7 +2283,10 @@ def _shape_agrees(dims: Sequence[int], shape: tuple[Any, ...], size: int) -> boo
     if len(dims) != len(shape):
         return False
     for d, a in zip(dims, shape, strict=True):
-        if isinstance(a, _Merged):
+        if isinstance(a, _Cut):
+            if a.cut >= size or (d + a.cut) % size or (not isinstance(a.base, _Merged) and d + a.cut != size):
+                return False
+        elif isinstance(a, _Merged):
             if d % size:
                 return False
         elif (_is_t(a) and d != size) or (type(a) is int and d != a):
@@ -2311,8 +2346,9 @@ def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Ma
     ``length``) and ``jax.grad``, so one program serves every length of a bucket and a whole batch.
 
     Returns None when the graph uses anything whose padded result could differ from the exact one (the
-    caller then runs the exact function per length): slicing T or indexing it other than at 0 and -1 (-1 is
-    read at the true last position), matrix products, reshapes other than a T-leading flatten, T broadcast
+    caller then runs the exact function per length): slicing T other than by literal ``[a:-b]`` (at most
+    8 positions in all; then ``L`` must be longer than that), indexing T other than at 0 and -1 (-1 is read
+    at the true last position), matrix products, reshapes other than a T-leading flatten, T broadcast
     against another axis, two T axes in one value, dims or sizes that are not literals in ops on values with
     T, and the size of T used other than in arithmetic (``x.sum() / x.shape[0]`` is exact: the size read is
     the true length). Raises
@@ -2322,6 +2358,7 @@ def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Ma
     plan = _analyze(graph)[0]
     if plan is None:
         return None
+    most_cut = max((d.cut for value, _ in plan for d in _dims(value) if isinstance(d, _Cut)), default=0)
 
     def masked_loss(length: Any, logprobs: Any, *inputs: Any) -> tuple[Array, dict[str, Array]]:
         n = jnp.asarray(length)
@@ -2333,6 +2370,11 @@ def compile_masked(name: str, inputs: Sequence[Any], nodes: Sequence[Any]) -> Ma
         size = lp.shape[0] if lp.ndim else 1
         if size == 0:
             raise ValueError(f"custom loss {graph.loss!r} needs logprobs padded to at least one position")
+        if size <= most_cut:
+            raise ValueError(
+                f"custom loss {graph.loss!r} slices {most_cut} positions off T: pad logprobs to more than "
+                f"{most_cut} positions"
+            )
         return _evaluate(graph, (lp, *inputs), _Masked(plan, _Ctx(n, size)))
 
     return _named(masked_loss, "masked_loss", graph.loss)

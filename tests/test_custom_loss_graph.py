@@ -972,10 +972,10 @@ LENGTHS = (1, 5, 17, 31)
 
 # Losses of this file that compile_masked refuses, with the reason: the exact function serves them.
 MASKED_NONE = {
-    "shifted_token_loss": "node 'getitem_1' (operator.getitem): indexing or slicing T",  # logprobs[1:]
+    "shifted_token_loss": "slicing T other than by [a:-b]",  # logprobs[::2]
     "python_operators": "node 'matmul' (operator.matmul): no masked form",  # a @ b over T
     "shapes": "node 'reshape_1' (reshape): reshape of a value with T",  # x.reshape(2, -1)
-    "gathers": "indexing or slicing T",  # index[:3]
+    "gathers": "slicing T other than by [a:-b]",  # index[:3]
     "arithmetic": "node 'matmul' (torch.matmul): no masked form",
 }
 
@@ -1287,6 +1287,31 @@ def test_masked_rules(case: Case) -> None:
     assert_masked_matches_torch(case, g)
 
 
+def slices_of_t(logprobs, advantages, mask):
+    # T cut by literal slices at either end: shifted differences, a window, their sizes and last entries.
+    x = logprobs
+    cur, prev = x[1:], x[:-1]
+    delta = torch.where(advantages[1:, None] > 0, cur - prev, (cur - prev) * 0.5)
+    delta = delta.masked_fill(~(mask[1:, None] > 0.5), 0.0)
+    window = x[2:-1][1:]
+    loss = -delta.sum() / x.shape[0] + window.exp().sum() / window.size(0) + cur[-1].sum() + prev[0].sum()
+    loss = loss + cur.softmax(0)[-1].sum() + prev.cumsum(0)[-1].mean() + cur.amax(0).sum() + prev[:, 1:].std()
+    weights = torch.ones_like(cur).cumsum(1)  # position weights along K (flattening a slice of T falls back)
+    loss = loss + (torch.stack([cur, prev]).sum(0) * weights).sum() + (cur.T * weights.T).sum()
+    loss = loss + delta.sum(1).flatten().sum()
+    return loss, {"custom/steps:sum": torch.full_like(x[0, 0], prev.shape[0]), "custom/d:mean": delta.mean()}
+
+
+def test_masked_slices_of_t() -> None:
+    """Literal slices of T keep the padded form: lengths the slices leave non-empty, against torch."""
+    case = Case(slices_of_t, {"logprobs": 2, "advantages": 1, "mask": 1}, {"mask": _mask})
+    g = masked(case)
+    assert g is not None, masked_refusal(*dataclasses.astuple(trace(case.fn, case.ranks)))
+    assert_masked_matches_torch(case, g, lengths=(5, 9, 17, 32))
+    with pytest.raises(ValueError, match="slices 4 positions off T: pad logprobs to more than 4 positions"):
+        g(3, jnp.zeros((4, 2)), jnp.zeros(4), jnp.zeros(4))
+
+
 def test_masked_extreme_ties_at_the_identity() -> None:
     """max over T of all -inf: the gradient is shared by the valid entries only, as in the exact run."""
     body = [
@@ -1309,8 +1334,24 @@ def _x_rank(logprobs, w):
     return (logprobs @ w).sum(), {}
 
 
-def _slice_t(logprobs):
-    return logprobs[1:].sum(), {}
+def _slice_t_step(logprobs):
+    return logprobs[::2].sum(), {}
+
+
+def _slice_t_window(logprobs):
+    return logprobs[-3:].sum(), {}  # the last 3: where they start depends on the length
+
+
+def _cut_too_much(logprobs):
+    return logprobs[5:][:-4].sum(), {}
+
+
+def _cut_merged(logprobs):
+    return logprobs[1:].flatten().sum(), {}
+
+
+def _cuts_misaligned(logprobs):
+    return (logprobs[1:] * logprobs[2:-1]).sum(), {}
 
 
 def _second(logprobs):
@@ -1357,8 +1398,8 @@ def _size_times_size(logprobs, other):
     return logprobs.sum() / (logprobs.shape[0] * other.shape[1]), {}  # a Python int of unknown size
 
 
-def _size_fills(logprobs):
-    return torch.full_like(logprobs, logprobs.shape[0]).sum(), {}
+def _t_fills(logprobs):
+    return torch.full_like(logprobs, logprobs).sum(), {}
 
 
 def _size_slices(logprobs):
@@ -1403,9 +1444,13 @@ def _vector_output(logprobs):
 
 MASKED_REFUSED = [
     (_x_rank, {"logprobs": 1, "w": 1}, "no masked form"),
-    (_slice_t, {"logprobs": 1}, "indexing or slicing T"),
-    (_second, {"logprobs": 1}, "indexing or slicing T"),
-    (_second_last, {"logprobs": 1}, "indexing or slicing T"),
+    (_slice_t_step, {"logprobs": 1}, "slicing T other than by [a:-b]"),
+    (_slice_t_window, {"logprobs": 1}, "slicing T other than by [a:-b]"),
+    (_cut_too_much, {"logprobs": 1}, "slicing more than 8 positions off T"),
+    (_cut_merged, {"logprobs": 2}, "a slice of T merged with other axes"),
+    (_cuts_misaligned, {"logprobs": 1}, "T broadcast against another axis"),
+    (_second, {"logprobs": 1}, "indexing T other than at 0 or -1"),
+    (_second_last, {"logprobs": 1}, "indexing T other than at 0 or -1"),
     (_bool_mask, {"logprobs": 1, "mask": 1}, "index"),
     (_index_tensor, {"logprobs": 1, "index": 2}, "index"),
     (_reshape_t, {"logprobs": 2}, "reshape of a value with T"),
@@ -1415,7 +1460,7 @@ MASKED_REFUSED = [
     (_size_squared, {"logprobs": 1}, "mul of a number from the size of T"),
     (_size_big_literal, {"logprobs": 1}, "mul of a number from the size of T"),
     (_size_times_size, {"logprobs": 1, "other": 2}, "mul of a number from the size of T"),
-    (_size_fills, {"logprobs": 1}, "fill value from T"),
+    (_t_fills, {"logprobs": 1}, "fill value from T"),
     (_size_slices, {"logprobs": 1}, "index slice(None, <a number from the size of T>, None)"),
     (_size_exp, {"logprobs": 1}, "exp of a number from the size of T"),
     (_squeeze_all, {"logprobs": 2}, "squeeze of an axis of unknown size"),
