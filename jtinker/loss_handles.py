@@ -47,6 +47,12 @@ class LossHandle:
     def input_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.inputs[1:])
 
+    @property
+    def unbatched_reason(self) -> str | None:
+        """Why a batch runs one program per distinct datum length (the first node with no padded form);
+        None when it runs padded, one program per (rows, length) bucket."""
+        return None if self.batched is not None else custom.masked_refusal(self.name, self.inputs, self.graph)
+
     def check_data(self, data: Sequence) -> None:
         """Every datum carries each input the loss reads, at its declared rank (``logprobs`` has the
         rank of ``target_tokens``); raises ``ValueError`` naming the datum and key."""

@@ -379,7 +379,13 @@ def test_a_custom_loss_handle_compiles_nothing_for_new_lengths(service, qwen3_di
 
     ranks = {"logprobs": 1, "sampling_logprobs": 1, "advantages": 1}
     handle = service.create_custom_loss(kl_penalized, ranks).result()
-    assert handle.batched is not None  # the graph has a padded form
+    assert handle.batched is not None and handle.unbatched_reason is None  # the graph has a padded form
+
+    def every_other(logprobs, sampling_logprobs, advantages):
+        return -(logprobs[::2] * advantages[::2]).sum(), {}
+
+    strided = service.create_custom_loss(every_other, ranks).result()
+    assert strided.batched is None and "slicing T other than by [a:-b]" in strided.unbatched_reason
     tc = new_client(service, qwen3_dir, seed=7)
 
     def call(lengths, seed):
