@@ -1903,8 +1903,8 @@ def _index_shape(shape: tuple[Any, ...], idx: Any) -> tuple[tuple[Any, ...], tup
 
 def _sliced_t(d: Any, it: slice) -> Any:
     """The T marker of ``x[it]`` along T: ``[a:-b]`` cuts a + b positions for every length."""
-    start, stop = it.start or 0, it.stop or 0
-    if it.step not in (None, 1) or start < 0 or stop > 0:
+    start, stop = it.start or 0, 0 if it.stop is None else it.stop
+    if it.step not in (None, 1) or start < 0 or (it.stop is not None and stop >= 0):  # x[:0] is empty
         raise _NoMask("slicing T other than by [a:-b]")
     if start - stop == 0:
         return d
@@ -2115,11 +2115,13 @@ def _mr_repadded(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, 
 
 
 def _mr_size_of_t(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments) -> Array:
-    # The op gives the padded size of a T axis (L, or L * S when merged); the exact run sees length (* S).
+    # The op gives the padded size of a T axis (L * S - cut); the exact run sees length * S - cut.
     return _valid(ctx, fn(*ba.args, **ba.kwargs))
 
 
-def _mr_last_of_t(ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, last: tuple[int, int]):
+def _mr_last_of_t(
+    ctx: _Ctx, fn: Callable[..., Any], ba: inspect.BoundArguments, *, last: tuple[int, int]
+) -> Array:
     # x[..., -1, ...] on T: the last valid position, not the last padded one (whose gradient must stay zero).
     obj, idx = ba.arguments["obj"], ba.arguments["idx"]
     item, axis = last

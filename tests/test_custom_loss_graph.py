@@ -1342,6 +1342,10 @@ def _slice_t_window(logprobs):
     return logprobs[-3:].sum(), {}  # the last 3: where they start depends on the length
 
 
+def _slice_t_empty(logprobs):
+    return logprobs[:0].sum() + logprobs[1:0].sum(), {}
+
+
 def _cut_too_much(logprobs):
     return logprobs[5:][:-4].sum(), {}
 
@@ -1446,6 +1450,7 @@ MASKED_REFUSED = [
     (_x_rank, {"logprobs": 1, "w": 1}, "no masked form"),
     (_slice_t_step, {"logprobs": 1}, "slicing T other than by [a:-b]"),
     (_slice_t_window, {"logprobs": 1}, "slicing T other than by [a:-b]"),
+    (_slice_t_empty, {"logprobs": 1}, "slicing T other than by [a:-b]"),
     (_cut_too_much, {"logprobs": 1}, "slicing more than 8 positions off T"),
     (_cut_merged, {"logprobs": 2}, "a slice of T merged with other axes"),
     (_cuts_misaligned, {"logprobs": 1}, "T broadcast against another axis"),
