@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from . import lora as lora_lib
@@ -316,6 +317,40 @@ def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array 
     return causal & same_segment
 
 
+def _check_ids(name: str, ids, vocab_size: int) -> None:
+    """Token ids in ``[0, vocab_size)`` (gathers would clamp others silently); only concrete ones (not
+    under jit) can be read."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    ids = np.asarray(jax.device_get(ids))
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+        where = tuple(int(i) for i in bad[0])
+        value = int(ids[where])
+        raise ValueError(f"{name}: id {value} at {list(where)} is outside the vocabulary [0, {vocab_size})")
+
+
+def _check_inputs(config: ModelConfig, tokens, positions, segment_ids, cache, lora) -> None:
+    """Shapes and types are checked when traced; token ids too when they are concrete (not under jit)."""
+
+    def int_array(name: str, x, like: tuple | None = None) -> None:
+        shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
+        if len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer) or like not in (None, shape):
+            want = "[batch, seq]" if like is None else f"{list(like)} like tokens"
+            raise ValueError(f"{name}: expected an int array {want}, got {dtype}{list(shape)}")
+
+    int_array("tokens", tokens)
+    for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+        if x is not None:
+            int_array(name, x, tuple(jnp.shape(tokens)))
+    _check_ids("tokens", tokens, config.vocab_size)
+    if lora is not None and not isinstance(lora, lora_lib.Lora):
+        raise TypeError(f"lora: expected a jtinker.models.lora.Lora (lora.init), got {type(lora).__name__}")
+    rows = jnp.shape(tokens)[0]
+    if cache is not None and (not isinstance(cache, KVCache) or cache.k.shape[1] != rows):
+        raise ValueError(f"cache: expected a KVCache of {rows} rows (KVCache.zeros)")
+
+
 def hidden_states(
     config: ModelConfig,
     params: Params,
@@ -328,6 +363,7 @@ def hidden_states(
     remat: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states ``[B, T, H]`` and the updated cache (None without a cache)."""
+    _check_inputs(config, tokens, positions, segment_ids, cache, lora)
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -419,6 +455,12 @@ def token_logprobs(
     one chunk at a time.
     """
     b, t, h = hidden.shape
+    shape, dtype = tuple(jnp.shape(targets)), jnp.result_type(targets)
+    if shape[:2] != (b, t) or len(shape) not in (2, 3) or not jnp.issubdtype(dtype, jnp.integer):
+        want = f"[{b}, {t}] or [{b}, {t}, K]"
+        raise ValueError(f"targets: expected an int array {want}, got {dtype}{list(shape)}")
+    head_rows = params["lm_head"].shape[1] if "lm_head" in params else params["embed"].shape[0]
+    _check_ids("targets", targets, head_rows)
     chunk = min(chunk_size, t)
     pad = (-t) % chunk
     multi = targets.ndim == 3

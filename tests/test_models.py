@@ -235,6 +235,36 @@ def test_default_positions_are_arange(qwen3_dir):
     np.testing.assert_allclose(fwd(config, params, tokens), explicit, rtol=0, atol=1e-6)
 
 
+def test_bad_model_inputs_are_named(qwen3_dir):
+    """The functional core names what is wrong instead of failing deep inside (or gathering a clamped
+    id): shapes and types when traced, token ids when concrete."""
+    config, params = models.load_pretrained(qwen3_dir)
+    tokens = jnp.asarray(random_tokens((2, 6)))
+    adapter = models.lora.init(config, rank=2, key=jax.random.key(0))
+    int_array = "expected an int array"
+    bad = [
+        ({"tokens": tokens[0]}, f"tokens: {int_array} [batch, seq], got int32[6]"),
+        ({"tokens": tokens.astype(jnp.float32)}, f"tokens: {int_array} [batch, seq], got float32[2, 6]"),
+        ({"tokens": tokens.at[1, 4].set(config.vocab_size)}, f"tokens: id {config.vocab_size} at [1, 4] is"),
+        ({"tokens": tokens.at[0, 2].set(-1)}, "tokens: id -1 at [0, 2] is outside the vocabulary"),
+        ({"positions": jnp.zeros((2, 5), jnp.int32)}, f"positions: {int_array} [2, 6] like tokens"),
+        ({"segment_ids": jnp.zeros((2, 6))}, f"segment_ids: {int_array} [2, 6] like tokens, got float"),
+        ({"lora": adapter.weights}, "lora: expected a jtinker.models.lora.Lora (lora.init), got dict"),
+        ({"cache": KVCache.zeros(config, 3, 8), "positions": tokens * 0}, "cache: expected a KVCache of 2"),
+    ]
+    for change, message in bad:
+        kwargs = {"tokens": tokens, **change}
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            models.forward(config, params, kwargs.pop("tokens"), **kwargs)
+    with pytest.raises(ValueError, match=re.escape(f"tokens: {int_array} [batch, seq], got float32")):
+        jax.jit(functools.partial(models.forward, config))(params, tokens.astype(jnp.float32))  # traced
+    hidden, _ = models.hidden_states(config, params, tokens)
+    with pytest.raises(ValueError, match=re.escape(f"targets: {int_array} [2, 6] or [2, 6, K], got")):
+        models.token_logprobs(params, hidden, tokens[:, :5])
+    with pytest.raises(ValueError, match=re.escape("targets: id -3 at [0, 1] is outside the vocabulary")):
+        models.token_logprobs(params, hidden, tokens.at[0, 1].set(-3))
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. KV cache
 # --------------------------------------------------------------------------------------------------
