@@ -138,23 +138,36 @@ def targets_for(train_attn: bool = True, train_mlp: bool = True, train_unembed: 
 def init(
     config: ModelConfig,
     rank: int,
-    key: jax.Array,
+    key: jax.Array | int,
     *,
     alpha: float = 32.0,
     targets: Iterable[str] = ALL_TARGETS,
     use_rslora: bool = False,
     dtype: jnp.dtype = jnp.float32,
 ) -> Lora:
-    """A random, PEFT-style init: ``a ~ U(±1/sqrt(in))`` (kaiming-uniform, a=sqrt(5)), ``b = 0``."""
+    """A random, PEFT-style init: ``a ~ U(±1/sqrt(in))`` (kaiming-uniform, a=sqrt(5)), ``b = 0``.
+
+    ``key``: a ``jax.random.key`` or an int seed."""
     targets = tuple(targets)
     unknown = sorted(set(targets) - set(ALL_TARGETS))
     if unknown:
         raise ValueError(f"targets: unknown LoRA targets {unknown}; choose from {ALL_TARGETS}")
     if not targets:
         raise ValueError("targets: at least one LoRA target is required")
-    if not isinstance(rank, int) or rank <= 0:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"rank: must be a positive int, got {rank!r}")
-    keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))
+    try:
+        positive = not isinstance(alpha, bool) and 0 < float(alpha) < math.inf
+    except (TypeError, ValueError):
+        positive = False
+    if not positive:
+        raise ValueError(f"alpha: must be a positive number, got {alpha!r}")
+    if isinstance(key, int) and not isinstance(key, bool):
+        key = jax.random.key(key)
+    try:
+        keys = dict(zip(targets, jax.random.split(key, len(targets)), strict=True))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"key: expected jax.random.key(seed) or an int seed, got {key!r}") from e
 
     def make(param: str, key: jax.Array) -> dict:
         fan_in, fan_out = target_shape(config, param)

@@ -71,6 +71,12 @@ class MeshConfig:
     tp: int = 1
     ep: int = 1
 
+    def __post_init__(self) -> None:
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"mesh: {axis}={size!r} must be an int >= 1")
+
     @classmethod
     def parse(cls, text: str) -> MeshConfig:
         """``"fsdp=4,tp=2"`` → ``MeshConfig(fsdp=4, tp=2)``."""
@@ -91,12 +97,24 @@ class MeshConfig:
         return math.prod(self.shape)
 
 
-def make_mesh(config: MeshConfig | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with named axes ``dp, fsdp, tp, ep`` (Auto axis types, so jit shardings drive layout)."""
+def make_mesh(
+    config: MeshConfig | Mapping[str, int] | str | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A mesh with named axes ``dp, fsdp, tp, ep`` (Auto axis types, so jit shardings drive layout).
+
+    ``config``: a :class:`MeshConfig`, ``{"fsdp": 4, "tp": 2}`` or ``"fsdp=4,tp=2"``; None is one device."""
     if config is None:
         config = MeshConfig()
     elif isinstance(config, str):
         config = MeshConfig.parse(config)
+    elif isinstance(config, Mapping):
+        unknown = sorted(set(config) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"mesh: unknown axes {unknown}; the axes are {MESH_AXES}")
+        config = MeshConfig(**config)
+    elif not isinstance(config, MeshConfig):
+        kind = type(config).__name__
+        raise TypeError(f"mesh: expected a MeshConfig, a dict or 'axis=size,...', got {kind}")
     devices = list(devices if devices is not None else jax.devices())
     if config.size > len(devices):
         raise ValueError(f"mesh: {config} needs {config.size} devices, only {len(devices)} available")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -368,11 +369,26 @@ def test_rslora_forward_uses_alpha_over_sqrt_rank(qwen3):
     assert max_err(got, fwd(config, lora.merge(config, params, rs), TOKENS)) <= TOL
 
 
-@pytest.mark.parametrize("rank", [0, -2, 2.5, "4", None])
+@pytest.mark.parametrize("rank", [0, -2, 2.5, "4", None, True])
 def test_bad_rank_is_refused(qwen3, rank):
     config, _ = qwen3
     with pytest.raises(ValueError, match="rank"):
         lora.init(config, rank, jax.random.key(0))
+
+
+@pytest.mark.parametrize("alpha", [0, -8.0, float("inf"), float("nan"), "x", None, True])
+def test_bad_alpha_is_refused(qwen3, alpha):
+    config, _ = qwen3
+    with pytest.raises(ValueError, match="alpha: must be a positive number"):
+        lora.init(config, 4, jax.random.key(0), alpha=alpha)
+
+
+def test_key_is_a_prng_key_or_an_int_seed(qwen3):
+    config, _ = qwen3
+    by_seed, by_key = lora.init(config, 4, 7), lora.init(config, 4, jax.random.key(7))
+    chex.assert_trees_all_equal(by_seed.weights, by_key.weights)
+    with pytest.raises(TypeError, match="key: expected jax.random.key"):
+        lora.init(config, 4, "seed")
 
 
 def test_bad_targets_are_refused(qwen3):

@@ -144,6 +144,17 @@ def test_mesh_that_does_not_divide_the_model_fails_before_compiling(qwen3_dir):
         sharding.make_mesh("fsdp=16")
 
 
+def test_mesh_from_a_dict_and_bad_sizes_named():
+    assert sharding.make_mesh({"fsdp": 4, "tp": 2}).shape == sharding.make_mesh("fsdp=4,tp=2").shape
+    with pytest.raises(ValueError, match=r"mesh: unknown axes \['data'\]"):
+        sharding.make_mesh({"data": 2})
+    for bad in (0, -1, 2.0, "2", True):
+        with pytest.raises(ValueError, match=f"mesh: tp={bad!r} must be an int >= 1"):
+            sharding.MeshConfig(tp=bad)
+    with pytest.raises(TypeError, match="mesh: expected a MeshConfig, a dict or 'axis=size,...', got list"):
+        sharding.make_mesh([4, 2])
+
+
 def test_two_process_launch_script(tmp_path):
     """Two processes via the launch script: identical losses, one checkpoint a single process loads."""
     env = {**os.environ, "JTINKER_HOME": str(tmp_path / "home"), "JTINKER_LOCAL_DEVICES": "2"}
