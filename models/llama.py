@@ -319,9 +319,9 @@ def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array 
 
 def _check_ids(name: str, ids, vocab_size: int) -> None:
     """Token ids in ``[0, vocab_size)`` (gathers would clamp others silently); only concrete ones (not
-    under jit) can be read."""
-    if isinstance(ids, jax.core.Tracer):
-        return
+    under jit) held by this process can be read."""
+    if isinstance(ids, jax.core.Tracer) or not getattr(ids, "is_fully_addressable", True):
+        return  # traced, or spread over other processes
     ids = np.asarray(jax.device_get(ids))
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if len(bad):
