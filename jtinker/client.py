@@ -36,6 +36,7 @@ from jtinker.engine import (
     lora_from_checkpoint,
 )
 from jtinker.loss_handles import LossHandle, PerDatumLossFn
+from jtinker.models.config import ModelConfig
 from jtinker.sampling import SampleRequest, SampleResult
 
 if TYPE_CHECKING:
@@ -471,10 +472,13 @@ def _sample_request(
     target_prompt_logprobs: types.TensorData | None = None,
     topk_sample_logprobs: int = 0,
     prompt_alt_tokens_k: int = 0,
+    eos_token_ids: tuple[int, ...] = (),
 ) -> SampleRequest:
+    """``stop=None`` stops at the model's EOS tokens, as Tinker does; a stop list replaces them (``[]``:
+    no stop at all)."""
     stop = sampling_params.stop
     stop_strings: tuple[str, ...] = ()
-    stop_tokens: tuple[int, ...] = ()
+    stop_tokens: tuple[int, ...] = eos_token_ids if stop is None else ()
     if isinstance(stop, str):
         stop_strings = (stop,)
     elif stop:
@@ -596,7 +600,14 @@ class SamplingClient(_ResolvedClient):
         self._lora = lora
         self.model_path = model_path
 
-    def _submit_sample(self, request: SampleRequest) -> concurrent.futures.Future:
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._base.config
+
+    def submit_request(self, request: SampleRequest) -> concurrent.futures.Future:
+        """An engine-level :class:`~jtinker.sampling.SampleRequest` (stop ids and stop strings at once)
+        with this client's weights; the future's :class:`~jtinker.sampling.SampleResult` holds each
+        sequence as ``(tokens, logprobs, finish_reason)``. The request is validated when it runs."""
         lora = self._lora.lora if isinstance(self._lora, InflightWeights) else self._lora
         return self._base.worker.submit_sample(request, lora)
 
@@ -627,12 +638,13 @@ class SamplingClient(_ResolvedClient):
             target_prompt_logprobs,
             topk_sample_logprobs,
             prompt_alt_tokens_k,
+            eos_token_ids=self._base.config.eos_token_ids,
         )
         _check_last_n(prompt_logprobs_last_n, request)
         request_id = uuid.uuid4().hex
         return APIFuture(
             _chain(
-                self._submit_sample(request),
+                self.submit_request(request),
                 lambda result: _sample_response(
                     result, request_id, prompt_logprobs_last_n, target_prompt_logprobs
                 ),

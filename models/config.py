@@ -62,6 +62,12 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """config.json's ``eos_token_id`` (an int or a list) as a tuple; empty when it has none."""
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

@@ -322,6 +322,36 @@ def test_stop_token_and_length(llama):
     assert short.sequences[0][0] == tokens[:5] and short.sequences[0][2] == "length"
 
 
+def test_client_stops_at_eos_unless_told_otherwise(service, qwen3):
+    """Tinker's SamplingParams: ``stop=None`` stops at the model's EOS, ``stop=[]`` runs to max_tokens
+    and an explicit stop list replaces EOS. The same seed draws the same tokens up to the stop."""
+    from jtinker import types
+
+    client = service.create_sampling_client(base_model=str(qwen3.path))
+    prompt = types.ModelInput.from_ints(PROMPTS[0])
+
+    def draw(seed: int, **stop) -> list:
+        params = types.SamplingParams(max_tokens=24, temperature=1.0, seed=seed, **stop)
+        return client.sample(prompt, 4, params).result().sequences
+
+    stopped = 0
+    for seed in range(6):
+        by_eos, unstopped = draw(seed), draw(seed, stop=[])
+        assert [len(s.tokens) for s in unstopped] == [24] * 4
+        assert all(s.stop_reason == "length" for s in unstopped)
+        for short, full in zip(by_eos, unstopped, strict=True):
+            if EOS in full.tokens:
+                cut = full.tokens.index(EOS) + 1
+                assert (short.tokens, short.stop_reason) == (full.tokens[:cut], "stop")
+                stopped += 1
+            else:
+                assert (short.tokens, short.stop_reason) == (full.tokens, "length")
+        other = full.tokens[3]
+        explicit = draw(seed, stop=[other])[-1].tokens  # EOS no longer stops it, `other` does
+        assert explicit == full.tokens[: full.tokens.index(other) + 1]
+    assert stopped >= 2  # the tiny model does emit EOS
+
+
 def _first_stop(tokenizer, tokens, stop) -> int | None:
     for n in range(1, len(tokens) + 1):
         if stop in tokenizer.decode(tokens[:n]):

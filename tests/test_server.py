@@ -602,6 +602,119 @@ def test_save_weights_and_sampling(server, service):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
+    """``/oai/api/v1`` as Tinker serves it: an OpenAI client's completions and chat completions of a
+    trained checkpoint equal the SDK's sampling of the same prompt (its adapter, EOS stops, logprobs)."""
+    from transformers import AutoTokenizer
+
+    oai = "/oai/api/v1"
+    tc = service.create_lora_training_client(BASE, rank=RANK, seed=11).result()
+    train_step(tc, sft_batch(11, n=2), lr=0.05)
+    path = tc.save_weights_for_sampler("oai").result().path
+    sdk_sampler = service.create_sampling_client(model_path=path).result()
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_dir)
+    prompt = [3, 14, 15, 92, 65]
+
+    def sdk(tokens, **params):
+        params = types.SamplingParams(max_tokens=12, temperature=0.0, **params)
+        return sdk_sampler.sample(types.ModelInput.from_ints(tokens), 1, params).result().sequences[0]
+
+    def post(route, key=KEY_A, **body):
+        return server.post(oai + route, key=None, headers={"Authorization": f"Bearer {key}"}, json=body)
+
+    want = sdk(prompt)
+    got = post("/completions", model=path, prompt=prompt, max_tokens=12, temperature=0, logprobs=2).json()
+    (choice,) = got["choices"]
+    assert choice["text"] == tokenizer.decode(want.tokens, skip_special_tokens=True)
+    assert choice["finish_reason"] == ("stop" if want.stop_reason == "stop" else "length")
+    np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], want.logprobs, atol=1e-5)
+    for row, logprob in zip(choice["logprobs"]["top_logprobs"], want.logprobs, strict=True):
+        # keyed by text, as OpenAI's: two byte-level tokens may decode alike; greedy picked the best
+        assert 1 <= len(row) <= 2 and max(row.values()) == pytest.approx(logprob, abs=1e-5)
+    assert got["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": len(want.tokens),
+        "total_tokens": 5 + len(want.tokens),
+    }
+    base = post("/completions", model=BASE, prompt=prompt, max_tokens=12, temperature=0).json()
+    base_sdk = service.create_sampling_client(base_model=BASE).result()
+    base_tokens = (
+        base_sdk.sample(
+            types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=12, temperature=0.0)
+        )
+        .result()
+        .sequences[0]
+        .tokens
+    )
+    assert base["choices"][0]["text"] == tokenizer.decode(base_tokens, skip_special_tokens=True)
+
+    # A stop string is cut from the text; prompts as text, n per prompt, in order.
+    text = choice["text"]
+    if len(text) > 3:
+        stopped = post(
+            "/completions", model=path, prompt=prompt, max_tokens=12, temperature=0, stop=[text[2:4]]
+        ).json()
+        assert stopped["choices"][0]["text"] == text[: text.find(text[2:4])]
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+    many = post("/completions", model=path, prompt=["a b", "c d e"], max_tokens=4, n=3, seed=5).json()
+    assert [c["index"] for c in many["choices"]] == list(range(6))
+    assert many["usage"]["prompt_tokens"] == len(tokenizer.encode("a b")) + len(tokenizer.encode("c d e"))
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Color?"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_prompt = tokenizer.encode(rendered, add_special_tokens=False)
+    want = sdk(chat_prompt)
+    chat = post(
+        "/chat/completions",
+        model=path,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    ).json()
+    (choice,) = chat["choices"]
+    assert chat["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == tokenizer.decode(want.tokens, skip_special_tokens=True)
+    content = choice["logprobs"]["content"]
+    np.testing.assert_allclose([c["logprob"] for c in content], want.logprobs, atol=1e-5)
+    assert all(
+        len(c["top_logprobs"]) == 3 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6
+        for c in content
+    )
+    assert chat["usage"]["prompt_tokens"] == len(chat_prompt)
+
+    models = server.get(oai + "/models").json()
+    assert [m["id"] for m in models["data"]] == [BASE]
+
+    # Bad requests: OpenAI-shaped errors naming the field; the server stays up.
+    bad = [
+        ({"prompt": prompt}, 400, "model"),
+        ({"model": path, "prompt": prompt, "stream": True}, 400, "stream"),
+        ({"model": path, "prompt": prompt, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": path, "prompt": prompt, "temperature": 9}, 400, "temperature"),
+        ({"model": path, "prompt": prompt, "tools": []}, 400, "tools"),
+        ({"model": path, "prompt": []}, 400, "prompt"),
+        ({"model": path, "prompt": prompt, "stop": [""]}, 400, "stop"),
+        ({"model": path, "prompt": prompt, "max_tokens": 10**6}, 400, "max_tokens"),  # past the context
+        ({"model": "tinker://nope/sampler_weights/x", "prompt": prompt}, 404, "model"),
+        ({"model": "gpt-4o", "prompt": prompt}, 400, "model"),
+    ]
+    for body, status, param in bad:
+        r = post("/completions", **body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["message"], r.text
+    r = post("/completions", key=KEY_B, model=path, prompt=prompt)  # another key's checkpoint
+    assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+    r = post("/chat/completions", model=path, messages=[{"role": "robot", "content": "x"}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    r = post("/chat/completions", model=path, messages=messages, top_logprobs=2)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    r = httpx.post(server.url + oai + "/completions", json={"model": path, "prompt": prompt}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert server.alive()
+
+
 def test_a_next_turn_reuses_the_last_turn_from_the_prefix_cache(server, service):
     """Each sampling client's adapter keeps its sequences' keys and values: a prompt extending one
     prefills only its new tokens, and the SDK's response says how many came from the cache."""

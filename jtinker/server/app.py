@@ -33,6 +33,7 @@ from jtinker.checkpoints import CheckpointPath, checkpoint_fields, expired, weig
 from jtinker.rest import URLS_VALID_FOR
 from jtinker.server import wire
 from jtinker.server.auth import KeyRing
+from jtinker.server.oai import OpenAIRoutes
 from jtinker.server.runtime import Runtime
 from jtinker.server.state.db import Database
 from jtinker.server.wire import UserError
@@ -661,6 +662,8 @@ def create_app(config: ServerConfig, keys: KeyRing, db: Database | None = None) 
     )
     route(f"{API}/checkpoints", api.list_user_checkpoints, ("GET",))
     route(f"{API}/weights_info", api.weights_info)
+    for path, handler, methods in OpenAIRoutes(api).routes():
+        route(path, handler, methods)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:

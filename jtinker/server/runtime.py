@@ -43,6 +43,7 @@ log = logging.getLogger("jtinker.server")
 
 MAX_SEQ_AHEAD = 100_000  # a seq_id further ahead than this is a client bug, not a reordering
 SEEN_SEQ_IDS = 4096  # per model: seq_id -> request_id kept for idempotent retries
+MODEL_SAMPLERS = 16  # sampling clients kept for the OpenAI-compatible routes
 RESULT_KEEP_AFTER_RETRIEVAL_S = 120.0
 RESULT_KEEP_S = 1800.0
 SWEEP_INTERVAL_S = float(os.environ.get("JTINKER_SWEEP_SECONDS", 15))  # results, sessions, checkpoint TTLs
@@ -173,6 +174,8 @@ class Runtime:
         self.futures: dict[str, FutureSlot] = {}
         self.models: dict[str, ModelSlot] = {}
         self.samplers: dict[str, SamplerSlot] = {}
+        # OpenAI-compatible routes' sampling clients, by (owner, model): built once, least recent dropped.
+        self.model_samplers: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self.custom_losses: dict[str, loss_handles.LossHandle] = {}  # loss_id -> handle, per session
         self.bases: dict[str, Any] = {}  # name -> jtinker BaseModel, for the status page
         self.base_errors: dict[str, str] = {}
@@ -938,6 +941,35 @@ class Runtime:
         # The session is usable at once; a sample sent before the client is built waits for it.
         self.on_loop(self.executor.submit(build), lambda c: self._sampler_ready(sampler, c), failed)
         return sampler_id
+
+    async def model_sampler(self, owner: str, model: str) -> Any:
+        """A sampling client for an OpenAI-style ``model``: a ``tinker://`` checkpoint of the owner's or
+        a base model this server serves. Built on the thread pool once, then reused."""
+        key = (owner, model)
+        if key in self.model_samplers:
+            self.model_samplers.move_to_end(key)
+            return self.model_samplers[key]
+        if model.startswith("tinker://"):
+            self.own_checkpoint(owner, model, "model")
+            base_model, model_path = (await self.read_meta(model, "model"))["base_model"], model
+        else:
+            base_model, model_path = model, None
+            self.check_base_model(base_model)
+
+        def build() -> Any:
+            self._load_base(base_model)
+            return self.service.create_sampling_client(
+                model_path=model_path, base_model=None if model_path else base_model
+            )
+
+        try:
+            client = await asyncio.wrap_future(self.executor.submit(build))
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"model: {e}", 404 if isinstance(e, FileNotFoundError) else 400) from None
+        self.model_samplers[key] = client
+        while len(self.model_samplers) > MODEL_SAMPLERS:
+            self.model_samplers.popitem(last=False)
+        return client
 
     def sampler_info(self, owner: str, sampler_id: str) -> sdk.GetSamplerResponse:
         sampler = self.samplers.get(sampler_id)

@@ -1,0 +1,366 @@
+"""OpenAI-compatible sampling, as Tinker serves it (beta) at ``/oai/api/v1``: ``/completions``,
+``/chat/completions`` and ``/models``, for evaluation harnesses and OpenAI clients::
+
+    openai.OpenAI(base_url="http://127.0.0.1:8000/oai/api/v1", api_key="tml-...")
+
+``model`` is a ``tinker://`` checkpoint of the caller's (its adapter is used, not the base model) or a
+base model this server serves. Sampling stops at the model's EOS tokens and at ``stop`` strings, which
+are cut from the text; chat prompts are rendered with the tokenizer's chat template. Requests run on the
+same samplers as the Tinker routes (batched with concurrent requests). Errors come back in OpenAI's
+shape, ``{"error": {"message", "type", "param", "code"}}``, naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from jtinker.client import _sample_request
+from jtinker.server.wire import UserError
+from jtinker.types import ModelInput, SamplingParams
+
+OAI = "/oai/api/v1"
+MAX_N = 128
+MAX_STOP = 16
+MAX_LOGPROBS = 20
+# Accepted only at values that change nothing; anything else is refused by name.
+_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "stream": False, "echo": False}
+_IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
+
+
+# The sampler's field names, as the OpenAI request calls them.
+_SAMPLER_FIELDS = {
+    "stop_strings": "stop",
+    "stop_token_ids": "stop",
+    "num_samples": "n",
+    "topk_sample_logprobs": "logprobs",
+}
+
+
+class _Invalid(UserError):
+    def __init__(self, param: str, message: str, status: int = 400):
+        super().__init__(f"{param}: {message}", status)
+        self.param = param
+
+
+def _error(exc: UserError) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status, "invalid_request_error")
+    body = {"message": str(exc), "type": kind, "param": getattr(exc, "param", None), "code": None}
+    return JSONResponse({"error": body}, status_code=exc.status)
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, *, integer: bool = False) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not (lo <= value <= hi) or not math.isfinite(value):
+        kind = "an integer" if integer else "a number"
+        raise _Invalid(key, f"must be {kind} in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if (
+        not isinstance(stops, list)
+        or not all(isinstance(s, str) and s for s in stops)
+        or len(stops) > MAX_STOP
+    ):
+        raise _Invalid("stop", f"must be a non-empty string or a list of at most {MAX_STOP}, got {stop!r}")
+    return tuple(stops)
+
+
+def _check_common(body: Any, known: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise _Invalid("body", "expected a JSON object")
+    for key, neutral in _NEUTRAL.items():
+        if body.get(key) not in (None, neutral, {}):
+            raise _Invalid(key, f"{body[key]!r} is not supported by jtinker (only {neutral!r})")
+    unknown = sorted(set(body) - known - set(_NEUTRAL) - _IGNORED)
+    if unknown:
+        raise _Invalid(unknown[0], "is not supported by jtinker")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _Invalid("model", "required: a tinker:// checkpoint path or a base model name")
+    return body
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stops: tuple[str, ...]
+    top_logprobs: int  # 0: none
+
+    @classmethod
+    def parse(cls, body: dict, max_tokens: int | None, top_logprobs: int) -> _Sampling:
+        if body.get("best_of") not in (None, body.get("n", 1)):
+            raise _Invalid("best_of", "is not supported by jtinker (only equal to n)")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise _Invalid("seed", f"must be an integer, got {seed!r}")
+        return cls(
+            n=_number(body, "n", 1, 1, MAX_N, integer=True),
+            max_tokens=max_tokens if max_tokens is not None else 16,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,  # 0: greedy in effect
+            seed=seed,
+            stops=_stops(body),
+            top_logprobs=top_logprobs,
+        )
+
+
+class OpenAIRoutes:
+    """The routes, over :class:`jtinker.server.app.Api`'s authorization and body parsing."""
+
+    def __init__(self, api: Any):
+        self.api = api
+
+    def routes(self) -> list[tuple[str, Callable, tuple[str, ...]]]:
+        return [
+            (f"{OAI}/models", self.models, ("GET",)),
+            (f"{OAI}/completions", self.completions, ("POST",)),
+            (f"{OAI}/chat/completions", self.chat_completions, ("POST",)),
+        ]
+
+    async def _client(self, owner: str, model: str) -> Any:
+        try:
+            return await self.api.runtime.model_sampler(owner, model)
+        except _Invalid:
+            raise
+        except UserError as e:  # e.g. "base_model: 'x' is not served here; ..."
+            raise _Invalid("model", str(e).split(": ", 1)[-1], e.status) from None
+
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self.api.authorize(request)
+        except UserError as e:
+            return _error(e)
+        names = self.api.runtime.supported_models()
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "jtinker"} for name in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def completions(self, request: Request) -> JSONResponse:
+        try:
+            owner = self.api.authorize(request)
+            body = _check_common(
+                await self.api.json(request),
+                {
+                    "model",
+                    "prompt",
+                    "max_tokens",
+                    "temperature",
+                    "top_p",
+                    "n",
+                    "stop",
+                    "seed",
+                    "logprobs",
+                    "best_of",
+                },
+            )
+            logprobs = _number(body, "logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+            sampling = _Sampling.parse(
+                body, _number(body, "max_tokens", 16, 1, 1 << 20, integer=True), logprobs
+            )
+            client = await self._client(owner, body["model"])
+            tokenizer = client.get_tokenizer()
+            prompts = _completion_prompts(body.get("prompt"), tokenizer)
+            outs = await asyncio.gather(*(self._sample(client, p, sampling) for p in prompts))
+        except UserError as e:
+            return _error(e)
+        choices = []
+        for prompt_index, sequences in enumerate(outs):
+            for j, seq in enumerate(sequences):
+                text, reason = _text(tokenizer, seq, sampling.stops)
+                lp = _completion_logprobs(tokenizer, seq) if body.get("logprobs") is not None else None
+                index = prompt_index * sampling.n + j
+                choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": lp})
+        return JSONResponse(_envelope("text_completion", "cmpl", body["model"], choices, prompts, outs))
+
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        try:
+            owner = self.api.authorize(request)
+            body = _check_common(
+                await self.api.json(request),
+                {
+                    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+                    "stop", "seed", "logprobs", "top_logprobs", "response_format",
+                },
+            )  # fmt: skip
+            if body.get("response_format") not in (None, {"type": "text"}):
+                raise _Invalid("response_format", "only {'type': 'text'} is supported by jtinker")
+            want_logprobs = body.get("logprobs")
+            if want_logprobs not in (None, True, False):
+                raise _Invalid("logprobs", f"must be a boolean, got {want_logprobs!r}")
+            top = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+            if top and not want_logprobs:
+                raise _Invalid("top_logprobs", "needs logprobs: true")
+            max_tokens = _number(body, "max_completion_tokens", None, 1, 1 << 20, integer=True)
+            if max_tokens is None:
+                max_tokens = _number(body, "max_tokens", None, 1, 1 << 20, integer=True)
+            client = await self._client(owner, body["model"])
+            tokenizer = client.get_tokenizer()
+            prompt = _chat_prompt(body.get("messages"), tokenizer, body["model"])
+            if max_tokens is None:  # as OpenAI: up to the context
+                max_tokens = max(1, client.model_config.max_position_embeddings - len(prompt))
+            sampling = _Sampling.parse(body, max_tokens, top)
+            sequences = await self._sample(client, prompt, sampling)
+        except UserError as e:
+            return _error(e)
+        choices = []
+        for j, seq in enumerate(sequences):
+            text, reason = _text(tokenizer, seq, sampling.stops)
+            message = {"role": "assistant", "content": text}
+            lp = {"content": _chat_logprobs(tokenizer, seq)} if want_logprobs else None
+            choices.append({"index": j, "message": message, "finish_reason": reason, "logprobs": lp})
+        return JSONResponse(
+            _envelope("chat.completion", "chatcmpl", body["model"], choices, [prompt], [sequences])
+        )
+
+    @staticmethod
+    async def _sample(client: Any, prompt: list[int], sampling: _Sampling) -> list:
+        """One prompt's ``n`` sequences (the engine's ``(tokens, logprobs, reason)`` and top-k)."""
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+        )
+        request = _sample_request(
+            ModelInput.from_ints(prompt),
+            sampling.n,
+            params,
+            False,
+            0,
+            topk_sample_logprobs=sampling.top_logprobs,
+        )
+        eos = client.model_config.eos_token_ids
+        request = dataclasses.replace(request, stop_token_ids=eos, stop_strings=sampling.stops)
+        try:
+            result = await asyncio.wrap_future(client.submit_request(request))
+        except ValueError as e:  # the sampler names its field ("max_tokens: prompt length ... exceeds ...")
+            field, _, message = str(e).partition(": ")
+            raise _Invalid(_SAMPLER_FIELDS.get(field, field), message) from None
+        tops = result.sequence_topk or [None] * len(result.sequences)
+        return [(*seq, top) for seq, top in zip(result.sequences, tops, strict=True)]
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _completion_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of those."""
+    if isinstance(prompt, str) or (_is_ids(prompt) and prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise _Invalid("prompt", "required: a string, a list of strings or a list of token ids")
+    out = []
+    for p in prompt:
+        if not (isinstance(p, str) or _is_ids(p)):
+            raise _Invalid("prompt", f"each prompt must be a string or a list of token ids, got {p!r:.80}")
+        ids = tokenizer.encode(p) if isinstance(p, str) else p
+        if not ids:
+            raise _Invalid("prompt", "is empty after tokenization")
+        out.append(list(ids))
+    return out
+
+
+def _chat_prompt(messages: Any, tokenizer: Any, model: str) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise _Invalid("messages", "required: a non-empty list of {role, content}")
+    plain = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise _Invalid(f"messages[{i}]", "expected {role: system|developer|user|assistant, content}")
+        content = m.get("content")
+        if isinstance(content, list):  # text parts only
+            if not all(
+                isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                for c in content
+            ):
+                raise _Invalid(f"messages[{i}].content", "only text parts are supported by jtinker")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise _Invalid(f"messages[{i}].content", f"expected a string, got {type(content).__name__}")
+        plain.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    if not getattr(tokenizer, "chat_template", None):
+        raise _Invalid("model", f"{model} has no chat template; use /completions")
+    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _text(tokenizer: Any, seq: tuple, stops: Sequence[str]) -> tuple[str, str]:
+    """The completion's text (special tokens and a stop string cut off) and its finish reason. Its
+    logprobs cover every sampled token, the EOS or stop string's included."""
+    tokens, _, reason, _ = seq
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+    return text, "stop" if reason == "stop" else "length"
+
+
+def _completion_logprobs(tokenizer: Any, seq: tuple) -> dict:
+    tokens, logprobs, _, top = seq
+    pieces = [tokenizer.decode([t]) for t in tokens]
+    offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    top_rows = None
+    if top is not None:  # keyed by text, as OpenAI's: of tokens that decode alike, the likeliest stays
+        top_rows = []
+        for ids, lps in zip(*top, strict=True):
+            row: dict[str, float] = {}
+            for t, lp in zip(ids, lps, strict=True):
+                row.setdefault(tokenizer.decode([int(t)]), float(lp))
+            top_rows.append(row)
+    return {
+        "tokens": pieces,
+        "token_logprobs": [float(x) for x in logprobs],
+        "top_logprobs": top_rows,
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(tokenizer: Any, seq: tuple) -> list[dict]:
+    tokens, logprobs, _, top = seq
+
+    def entry(token_id: int, logprob: float) -> dict:
+        piece = tokenizer.decode([token_id])
+        return {"token": piece, "logprob": float(logprob), "bytes": list(piece.encode())}
+
+    out = []
+    for i, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
+        alternatives = [] if top is None else zip(top[0][i], top[1][i], strict=True)
+        out.append({**entry(token, logprob), "top_logprobs": [entry(int(t), lp) for t, lp in alternatives]})
+    return out
+
+
+def _envelope(kind: str, prefix: str, model: str, choices: list, prompts: list, outs: list) -> dict:
+    completion_tokens = sum(len(seq[0]) for sequences in outs for seq in sequences)
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
