@@ -193,9 +193,9 @@ def setups(
         for f in [pool.submit(step, tc, adam, d) for tc, d in zip(many, shares, strict=True)]:
             f.result()
 
-    # Sampling: no stop token, so every sample runs all ``sample_tokens`` steps.
+    # Sampling: no stop at all (not even EOS), so every sample runs all ``sample_tokens`` steps.
     prompt = tinker.types.ModelInput.from_ints(rows[0, :16].tolist())
-    params = tinker.types.SamplingParams(max_tokens=sample_tokens, temperature=1.0, seed=0)
+    params = tinker.types.SamplingParams(max_tokens=sample_tokens, temperature=1.0, seed=0, stop=[])
     one_sampler = remote.save_weights_and_get_sampling_client("bench-sampler").result()
     samplers = [
         tc.save_weights_and_get_sampling_client(f"bench-sampler-{i}").result() for i, tc in enumerate(many)

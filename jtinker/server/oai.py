@@ -23,9 +23,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from jtinker.client import _sample_request
+from jtinker.sampling import SampleRequest
 from jtinker.server.wire import UserError
-from jtinker.types import ModelInput, SamplingParams
 
 OAI = "/oai/api/v1"
 MAX_N = 128
@@ -107,7 +106,7 @@ class _Sampling:
     top_logprobs: int  # 0: none
 
     @classmethod
-    def parse(cls, body: dict, max_tokens: int | None, top_logprobs: int) -> _Sampling:
+    def parse(cls, body: dict, max_tokens: int, top_logprobs: int) -> _Sampling:
         if body.get("best_of") not in (None, body.get("n", 1)):
             raise _Invalid("best_of", "is not supported by jtinker (only equal to n)")
         seed = body.get("seed")
@@ -115,7 +114,7 @@ class _Sampling:
             raise _Invalid("seed", f"must be an integer, got {seed!r}")
         return cls(
             n=_number(body, "n", 1, 1, MAX_N, integer=True),
-            max_tokens=max_tokens if max_tokens is not None else 16,
+            max_tokens=max_tokens,
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,  # 0: greedy in effect
             seed=seed,
@@ -234,22 +233,17 @@ class OpenAIRoutes:
     @staticmethod
     async def _sample(client: Any, prompt: list[int], sampling: _Sampling) -> list:
         """One prompt's ``n`` sequences (the engine's ``(tokens, logprobs, reason)`` and top-k)."""
-        params = SamplingParams(
+        request = SampleRequest(
+            prompt=prompt,
+            num_samples=sampling.n,
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
-        )
-        request = _sample_request(
-            ModelInput.from_ints(prompt),
-            sampling.n,
-            params,
-            False,
-            0,
+            stop_token_ids=client.model_config.eos_token_ids,
+            stop_strings=sampling.stops,
             topk_sample_logprobs=sampling.top_logprobs,
         )
-        eos = client.model_config.eos_token_ids
-        request = dataclasses.replace(request, stop_token_ids=eos, stop_strings=sampling.stops)
         try:
             result = await asyncio.wrap_future(client.submit_request(request))
         except ValueError as e:  # the sampler names its field ("max_tokens: prompt length ... exceeds ...")
