@@ -30,6 +30,10 @@ OAI = "/oai/api/v1"
 MAX_N = 128
 MAX_STOP = 16
 MAX_LOGPROBS = 20
+DEFAULT_CHAT_MAX_TOKENS = 4096
+_COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs"})
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 # Accepted only at values that change nothing; anything else is refused by name.
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "stream": False, "echo": False}
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
@@ -81,7 +85,7 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _check_common(body: Any, known: set[str]) -> dict:
+def _check_common(body: Any, known: frozenset[str]) -> dict:
     if not isinstance(body, dict):
         raise _Invalid("body", "expected a JSON object")
     for key, neutral in _NEUTRAL.items():
@@ -156,21 +160,7 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> JSONResponse:
         try:
             owner = self.api.authorize(request)
-            body = _check_common(
-                await self.api.json(request),
-                {
-                    "model",
-                    "prompt",
-                    "max_tokens",
-                    "temperature",
-                    "top_p",
-                    "n",
-                    "stop",
-                    "seed",
-                    "logprobs",
-                    "best_of",
-                },
-            )
+            body = _check_common(await self.api.json(request), _COMPLETION_FIELDS)
             logprobs = _number(body, "logprobs", 0, 0, MAX_LOGPROBS, integer=True)
             sampling = _Sampling.parse(
                 body, _number(body, "max_tokens", 16, 1, 1 << 20, integer=True), logprobs
@@ -193,13 +183,7 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request) -> JSONResponse:
         try:
             owner = self.api.authorize(request)
-            body = _check_common(
-                await self.api.json(request),
-                {
-                    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-                    "stop", "seed", "logprobs", "top_logprobs", "response_format",
-                },
-            )  # fmt: skip
+            body = _check_common(await self.api.json(request), _CHAT_FIELDS)
             if body.get("response_format") not in (None, {"type": "text"}):
                 raise _Invalid("response_format", "only {'type': 'text'} is supported by jtinker")
             want_logprobs = body.get("logprobs")
@@ -214,8 +198,9 @@ class OpenAIRoutes:
             client = await self._client(owner, body["model"])
             tokenizer = client.get_tokenizer()
             prompt = _chat_prompt(body.get("messages"), tokenizer, body["model"])
-            if max_tokens is None:  # as OpenAI: up to the context
-                max_tokens = max(1, client.model_config.max_position_embeddings - len(prompt))
+            if max_tokens is None:  # up to the context, as OpenAI's, within a cache a server can afford
+                room = client.model_config.max_position_embeddings - len(prompt)
+                max_tokens = max(1, min(room, DEFAULT_CHAT_MAX_TOKENS))
             sampling = _Sampling.parse(body, max_tokens, top)
             sequences = await self._sample(client, prompt, sampling)
         except UserError as e:
