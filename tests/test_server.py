@@ -660,6 +660,21 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     assert [c["index"] for c in many["choices"]] == list(range(6))
     assert many["usage"]["prompt_tokens"] == len(tokenizer.encode("a b")) + len(tokenizer.encode("c d e"))
 
+    # echo with max_tokens=0 scores the prompt (lm-eval's loglikelihood): compute_logprobs's numbers.
+    scored = post("/completions", model=path, prompt=prompt, max_tokens=0, echo=True, logprobs=1).json()
+    (choice,) = scored["choices"]
+    assert choice["text"] == tokenizer.decode(prompt) and scored["usage"]["completion_tokens"] == 0
+    want_lp = sdk_sampler.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+    assert choice["logprobs"]["token_logprobs"][0] is None and choice["logprobs"]["top_logprobs"][0] is None
+    np.testing.assert_allclose(choice["logprobs"]["token_logprobs"][1:], want_lp[1:], atol=1e-5)
+    for row, logprob in zip(choice["logprobs"]["top_logprobs"][1:], want_lp[1:], strict=True):
+        assert len(row) == 1 and max(row.values()) >= logprob - 1e-5
+    echoed = post("/completions", model=path, prompt=prompt, max_tokens=3, echo=True, logprobs=0).json()
+    (choice,) = echoed["choices"]
+    assert len(choice["logprobs"]["tokens"]) == len(prompt) + 3 and choice["logprobs"]["top_logprobs"] is None
+    np.testing.assert_allclose(choice["logprobs"]["token_logprobs"][1:5], want_lp[1:], atol=1e-5)
+    assert choice["text"].startswith(tokenizer.decode(prompt))
+
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Color?"}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     chat_prompt = tokenizer.encode(rendered, add_special_tokens=False)
@@ -691,7 +706,8 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     bad = [
         ({"prompt": prompt}, 400, "model"),
         ({"model": path, "prompt": prompt, "stream": True}, 400, "stream"),
-        ({"model": path, "prompt": prompt, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": path, "prompt": prompt, "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
+        ({"model": path, "prompt": prompt, "echo": "yes"}, 400, "echo"),
         ({"model": path, "prompt": prompt, "temperature": 9}, 400, "temperature"),
         ({"model": path, "prompt": prompt, "tools": []}, 400, "tools"),
         ({"model": path, "prompt": []}, 400, "prompt"),

@@ -32,10 +32,10 @@ MAX_STOP = 16
 MAX_LOGPROBS = 20
 DEFAULT_CHAT_MAX_TOKENS = 4096
 _COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs"})
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 # Accepted only at values that change nothing; anything else is refused by name.
-_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "stream": False, "echo": False}
+_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "stream": False}
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
 
 
@@ -161,24 +161,36 @@ class OpenAIRoutes:
         try:
             owner = self.api.authorize(request)
             body = _check_common(await self.api.json(request), _COMPLETION_FIELDS)
+            echo = body.get("echo", False)
+            if not isinstance(echo, bool):
+                raise _Invalid("echo", f"must be a boolean, got {echo!r}")
             logprobs = _number(body, "logprobs", 0, 0, MAX_LOGPROBS, integer=True)
-            sampling = _Sampling.parse(
-                body, _number(body, "max_tokens", 16, 1, 1 << 20, integer=True), logprobs
-            )
+            # max_tokens=0 with echo scores the prompt alone (what lm-eval's loglikelihood asks for).
+            max_tokens = _number(body, "max_tokens", 16, 0 if echo else 1, 1 << 20, integer=True)
+            sampling = _Sampling.parse(body, max_tokens, logprobs)
             client = await self._client(owner, body["model"])
             tokenizer = client.get_tokenizer()
             prompts = _completion_prompts(body.get("prompt"), tokenizer)
-            outs = await asyncio.gather(*(self._sample(client, p, sampling) for p in prompts))
+            want_lp = body.get("logprobs") is not None
+            outs = await asyncio.gather(
+                *(self._sample(client, p, sampling, echo=echo and want_lp) for p in prompts)
+            )
         except UserError as e:
             return _error(e)
         choices = []
-        for prompt_index, sequences in enumerate(outs):
+        for prompt_index, (prompt, (sequences, scored)) in enumerate(zip(prompts, outs, strict=True)):
             for j, seq in enumerate(sequences):
                 text, reason = _text(tokenizer, seq, sampling.stops)
-                lp = _completion_logprobs(tokenizer, seq) if body.get("logprobs") is not None else None
+                tokens, lps, _, top = seq
+                if echo:
+                    text = tokenizer.decode(prompt, skip_special_tokens=True) + text
+                    if scored is not None:
+                        tokens, lps, top = prompt + tokens, scored[0] + lps, _join(scored[1], top)
+                lp = _completion_logprobs(tokenizer, tokens, lps, top) if want_lp else None
                 index = prompt_index * sampling.n + j
                 choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": lp})
-        return JSONResponse(_envelope("text_completion", "cmpl", body["model"], choices, prompts, outs))
+        every = [sequences for sequences, _ in outs]
+        return JSONResponse(_envelope("text_completion", "cmpl", body["model"], choices, prompts, every))
 
     async def chat_completions(self, request: Request) -> JSONResponse:
         try:
@@ -202,7 +214,7 @@ class OpenAIRoutes:
                 room = client.model_config.max_position_embeddings - len(prompt)
                 max_tokens = max(1, min(room, DEFAULT_CHAT_MAX_TOKENS))
             sampling = _Sampling.parse(body, max_tokens, top)
-            sequences = await self._sample(client, prompt, sampling)
+            sequences, _ = await self._sample(client, prompt, sampling)
         except UserError as e:
             return _error(e)
         choices = []
@@ -216,18 +228,21 @@ class OpenAIRoutes:
         )
 
     @staticmethod
-    async def _sample(client: Any, prompt: list[int], sampling: _Sampling) -> list:
-        """One prompt's ``n`` sequences (the engine's ``(tokens, logprobs, reason)`` and top-k)."""
+    async def _sample(client: Any, prompt: list[int], sampling: _Sampling, *, echo: bool = False) -> tuple:
+        """One prompt's ``n`` sequences ``(tokens, logprobs, reason, top-k pairs per token or None)``
+        and, with ``echo``, the prompt's ``(logprobs, top-k pairs)`` (its first token has none)."""
         request = SampleRequest(
             prompt=prompt,
             num_samples=sampling.n,
-            max_tokens=sampling.max_tokens,
+            max_tokens=max(sampling.max_tokens, 1),  # 0: the prompt is scored, its one token dropped
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop_token_ids=client.model_config.eos_token_ids,
             stop_strings=sampling.stops,
             topk_sample_logprobs=sampling.top_logprobs,
+            include_prompt_logprobs=echo,
+            topk_prompt_logprobs=sampling.top_logprobs if echo else 0,
         )
         try:
             result = await asyncio.wrap_future(client.submit_request(request))
@@ -235,7 +250,14 @@ class OpenAIRoutes:
             field, _, message = str(e).partition(": ")
             raise _Invalid(_SAMPLER_FIELDS.get(field, field), message) from None
         tops = result.sequence_topk or [None] * len(result.sequences)
-        return [(*seq, top) for seq, top in zip(result.sequences, tops, strict=True)]
+        sequences = [
+            (tokens, lps, reason, None if top is None else _pairs(*top))
+            if sampling.max_tokens
+            else ([], [], "length", None if top is None else [])
+            for (tokens, lps, reason), top in zip(result.sequences, tops, strict=True)
+        ]
+        scored = (result.prompt_logprobs, result.topk_prompt_logprobs) if echo else None
+        return sequences, scored
 
 
 def _is_ids(x: Any) -> bool:
@@ -294,21 +316,30 @@ def _text(tokenizer: Any, seq: tuple, stops: Sequence[str]) -> tuple[str, str]:
     return text, "stop" if reason == "stop" else "length"
 
 
-def _completion_logprobs(tokenizer: Any, seq: tuple) -> dict:
-    tokens, logprobs, _, top = seq
+def _pairs(ids: Any, logprobs: Any) -> list[list[tuple[int, float]]]:
+    """Top-k ``[T, k]`` arrays as (token, logprob) pairs per position."""
+    return [list(zip(map(int, i), map(float, lp), strict=True)) for i, lp in zip(ids, logprobs, strict=True)]
+
+
+def _join(prompt_top: list | None, top: list | None) -> list | None:
+    return None if top is None and prompt_top is None else (prompt_top or []) + (top or [])
+
+
+def _completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list, top: list | None) -> dict:
+    """OpenAI's completion logprobs; ``top``: per token its top-k (token, logprob) pairs or None."""
     pieces = [tokenizer.decode([t]) for t in tokens]
     offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
     top_rows = None
     if top is not None:  # keyed by text, as OpenAI's: of tokens that decode alike, the likeliest stays
         top_rows = []
-        for ids, lps in zip(*top, strict=True):
-            row: dict[str, float] = {}
-            for t, lp in zip(ids, lps, strict=True):
-                row.setdefault(tokenizer.decode([int(t)]), float(lp))
+        for pairs in top:
+            row: dict[str, float] | None = None if pairs is None else {}
+            for t, lp in pairs or ():
+                row.setdefault(tokenizer.decode([t]), lp)
             top_rows.append(row)
     return {
         "tokens": pieces,
-        "token_logprobs": [float(x) for x in logprobs],
+        "token_logprobs": [None if x is None else float(x) for x in logprobs],
         "top_logprobs": top_rows,
         "text_offset": offsets,
     }
@@ -321,11 +352,10 @@ def _chat_logprobs(tokenizer: Any, seq: tuple) -> list[dict]:
         piece = tokenizer.decode([token_id])
         return {"token": piece, "logprob": float(logprob), "bytes": list(piece.encode())}
 
-    out = []
-    for i, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
-        alternatives = [] if top is None else zip(top[0][i], top[1][i], strict=True)
-        out.append({**entry(token, logprob), "top_logprobs": [entry(int(t), lp) for t, lp in alternatives]})
-    return out
+    return [
+        {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top[i] if top else ())]}
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True))
+    ]
 
 
 def _envelope(kind: str, prefix: str, model: str, choices: list, prompts: list, outs: list) -> dict:
