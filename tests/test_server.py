@@ -699,8 +699,9 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     )
     assert chat["usage"]["prompt_tokens"] == len(chat_prompt)
 
-    models = server.get(oai + "/models").json()
-    assert [m["id"] for m in models["data"]] == [BASE]
+    models = [m["id"] for m in server.get(oai + "/models").json()["data"]]
+    assert models[0] == BASE and path in models and all(m.startswith("tinker://") for m in models[1:])
+    assert path not in [m["id"] for m in server.get(oai + "/models", key=KEY_B).json()["data"]]
 
     # Bad requests: OpenAI-shaped errors naming the field; the server stays up.
     bad = [

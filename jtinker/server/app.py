@@ -383,7 +383,7 @@ class Api:
         return JSONResponse({})
 
     # -- REST: runs and checkpoints ---------------------------------------------------------------
-    async def _checkpoints(self, run_id: str) -> list[sdk.Checkpoint]:
+    async def checkpoints(self, run_id: str) -> list[sdk.Checkpoint]:
         listed = await _to_thread(self.runtime.store.list_checkpoints, run_id)
         rows = self.runtime.db.checkpoint_rows(run_id)
         now = time.time()
@@ -399,7 +399,7 @@ class Api:
         return out
 
     async def _training_run(self, row: dict) -> sdk.TrainingRun:
-        checkpoints = await self._checkpoints(row["run_id"])
+        checkpoints = await self.checkpoints(row["run_id"])
         return sdk.TrainingRun(
             training_run_id=row["run_id"],
             base_model=row["base_model"],
@@ -433,13 +433,13 @@ class Api:
         owner = self.authorize(request)
         run_id = request.path_params["run_id"]
         self.runtime.own_run(owner, run_id)
-        return self.ok(sdk.CheckpointsListResponse(checkpoints=await self._checkpoints(run_id)))
+        return self.ok(sdk.CheckpointsListResponse(checkpoints=await self.checkpoints(run_id)))
 
     async def list_user_checkpoints(self, request: Request) -> JSONResponse:
         owner = self.authorize(request)
         limit, offset = _int_param(request, "limit", 100, 1), _int_param(request, "offset", 0, 0, 10**9)
         rows, _ = self.runtime.db.runs_of(owner)
-        checkpoints = [c for row in rows for c in await self._checkpoints(row["run_id"])]
+        checkpoints = [c for row in rows for c in await self.checkpoints(row["run_id"])]
         checkpoints.sort(key=lambda c: c.time, reverse=True)
         return self.ok(
             sdk.CheckpointsListResponse(

@@ -149,12 +149,21 @@ class OpenAIRoutes:
             raise _Invalid("model", str(e).split(": ", 1)[-1], e.status) from None
 
     async def models(self, request: Request) -> JSONResponse:
+        """The served base models, then the caller's sampler checkpoints (newest first)."""
         try:
-            self.api.authorize(request)
+            owner = self.api.authorize(request)
         except UserError as e:
             return _error(e)
         names = self.api.runtime.supported_models()
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "jtinker"} for name in names]
+        runs, _ = self.api.runtime.db.runs_of(owner)
+        checkpoints = [c for run in runs for c in await self.api.checkpoints(run["run_id"])]
+        checkpoints.sort(key=lambda c: c.time, reverse=True)
+        data += [
+            {"id": c.tinker_path, "object": "model", "created": int(c.time.timestamp()), "owned_by": "you"}
+            for c in checkpoints
+            if c.checkpoint_type == "sampler"
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def completions(self, request: Request) -> JSONResponse:
