@@ -25,10 +25,13 @@
   whose text already contains a stop string are marked done between chunks (early exit); the
   sequence is then cut at (and includes) the token that completes the first stop string.
 
-Sampling semantics (per row): ``temperature == 0`` is greedy (argmax of the raw logits); otherwise
-logits are divided by the temperature, restricted to the ``top_k`` largest (``-1``: off) and then
-to the smallest set of most likely tokens whose probability reaches ``top_p`` (ties at either
-threshold are kept), and a token is drawn by inverse-CDF sampling. The uniform draw of row ``i``
+Sampling semantics (per row): ``presence_penalty`` and ``frequency_penalty`` (OpenAI's) first subtract
+``presence * [count > 0] + frequency * count`` from the logits, ``count`` being how often each token was
+sampled so far in that row. Then ``temperature == 0`` is greedy (argmax); otherwise logits are divided by
+the temperature, tokens less likely than ``min_p`` times the likeliest are dropped, the rest restricted
+to the ``top_k`` largest (``-1``: off) and then to the smallest set of most likely tokens whose
+probability reaches ``top_p`` (ties at either threshold are kept), and a token is drawn by inverse-CDF
+sampling. The uniform draw of row ``i``
 at step ``t`` uses ``fold_in(fold_in(key(seed), sample_index), t)``, so a seeded request gives
 the same tokens run to run and whatever else is in the batch; ``seed=None`` draws a fresh seed.
 
@@ -88,6 +91,9 @@ class SampleRequest:
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (0: off)
+    presence_penalty: float = 0.0  # subtracted from the logits of tokens this row has sampled
+    frequency_penalty: float = 0.0  # ... times how often it sampled them
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
@@ -121,6 +127,9 @@ class _Rows(NamedTuple):
     temperature: jax.Array  # [B] f32
     top_k: jax.Array  # [B] int32, <= 0 = off
     top_p: jax.Array  # [B] f32
+    min_p: jax.Array  # [B] f32, 0 = off
+    presence: jax.Array  # [B] f32 presence penalty, 0 = off
+    frequency: jax.Array  # [B] f32 frequency penalty, 0 = off
     seed: jax.Array  # [B, 2] uint32 (threefry key data: seed >> 32, seed & 0xffffffff)
     sample_index: jax.Array  # [B] int32
     stop_ids: jax.Array  # [B, W] int32, padded with -1
@@ -182,9 +191,14 @@ def _max_threshold(keys: jax.Array, measure, target: jax.Array) -> jax.Array:
     return lo
 
 
-def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets logits outside the top-k / top-p (nucleus) sets to -inf."""
+def _filter(scaled: jax.Array, rows: _Rows) -> jax.Array:
+    """Sets logits outside the min-p, top-k and top-p (nucleus) sets to -inf."""
     neg_inf = jnp.float32(-jnp.inf)
+    top_k, top_p, min_p = rows.top_k, rows.top_p, rows.min_p
+
+    def apply_min_p(x):  # p < min_p * p_max  <=>  x < max(x) + log(min_p)
+        floor = jnp.max(x, axis=-1) + jnp.log(jnp.where(min_p > 0, min_p, 1.0))
+        return jnp.where((min_p[:, None] > 0) & (x < floor[:, None]), neg_inf, x)
 
     def apply_top_k(x):
         keys = _sortable(x)
@@ -197,8 +211,25 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
         t = _max_threshold(keys, lambda m: jnp.sum(jnp.where(m, probs, 0.0), axis=-1), top_p)
         return jnp.where((top_p[:, None] < 1.0) & (keys < t[:, None]), neg_inf, x)
 
+    scaled = jax.lax.cond(jnp.any(min_p > 0), apply_min_p, lambda x: x, scaled)
     scaled = jax.lax.cond(jnp.any(top_k > 0), apply_top_k, lambda x: x, scaled)
     return jax.lax.cond(jnp.any(top_p < 1.0), apply_top_p, lambda x: x, scaled)
+
+
+def _penalized(logits: jax.Array, rows: _Rows, history: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """OpenAI's presence and frequency penalties over each row's sampled tokens ``history``
+    (``(tokens [B, S], count [B])``; None: none sampled yet, so nothing to penalize)."""
+    if history is None:
+        return logits
+
+    def penalize(logits):
+        tokens, count = history
+        b, s = tokens.shape
+        sampled = (jnp.arange(s)[None, :] < count[:, None]).astype(jnp.float32)
+        counts = jnp.zeros_like(logits).at[jnp.arange(b)[:, None], tokens].add(sampled)
+        return logits - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
+
+    return jax.lax.cond(jnp.any((rows.presence != 0) | (rows.frequency != 0)), penalize, lambda x: x, logits)
 
 
 def _last_nonzero(mask: jax.Array) -> jax.Array:
@@ -234,21 +265,23 @@ def _row_keys(rows: _Rows) -> jax.Array:
     return jax.vmap(jax.random.fold_in)(base, rows.sample_index)
 
 
-def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array, topk: int = 0):
-    """Next token per row, its raw (temperature-1) logprob and the ``topk`` most likely tokens'."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array, topk: int = 0, history=None):
+    """Next token per row, its raw (temperature-1, unpenalized) logprob and the ``topk`` most likely
+    tokens'. ``history``: see :func:`_penalized`."""
+    choice = _penalized(logits, rows, history)
+    greedy = jnp.argmax(choice, axis=-1).astype(jnp.int32)
     is_greedy = rows.temperature <= 0.0
 
-    def stochastic(logits):
+    def stochastic(choice):
         temp = jnp.where(is_greedy, 1.0, rows.temperature)
-        scaled = _filter_top_k_top_p(logits / temp[:, None], rows.top_k, rows.top_p)
+        scaled = _filter(choice / temp[:, None], rows)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
         tiny = jnp.finfo(jnp.float32).tiny
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, tiny, 1.0))(step_keys)
         return _inverse_cdf(scaled, u)
 
     # An all-greedy batch skips the filtering and the draw entirely.
-    token = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy, stochastic, logits)
+    token = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy, stochastic, choice)
     token = jnp.where(is_greedy, greedy, token)
     lse = jax.nn.logsumexp(logits, axis=-1)
     logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
@@ -443,7 +476,8 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
         step, out, cache = carry
         positions = jnp.where(out.done, scratch, rows.prompt_len + step - 1)
         logits, cache = _decode_step(config, params, lora, out.last, positions, cache)
-        token, logprob, top = _select(logits, rows, keys, step, state.out.topk_ids.shape[-1])
+        topk = state.out.topk_ids.shape[-1]
+        token, logprob, top = _select(logits, rows, keys, step, topk, history=(out.tokens, out.count))
         return step + 1, _record(out, rows, step, token, logprob, top), cache
 
     step, out, cache = jax.lax.while_loop(cond, body, (state.step, state.out, state.cache))
@@ -675,6 +709,10 @@ class Sampler:
             raise ValueError(f"top_k: must be -1 (off) or an int >= 1, got {r.top_k!r}")
         if not (0.0 < r.top_p <= 1.0):
             raise ValueError(f"top_p: must be in (0, 1], got {r.top_p!r}")
+        for field, lo, hi in (("min_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+            value = getattr(r, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{field}: must be a number in [{lo}, {hi}], got {value!r}")
         for t in r.stop_token_ids:
             if not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
                 raise ValueError(f"stop_token_ids: {t!r} is not a token id in [0, {self.config.vocab_size})")
@@ -852,6 +890,9 @@ class Sampler:
             "temperature": np.zeros(b, np.float32),
             "top_k": np.full(b, -1, np.int32),
             "top_p": np.ones(b, np.float32),
+            "min_p": np.zeros(b, np.float32),
+            "presence": np.zeros(b, np.float32),
+            "frequency": np.zeros(b, np.float32),
             "seed": np.zeros((b, 2), np.uint32),
             "sample_index": np.zeros(b, np.int32),
             "stop_ids": np.full((b, width), -1, np.int32),
@@ -866,6 +907,9 @@ class Sampler:
             host["temperature"][j] = r.temperature
             host["top_k"][j] = r.top_k
             host["top_p"][j] = r.top_p
+            host["min_p"][j] = r.min_p
+            host["presence"][j] = r.presence_penalty
+            host["frequency"][j] = r.frequency_penalty
             host["seed"][j] = (seed >> 32, seed & 0xFFFFFFFF)
             host["sample_index"][j] = row.sample
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids

@@ -337,14 +337,17 @@ def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
         cache = KVCache.zeros(config, 1, 16)
         ints, floats = jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.float32)
         rows = _Rows(
-            ints,
-            ints,
-            floats,
-            ints,
-            floats,
-            jnp.zeros((2, 2), jnp.uint32),
-            ints,
-            jnp.zeros((2, 4), jnp.int32),
+            prompt_len=ints,
+            max_tokens=ints,
+            temperature=floats,
+            top_k=ints,
+            top_p=floats,
+            min_p=floats,
+            presence=floats,
+            frequency=floats,
+            seed=jnp.zeros((2, 2), jnp.uint32),
+            sample_index=ints,
+            stop_ids=jnp.zeros((2, 4), jnp.int32),
         )
         lowered = jax.jit(_expand, static_argnames=("size", "topk")).lower(
             cache, jnp.zeros((1, config.vocab_size)), jnp.zeros(2, jnp.int32), rows, size=32, topk=0

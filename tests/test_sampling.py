@@ -19,7 +19,7 @@ from jtinker.models import lora as lora_lib
 from jtinker.sampling import (
     Sampler,
     SampleRequest,
-    _filter_top_k_top_p,
+    _filter,
     _row_keys,
     _Rows,
     _select,
@@ -351,6 +351,14 @@ def test_client_stops_at_eos_unless_told_otherwise(service, qwen3):
         assert explicit == full.tokens[: full.tokens.index(other) + 1]
     assert stopped >= 2  # the tiny model does emit EOS
 
+    # jtinker's additions to SamplingParams reach the engine.
+    extra = {"min_p": 0.05, "presence_penalty": 1.5, "frequency_penalty": 0.5}
+    params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[], **extra)
+    got = client.sample(prompt, 1, params).result().sequences[0].tokens
+    (want,) = qwen3.sampler.sample([greedy(PROMPTS[0], max_tokens=12, **extra)])
+    (plain,) = qwen3.sampler.sample([greedy(PROMPTS[0], max_tokens=12)])
+    assert got == want.sequences[0][0] != plain.sequences[0][0]
+
 
 def _first_stop(tokenizer, tokens, stop) -> int | None:
     for n in range(1, len(tokens) + 1):
@@ -496,6 +504,10 @@ def test_bad_requests_name_the_field(qwen3):
         "target_prompt_logprobs: ids must be": dict(target_prompt_ids=np.full((2, 1), v)),
         "target_prompt_logprobs: names no": dict(target_prompt_ids=np.full((2, 4), -1)),
         "target_prompt_logprobs: must hold integer": dict(target_prompt_ids=np.zeros((2, 1), np.float32)),
+        "min_p: must be a number in \\[0, 1\\], got 1.5": dict(min_p=1.5),
+        "presence_penalty: must be a number in \\[-2, 2\\], got -3": dict(presence_penalty=-3),
+        "frequency_penalty: must be a number in \\[-2, 2\\], got nan": dict(frequency_penalty=float("nan")),
+        "frequency_penalty: .* got '1'": dict(frequency_penalty="1"),
     }
     for field, bad in cases.items():
         with pytest.raises(ValueError, match=field):
@@ -545,23 +557,28 @@ def test_compile_count_is_bounded(tiny_model_factory):
 # ------------------------------------------------------------------------- token selection units
 
 
-def _rows(temperature, top_k, top_p, n) -> _Rows:
+def _rows(temperature, top_k, top_p, n, min_p=0.0, presence=0.0, frequency=0.0) -> _Rows:
     return _Rows(
         prompt_len=jnp.ones(n, jnp.int32),
         max_tokens=jnp.ones(n, jnp.int32),
         temperature=jnp.full(n, temperature, jnp.float32),
         top_k=jnp.full(n, top_k, jnp.int32),
         top_p=jnp.full(n, top_p, jnp.float32),
+        min_p=jnp.full(n, min_p, jnp.float32),
+        presence=jnp.full(n, presence, jnp.float32),
+        frequency=jnp.full(n, frequency, jnp.float32),
         seed=jnp.zeros((n, 2), jnp.uint32),
         sample_index=jnp.arange(n, dtype=jnp.int32),
         stop_ids=jnp.full((n, 4), -1, jnp.int32),
     )
 
 
-def _reference_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Sort-based top-k then top-p (the usual definition), in f64."""
+def _reference_filter(logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0) -> np.ndarray:
+    """Sort-based min-p, then top-k, then top-p (the usual definitions), in f64."""
     logits = logits.astype(np.float64)
     order = np.argsort(-logits, kind="stable")
+    if min_p > 0:  # p >= min_p * p_max
+        order = order[np.exp(logits[order] - logits.max()) >= min_p]
     keep = np.zeros(logits.shape, bool)
     kept = order[: top_k if top_k > 0 else len(order)]
     if top_p >= 1.0:
@@ -574,14 +591,74 @@ def _reference_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarra
     return keep
 
 
-@pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (5, 1.0), (-1, 0.5), (20, 0.8), (1, 0.3)])
-def test_filter_matches_sort_reference(top_k, top_p):
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p",
+    [
+        (-1, 1.0, 0.0),
+        (5, 1.0, 0.0),
+        (-1, 0.5, 0.0),
+        (20, 0.8, 0.0),
+        (1, 0.3, 0.0),
+        (-1, 1.0, 0.1),
+        (8, 0.9, 0.02),
+    ],
+)
+def test_filter_matches_sort_reference(top_k, top_p, min_p):
     logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 300)) * 3.0)
-    filtered = np.asarray(_filter_top_k_top_p(jnp.asarray(logits), jnp.full(6, top_k), jnp.full(6, top_p)))
+    filtered = np.asarray(_filter(jnp.asarray(logits), _rows(1.0, top_k, top_p, 6, min_p=min_p)))
     for row, out in zip(logits, filtered, strict=True):
-        keep = _reference_filter(row, top_k, top_p)
+        keep = _reference_filter(row, top_k, top_p, min_p)
         np.testing.assert_array_equal(np.isfinite(out), keep)
         np.testing.assert_array_equal(out[keep], row[keep])
+
+
+def test_penalties_subtract_from_the_choice_not_the_logprob():
+    """OpenAI's presence and frequency penalties over each row's sampled tokens: the greedy choice and the
+    draws see penalized logits; the returned logprob stays the raw one."""
+    logits = jnp.asarray([[3.0, 2.9, 2.0, 0.0], [3.0, 2.9, 2.0, 0.0]])
+    history = (jnp.asarray([[0, 0, 1, 3], [0, 0, 1, 3]]), jnp.asarray([3, 2]))
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    # Row 0 sampled 0, 0, 1 (3 is past its count); row 1 sampled 0, 0.
+    cases = [((0.0, 0.0), [0, 0]), ((1.2, 0.0), [2, 1]), ((0.0, 0.6), [1, 1]), ((0.6, 0.5), [2, 1])]
+    for (presence, frequency), want in cases:
+        rows = _rows(0.0, -1, 1.0, 2, presence=presence, frequency=frequency)
+        token, logprob, _ = _select(logits, rows, _row_keys(rows), jnp.int32(3), history=history)
+        assert np.asarray(token).tolist() == want, (presence, frequency)
+        np.testing.assert_allclose(np.asarray(logprob), raw[[0, 1], want], atol=1e-6)
+    # Drawn at temperature 1, from row 0's penalized distribution:
+    rows = _rows(1.0, -1, 1.0, 20000, frequency=0.3)
+    big = jnp.repeat(logits[:1], 20000, 0)
+    hist = (jnp.repeat(history[0][:1], 20000, 0), jnp.full(20000, 3))
+    token, _, _ = jax.jit(_select)(big, rows, _row_keys(rows), jnp.int32(3), history=hist)
+    penalized = np.asarray(logits[0]) - 0.3 * np.asarray([2, 1, 0, 0])
+    expected = np.exp(penalized - penalized.max())
+    np.testing.assert_allclose(
+        np.bincount(np.asarray(token), minlength=4) / 20000, expected / expected.sum(), atol=0.015
+    )
+
+
+def test_penalized_greedy_decoding_matches_a_transformers_loop(llama):
+    """Through the decode loop: greedy with presence and frequency penalties equals a step-by-step loop
+    over transformers' logits that subtracts them from each sampled token's count, and differs from
+    plain greedy; the logprobs stay raw (unpenalized)."""
+    hf, prompt, n = llama.hf(), PROMPTS[1], 16
+    penalties = {"presence_penalty": 0.8, "frequency_penalty": 0.5}
+    (result,) = llama.sampler.sample([greedy(prompt, max_tokens=n, **penalties)])
+    tokens, logprobs, _ = result.sequences[0]
+    want, counts = [], np.zeros(llama.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = hf(torch.tensor([prompt + want])).logits[0, -1].double().numpy()
+            choice = (
+                logits
+                - penalties["frequency_penalty"] * counts
+                - penalties["presence_penalty"] * (counts > 0)
+            )
+            want.append(int(np.argmax(choice)))
+            counts[want[-1]] += 1
+    assert tokens == want
+    assert tokens != hf_greedy(hf, prompt, n)  # the penalties changed the choice
+    np.testing.assert_allclose(logprobs, hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 :], atol=1e-4)
 
 
 def test_token_frequencies_follow_the_distribution():

@@ -660,6 +660,15 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     assert [c["index"] for c in many["choices"]] == list(range(6))
     assert many["usage"]["prompt_tokens"] == len(tokenizer.encode("a b")) + len(tokenizer.encode("c d e"))
 
+    # Penalties reach the sampler: strong ones change greedy text that repeats itself.
+    plain = post("/completions", model=path, prompt=prompt, max_tokens=12, temperature=0).json()
+    penalized = post(
+        "/completions", model=path, prompt=prompt, max_tokens=12, temperature=0, frequency_penalty=2.0,
+        presence_penalty=2.0, logprobs=0,
+    ).json()  # fmt: skip
+    assert len(set(want.tokens)) < len(want.tokens)  # plain greedy repeats a token here...
+    assert penalized["choices"][0]["text"] != plain["choices"][0]["text"]  # ...which the penalties avoid
+
     # echo with max_tokens=0 scores the prompt (lm-eval's loglikelihood): compute_logprobs's numbers.
     scored = post("/completions", model=path, prompt=prompt, max_tokens=0, echo=True, logprobs=1).json()
     (choice,) = scored["choices"]
@@ -711,6 +720,8 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
         ({"model": path, "prompt": prompt, "echo": "yes"}, 400, "echo"),
         ({"model": path, "prompt": prompt, "temperature": 9}, 400, "temperature"),
         ({"model": path, "prompt": prompt, "tools": []}, 400, "tools"),
+        ({"model": path, "prompt": prompt, "presence_penalty": 3}, 400, "presence_penalty"),
+        ({"model": path, "prompt": prompt, "logit_bias": {"5": 1}}, 400, "logit_bias"),
         ({"model": path, "prompt": []}, 400, "prompt"),
         ({"model": path, "prompt": prompt, "stop": [""]}, 400, "stop"),
         ({"model": path, "prompt": prompt, "max_tokens": 10**6}, 400, "max_tokens"),  # past the context

@@ -31,11 +31,14 @@ MAX_N = 128
 MAX_STOP = 16
 MAX_LOGPROBS = 20
 DEFAULT_CHAT_MAX_TOKENS = 4096
-_COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs"})
+_COMMON_FIELDS = frozenset(
+    {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs"}
+    | {"presence_penalty", "frequency_penalty", "min_p"}  # min_p: vLLM's extension
+)
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 # Accepted only at values that change nothing; anything else is refused by name.
-_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "stream": False}
+_NEUTRAL = {"logit_bias": None, "stream": False}
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
 
 
@@ -106,6 +109,9 @@ class _Sampling:
     temperature: float
     top_p: float
     seed: int | None
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
     stops: tuple[str, ...]
     top_logprobs: int  # 0: none
 
@@ -122,6 +128,9 @@ class _Sampling:
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,  # 0: greedy in effect
             seed=seed,
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             stops=_stops(body),
             top_logprobs=top_logprobs,
         )
@@ -247,6 +256,9 @@ class OpenAIRoutes:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
             stop_token_ids=client.model_config.eos_token_ids,
             stop_strings=sampling.stops,
             topk_sample_logprobs=sampling.top_logprobs,
