@@ -759,17 +759,6 @@ class SamplingParams(_Model):
 
     top_p: float = 1
 
-    # jtinker's additions (the SDK has no such fields, so they do not cross the wire; the OpenAI-compatible
-    # routes take them): see jtinker.sampling.
-    min_p: float = 0.0
-    """Drop tokens less likely than ``min_p`` times the likeliest (0: off)."""
-
-    presence_penalty: float = 0.0
-    """OpenAI's: subtracted from the logits of every token this sample has produced."""
-
-    frequency_penalty: float = 0.0
-    """OpenAI's: subtracted once per time this sample has produced the token."""
-
 
 _MASK_LOGPROB = -99999.0  # the SDK's filler for empty top-k slots (with token id 0)
 

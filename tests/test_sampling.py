@@ -351,11 +351,12 @@ def test_client_stops_at_eos_unless_told_otherwise(service, qwen3):
         assert explicit == full.tokens[: full.tokens.index(other) + 1]
     assert stopped >= 2  # the tiny model does emit EOS
 
-    # jtinker's additions to SamplingParams reach the engine.
+    # What the SDK's SamplingParams cannot say (penalties, min_p), an engine request says, with the
+    # client's weights.
     extra = {"min_p": 0.05, "presence_penalty": 1.5, "frequency_penalty": 0.5}
-    params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[], **extra)
-    got = client.sample(prompt, 1, params).result().sequences[0].tokens
-    (want,) = qwen3.sampler.sample([greedy(PROMPTS[0], max_tokens=12, **extra)])
+    request = greedy(PROMPTS[0], max_tokens=12, **extra)
+    got = client.submit_request(request).result().sequences[0][0]
+    (want,) = qwen3.sampler.sample([request])
     (plain,) = qwen3.sampler.sample([greedy(PROMPTS[0], max_tokens=12)])
     assert got == want.sequences[0][0] != plain.sequences[0][0]
 
