@@ -9,8 +9,8 @@
 * **Decode** in one ``jax.jit`` program: a ``lax.while_loop`` that feeds the last token, samples
   the next one and exits as soon as every row has stopped (a stop token id, or its own
   ``max_tokens``); ``n`` tokens take ``n - 1`` forward passes (``compute_logprobs``: none). The
-  cache and the output buffers are donated, so they are updated in place.
-  Sampling parameters (temperature, top_k, top_p, seeds, stop ids, max_tokens) are per-row
+  cache and the output buffers are donated, so they are updated in place. Sampling parameters
+  (temperature, top_k, top_p, min_p, penalties, seeds, stop ids, max_tokens) are per-row
   *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
   shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (expand) and ``(B, S)`` (decode; batch sizes
   are powers of two; expand and decode also by the stop-id list width and the sampled top-k
@@ -31,9 +31,9 @@ sampled so far in that row. Then ``temperature == 0`` is greedy (argmax); otherw
 the temperature, tokens less likely than ``min_p`` times the likeliest are dropped, the rest restricted
 to the ``top_k`` largest (``-1``: off) and then to the smallest set of most likely tokens whose
 probability reaches ``top_p`` (ties at either threshold are kept), and a token is drawn by inverse-CDF
-sampling. The uniform draw of row ``i``
-at step ``t`` uses ``fold_in(fold_in(key(seed), sample_index), t)``, so a seeded request gives
-the same tokens run to run and whatever else is in the batch; ``seed=None`` draws a fresh seed.
+sampling. The uniform draw of row ``i`` at step ``t`` uses ``fold_in(fold_in(key(seed), sample_index), t)``,
+so a seeded request gives the same tokens run to run and whatever else is in the batch; ``seed=None``
+draws a fresh seed.
 
 **Returned logprobs** of sampled tokens are ``log_softmax`` of the *raw* (temperature 1, unfiltered)
 logits at the chosen token: Tinker's definition, i.e. the logprob the learner computes for that
