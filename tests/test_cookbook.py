@@ -196,7 +196,7 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
     config = train.Config(
         learning_rate=5e-2,
         dataset_builder=_VowelTask.dataset_builder(
-            groups_per_batch=2, batches=3, turns=3 if mode == "multiturn" else 1
+            groups_per_batch=2, batches=2, turns=3 if mode == "multiturn" else 1
         ),
         model_name=BASE,
         recipe_name="jtinker_test_rl",
@@ -215,7 +215,7 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
 
     rows = _jsonl(tmp_path / "run" / "metrics.jsonl")
     steps = [row for row in rows if "env/all/reward/total" in row]
-    assert len(steps) == 3
+    assert len(steps) == 2
     for row in steps:
         assert np.isfinite(row["env/all/reward/total"]) and 0.0 <= row["env/all/vowel_fraction"] <= 1.0
         assert np.isfinite(row["grad_norm:mean"]) and "optim/entropy" in row
@@ -227,7 +227,7 @@ def test_rl_training_loop_on_a_self_contained_env(server, tmp_path, monkeypatch,
         else:
             assert "async/staleness_max" in row
     saved = _jsonl(tmp_path / "run" / "checkpoints.jsonl")
-    assert len(saved) >= 3 and all(row["state_path"].startswith("tinker://") for row in saved)
+    assert len(saved) >= 2 and all(row["state_path"].startswith("tinker://") for row in saved)
     assert saved[-1]["sampler_path"].startswith("tinker://")
 
 
