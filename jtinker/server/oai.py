@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import time
 import uuid
@@ -152,8 +153,6 @@ class OpenAIRoutes:
     async def _client(self, owner: str, model: str) -> Any:
         try:
             return await self.api.runtime.model_sampler(owner, model)
-        except _Invalid:
-            raise
         except UserError as e:  # e.g. "base_model: 'x' is not served here; ..."
             raise _Invalid("model", str(e).split(": ", 1)[-1], e.status) from None
 
@@ -349,7 +348,7 @@ def _join(prompt_top: list | None, top: list | None) -> list | None:
 def _completion_logprobs(tokenizer: Any, tokens: list[int], logprobs: list, top: list | None) -> dict:
     """OpenAI's completion logprobs; ``top``: per token its top-k (token, logprob) pairs or None."""
     pieces = [tokenizer.decode([t]) for t in tokens]
-    offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    offsets = list(itertools.accumulate(map(len, pieces), initial=0))[:-1]
     top_rows = None
     if top is not None:  # keyed by text, as OpenAI's: of tokens that decode alike, the likeliest stays
         top_rows = []
