@@ -13,9 +13,9 @@
   (temperature, top_k, top_p, min_p, penalties, seeds, stop ids, max_tokens) are per-row
   *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
   shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (expand) and ``(B, S)`` (decode; batch sizes
-  are powers of two; expand and decode also by the stop-id list width and the sampled top-k
-  width, powers of two too), by the model config and by the LoRA tree structure. The jits are
-  module-level, so all Samplers of a process share them.
+  are powers of two; expand and decode also by the stop-id list, sampled top-k and logit-bias
+  widths, powers of two too, and by whether any row has a repetition penalty), by the model config
+  and by the LoRA tree structure. The jits are module-level, so all Samplers of a process share them.
 * **Prefix cache** (:mod:`jtinker.prefix_cache`): after decoding, each row's keys and values are kept
   under its adapter; a later prompt sharing 16+ leading tokens with one prefills only the rest
   (``_prefill_after``: the suffix at its positions, attending to the cached prefix), unless the call
@@ -25,9 +25,12 @@
   whose text already contains a stop string are marked done between chunks (early exit); the
   sequence is then cut at (and includes) the token that completes the first stop string.
 
-Sampling semantics (per row): ``presence_penalty`` and ``frequency_penalty`` (OpenAI's) first subtract
-``presence * [count > 0] + frequency * count`` from the logits, ``count`` being how often each token was
-sampled so far in that row. Then ``temperature == 0`` is greedy (argmax); otherwise logits are divided by
+Sampling semantics (per row): ``logit_bias`` (OpenAI's) first adds to the logits of its token ids.
+``repetition_penalty`` (transformers' and vLLM's) then divides the positive logits of tokens in the
+prompt or sampled so far by the penalty and multiplies the negative ones by it.
+``presence_penalty`` and ``frequency_penalty`` (OpenAI's) then subtract
+``presence * [count > 0] + frequency * count``, ``count`` being how often each token was sampled so far
+in that row. Then ``temperature == 0`` is greedy (argmax); otherwise logits are divided by
 the temperature, tokens less likely than ``min_p`` times the likeliest are dropped, the rest restricted
 to the ``top_k`` largest (``-1``: off) and then to the smallest set of most likely tokens whose
 probability reaches ``top_p`` (ties at either threshold are kept), and a token is drawn by inverse-CDF
@@ -70,6 +73,7 @@ from jtinker.train import model_weights
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
 MIN_STOP_ID_WIDTH = 4
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 CDF_BLOCK = 256  # two-level inverse CDF: block sums first, then one block's cumsum
 TOPK_PROMPT_CHUNK = 128
 MAX_PROMPT_DRAWS = 1 << 20  # prompt_alt_tokens_k times the positions it draws at
@@ -94,6 +98,8 @@ class SampleRequest:
     min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (0: off)
     presence_penalty: float = 0.0  # subtracted from the logits of tokens this row has sampled
     frequency_penalty: float = 0.0  # ... times how often it sampled them
+    repetition_penalty: float = 1.0  # divides (multiplies if < 0) logits of prompt and sampled tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
@@ -130,6 +136,10 @@ class _Rows(NamedTuple):
     min_p: jax.Array  # [B] f32, 0 = off
     presence: jax.Array  # [B] f32 presence penalty, 0 = off
     frequency: jax.Array  # [B] f32 frequency penalty, 0 = off
+    repetition: jax.Array  # [B] f32 repetition penalty, 1 = off
+    context: jax.Array  # [B, C] int32 prompt tokens, padded with -1 (C = 0: no row has a repetition penalty)
+    bias_ids: jax.Array  # [B, W] int32 token ids whose logits ``bias`` adds to, padded with -1 (W may be 0)
+    bias: jax.Array  # [B, W] f32
     seed: jax.Array  # [B, 2] uint32 (threefry key data: seed >> 32, seed & 0xffffffff)
     sample_index: jax.Array  # [B] int32
     stop_ids: jax.Array  # [B, W] int32, padded with -1
@@ -216,17 +226,36 @@ def _filter(scaled: jax.Array, rows: _Rows) -> jax.Array:
     return jax.lax.cond(jnp.any(top_p < 1.0), apply_top_p, lambda x: x, scaled)
 
 
-def _penalized(logits: jax.Array, rows: _Rows, history: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    """OpenAI's presence and frequency penalties over each row's sampled tokens ``history``
-    (``(tokens [B, S], count [B])``; None: none sampled yet, so nothing to penalize)."""
+def _choice_logits(logits: jax.Array, rows: _Rows, history: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """Each row's logit bias, the repetition penalty over its prompt and sampled tokens, then OpenAI's
+    presence and frequency penalties over its sampled tokens ``history`` (``(tokens [B, S], count [B])``;
+    None: none sampled yet)."""
+    b = logits.shape[0]
+    by_row = jnp.arange(b)[:, None]
+    if rows.bias_ids.shape[1]:  # W = 0: no row of this batch has a logit bias
+        bias = jnp.where(rows.bias_ids >= 0, rows.bias, 0.0)
+        logits = logits.at[by_row, jnp.maximum(rows.bias_ids, 0)].add(bias)
+
+    def sampled_counts():
+        tokens, count = history
+        sampled = (jnp.arange(tokens.shape[1])[None, :] < count[:, None]).astype(jnp.float32)
+        return jnp.zeros_like(logits).at[by_row, tokens].add(sampled)
+
+    def repeat(logits):
+        in_prompt = (rows.context >= 0).astype(jnp.float32)
+        seen = jnp.zeros_like(logits).at[by_row, jnp.maximum(rows.context, 0)].add(in_prompt) > 0
+        if history is not None:
+            seen |= sampled_counts() > 0
+        penalty = rows.repetition[:, None]
+        return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+    if rows.context.shape[1]:  # C = 0: no row of this batch has a repetition penalty
+        logits = jax.lax.cond(jnp.any(rows.repetition != 1), repeat, lambda x: x, logits)
     if history is None:
         return logits
 
     def penalize(logits):
-        tokens, count = history
-        b, s = tokens.shape
-        sampled = (jnp.arange(s)[None, :] < count[:, None]).astype(jnp.float32)
-        counts = jnp.zeros_like(logits).at[jnp.arange(b)[:, None], tokens].add(sampled)
+        counts = sampled_counts()
         return logits - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
 
     return jax.lax.cond(jnp.any((rows.presence != 0) | (rows.frequency != 0)), penalize, lambda x: x, logits)
@@ -267,8 +296,8 @@ def _row_keys(rows: _Rows) -> jax.Array:
 
 def _select(logits: jax.Array, rows: _Rows, keys: jax.Array, step: jax.Array, topk: int = 0, history=None):
     """Next token per row, its raw (temperature-1, unpenalized) logprob and the ``topk`` most likely
-    tokens'. ``history``: see :func:`_penalized`."""
-    choice = _penalized(logits, rows, history)
+    tokens'. ``history``: see :func:`_choice_logits`."""
+    choice = _choice_logits(logits, rows, history)
     greedy = jnp.argmax(choice, axis=-1).astype(jnp.int32)
     is_greedy = rows.temperature <= 0.0
 
@@ -689,6 +718,21 @@ class Sampler:
                 f"{self.config.max_position_embeddings}"
             )
 
+    def _check_logit_bias(self, bias: dict[int, float] | None) -> None:
+        if bias is None:
+            return
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: must be a dict of at most {MAX_LOGIT_BIAS} ids, got {bias!r:.80}")
+        for token, value in bias.items():
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                raise ValueError(f"logit_bias: keys must be token ids, got {token!r}")
+            if not 0 <= token < self.config.vocab_size:
+                raise ValueError(f"logit_bias: {token} is not a token id in [0, {self.config.vocab_size})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise ValueError(
+                    f"logit_bias: token {token}'s bias must be a number in [-100, 100], got {value!r}"
+                )
+
     def validate(self, request: SampleRequest) -> None:
         """Raises ``ValueError`` naming the offending field."""
         r = request
@@ -713,6 +757,10 @@ class Sampler:
             value = getattr(r, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise ValueError(f"{field}: must be a number in [{lo}, {hi}], got {value!r}")
+        self._check_logit_bias(r.logit_bias)
+        penalty = r.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
+            raise ValueError(f"repetition_penalty: must be a finite number > 0 (1: off), got {penalty!r}")
         for t in r.stop_token_ids:
             if not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
                 raise ValueError(f"stop_token_ids: {t!r} is not a token id in [0, {self.config.vocab_size})")
@@ -884,6 +932,9 @@ class Sampler:
         width = bucket(
             max((len(requests[r.request].stop_token_ids) for r in rows), default=0), MIN_STOP_ID_WIDTH
         )
+        repeating = any(requests[r.request].repetition_penalty != 1 for r in rows)
+        biased = max((len(requests[r.request].logit_bias or ()) for r in rows), default=0)
+        bias_width = bucket(biased, MIN_STOP_ID_WIDTH) if biased else 0
         host = {
             "prompt_len": np.ones(b, np.int32),
             "max_tokens": np.zeros(b, np.int32),
@@ -893,6 +944,10 @@ class Sampler:
             "min_p": np.zeros(b, np.float32),
             "presence": np.zeros(b, np.float32),
             "frequency": np.zeros(b, np.float32),
+            "repetition": np.ones(b, np.float32),
+            "context": np.full((b, size if repeating else 0), -1, np.int32),
+            "bias_ids": np.full((b, bias_width), -1, np.int32),
+            "bias": np.zeros((b, bias_width), np.float32),
             "seed": np.zeros((b, 2), np.uint32),
             "sample_index": np.zeros(b, np.int32),
             "stop_ids": np.full((b, width), -1, np.int32),
@@ -910,6 +965,12 @@ class Sampler:
             host["min_p"][j] = r.min_p
             host["presence"][j] = r.presence_penalty
             host["frequency"][j] = r.frequency_penalty
+            host["repetition"][j] = r.repetition_penalty
+            if repeating:
+                host["context"][j, : len(r.prompt)] = r.prompt
+            if r.logit_bias:
+                host["bias_ids"][j, : len(r.logit_bias)] = list(r.logit_bias)
+                host["bias"][j, : len(r.logit_bias)] = list(r.logit_bias.values())
             host["seed"][j] = (seed >> 32, seed & 0xFFFFFFFF)
             host["sample_index"][j] = row.sample
             host["stop_ids"][j, : len(r.stop_token_ids)] = r.stop_token_ids

@@ -71,7 +71,7 @@ def llama(tiny_model_factory) -> Model:
     return model_for(tiny_model_factory, "llama")
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+def hf_greedy(model, prompt: list[int], n: int, **generate_kw) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(
@@ -80,6 +80,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             do_sample=False,
             max_new_tokens=n,
             pad_token_id=259,
+            **generate_kw,
         )
     return out[0, len(prompt) :].tolist()
 
@@ -509,6 +510,13 @@ def test_bad_requests_name_the_field(qwen3):
         "presence_penalty: must be a number in \\[-2, 2\\], got -3": dict(presence_penalty=-3),
         "frequency_penalty: must be a number in \\[-2, 2\\], got nan": dict(frequency_penalty=float("nan")),
         "frequency_penalty: .* got '1'": dict(frequency_penalty="1"),
+        "repetition_penalty: must be a finite number > 0 \\(1: off\\), got 0": dict(repetition_penalty=0),
+        "repetition_penalty: .* got inf": dict(repetition_penalty=float("inf")),
+        "repetition_penalty: .* got True": dict(repetition_penalty=True),
+        "logit_bias: 9999999 is not a token id": dict(logit_bias={9999999: 1.0}),
+        "logit_bias: token 5's bias must be a number in \\[-100, 100\\], got 101": dict(logit_bias={5: 101}),
+        "logit_bias: keys must be token ids, got '5'": dict(logit_bias={"5": 1.0}),
+        "logit_bias: must be a dict": dict(logit_bias=[5]),
     }
     for field, bad in cases.items():
         with pytest.raises(ValueError, match=field):
@@ -558,7 +566,24 @@ def test_compile_count_is_bounded(tiny_model_factory):
 # ------------------------------------------------------------------------- token selection units
 
 
-def _rows(temperature, top_k, top_p, n, min_p=0.0, presence=0.0, frequency=0.0) -> _Rows:
+def _rows(
+    temperature,
+    top_k,
+    top_p,
+    n,
+    *,
+    min_p=0.0,
+    presence=0.0,
+    frequency=0.0,
+    repetition=1.0,
+    context=None,
+    bias=(),
+) -> _Rows:
+    """``n`` rows alike but for ``bias`` (one ``{token: bias}`` per row) and ``context``."""
+    width = max((len(b) for b in bias), default=0)
+    bias_ids, bias_values = np.full((n, width), -1, np.int32), np.zeros((n, width), np.float32)
+    for row, b in enumerate(bias):
+        bias_ids[row, : len(b)], bias_values[row, : len(b)] = list(b), list(b.values())
     return _Rows(
         prompt_len=jnp.ones(n, jnp.int32),
         max_tokens=jnp.ones(n, jnp.int32),
@@ -568,6 +593,10 @@ def _rows(temperature, top_k, top_p, n, min_p=0.0, presence=0.0, frequency=0.0) 
         min_p=jnp.full(n, min_p, jnp.float32),
         presence=jnp.full(n, presence, jnp.float32),
         frequency=jnp.full(n, frequency, jnp.float32),
+        repetition=jnp.full(n, repetition, jnp.float32),
+        context=jnp.zeros((n, 0), jnp.int32) if context is None else jnp.asarray(context, jnp.int32),
+        bias_ids=jnp.asarray(bias_ids),
+        bias=jnp.asarray(bias_values),
         seed=jnp.zeros((n, 2), jnp.uint32),
         sample_index=jnp.arange(n, dtype=jnp.int32),
         stop_ids=jnp.full((n, 4), -1, jnp.int32),
@@ -638,6 +667,42 @@ def test_penalties_subtract_from_the_choice_not_the_logprob():
     )
 
 
+def test_repetition_penalty_scales_the_choice_not_the_logprob():
+    """transformers' repetition penalty over each row's prompt (``context``, -1 padded) and sampled
+    tokens: positive logits are divided by it, negative ones multiplied; the logprob stays raw."""
+    logits = jnp.asarray([[3.0, 2.5, 2.0, -0.5, -0.6], [-1.0, -1.2, -2.0, -3.0, -4.0]])
+    context = [[0, -1, -1], [3, 0, -1]]  # row 0's prompt holds token 0, row 1's tokens 3 and 0
+    history = (jnp.asarray([[1, 4], [1, 4]]), jnp.asarray([1, 0]))  # row 0 sampled token 1; row 1 none
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    # 1.6: row 0 scales tokens 0 and 1 to 1.875 and 1.5625 (2 leads); row 1's token 0 falls to -1.6.
+    for penalty, want in [(1.0, [0, 0]), (1.1, [0, 0]), (1.6, [2, 1])]:
+        rows = _rows(0.0, -1, 1.0, 2, repetition=penalty, context=context)
+        token, logprob, _ = _select(logits, rows, _row_keys(rows), jnp.int32(1), history=history)
+        assert np.asarray(token).tolist() == want, penalty
+        np.testing.assert_allclose(np.asarray(logprob), raw[[0, 1], want], atol=1e-6)
+    # The first token (nothing sampled yet) sees the prompt alone: row 0's token 1 is not penalized.
+    token, _, _ = _select(logits, rows, _row_keys(rows), jnp.int32(0))
+    assert np.asarray(token).tolist() == [1, 1]
+
+
+def test_logit_bias_is_added_before_the_penalties():
+    """OpenAI's logit bias per row (vLLM's order: before the repetition penalty); the logprob stays raw."""
+    logits = jnp.asarray([[1.0, -3.0, -5.0], [1.0, -3.0, -5.0]])
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    cases = [  # (row biases, repetition penalty, choices)
+        (({2: 7.0}, {}), 1.0, [2, 0]),
+        (({0: -4.5, 1: 0.5}, {0: -3.9}), 1.0, [1, 0]),
+        # Token 0 of row 0 biased to -2.0, then penalized to -4.0, loses to token 1 (-3.0); penalized
+        # first it would win (0.5 - 3.0 = -2.5). Row 1 has no bias: 0.5 still leads.
+        (({0: -3.0}, {}), 2.0, [1, 0]),
+    ]
+    for bias, penalty, want in cases:
+        rows = _rows(0.0, -1, 1.0, 2, repetition=penalty, context=[[0], [0]], bias=[dict(b) for b in bias])
+        token, logprob, _ = _select(logits, rows, _row_keys(rows), jnp.int32(0))
+        assert np.asarray(token).tolist() == want, bias
+        np.testing.assert_allclose(np.asarray(logprob), raw[[0, 1], want], atol=1e-6)
+
+
 def test_penalized_greedy_decoding_matches_a_transformers_loop(llama):
     """Through the decode loop: greedy with presence and frequency penalties equals a step-by-step loop
     over transformers' logits that subtracts them from each sampled token's count, and differs from
@@ -659,6 +724,37 @@ def test_penalized_greedy_decoding_matches_a_transformers_loop(llama):
             counts[want[-1]] += 1
     assert tokens == want
     assert tokens != hf_greedy(hf, prompt, n)  # the penalties changed the choice
+    np.testing.assert_allclose(logprobs, hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 :], atol=1e-4)
+
+
+def test_repetition_penalty_decoding_matches_transformers_generate(llama):
+    """Greedy with a repetition penalty equals transformers' ``generate(repetition_penalty=...)``: over
+    the prompt from the first token on, the whole prompt when the prefix cache serves part of it, and
+    per row beside an unpenalized row of the same batch. Logprobs stay raw."""
+    hf, prompt, n, penalty = llama.hf(), PROMPTS[1], 12, 1.5
+    (result,) = llama.sampler.sample([greedy(prompt, max_tokens=n, repetition_penalty=penalty)])
+    tokens, logprobs, _ = result.sequences[0]
+    assert tokens == hf_greedy(hf, prompt, n, repetition_penalty=penalty)
+    assert tokens != hf_greedy(hf, prompt, n)  # the penalty changed the choice
+    np.testing.assert_allclose(logprobs, hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 :], atol=1e-4)
+
+    turn = prompt + tokens + [7, 8, 9]  # extends the sequence just sampled: the prefix cache serves it
+    both = llama.sampler.sample([greedy(turn, max_tokens=n, repetition_penalty=penalty), greedy(turn, n)])
+    assert both[0].prompt_cache_hit_tokens > 0
+    assert both[0].sequences[0][0] == hf_greedy(hf, turn, n, repetition_penalty=penalty)
+    assert both[1].sequences[0][0] == hf_greedy(hf, turn, n)
+
+
+def test_logit_bias_decoding_matches_transformers_generate(llama):
+    """Greedy with a logit bias equals transformers' ``generate`` with the same single-token
+    ``sequence_bias`` at every step; logprobs stay raw."""
+    hf, prompt, n = llama.hf(), PROMPTS[0], 12
+    plain = hf_greedy(hf, prompt, n)
+    bias = {plain[0]: -100.0, plain[1]: -100.0, 77: 4.0, 301: 2.5}
+    (result,) = llama.sampler.sample([greedy(prompt, max_tokens=n, logit_bias=bias)])
+    tokens, logprobs, _ = result.sequences[0]
+    assert tokens == hf_greedy(hf, prompt, n, sequence_bias=[[[t], b] for t, b in bias.items()])
+    assert tokens[0] not in (plain[0], plain[1]) and tokens != plain
     np.testing.assert_allclose(logprobs, hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 :], atol=1e-4)
 
 

@@ -668,6 +668,15 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     ).json()  # fmt: skip
     assert len(set(want.tokens)) < len(want.tokens)  # plain greedy repeats a token here...
     assert penalized["choices"][0]["text"] != plain["choices"][0]["text"]  # ...which the penalties avoid
+    repeated = post(
+        "/completions", model=path, prompt=prompt, max_tokens=12, temperature=0, repetition_penalty=3.0
+    ).json()
+    assert repeated["choices"][0]["text"] != plain["choices"][0]["text"]
+    # logit_bias: +100 on one token makes greedy text only that token (it is not EOS).
+    forced = post(
+        "/completions", model=path, prompt=prompt, max_tokens=3, temperature=0, logit_bias={"65": 100}
+    ).json()
+    assert forced["choices"][0]["text"] == tokenizer.decode([65] * 3)
 
     # echo with max_tokens=0 scores the prompt (lm-eval's loglikelihood): compute_logprobs's numbers.
     scored = post("/completions", model=path, prompt=prompt, max_tokens=0, echo=True, logprobs=1).json()
@@ -721,7 +730,10 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
         ({"model": path, "prompt": prompt, "temperature": 9}, 400, "temperature"),
         ({"model": path, "prompt": prompt, "tools": []}, 400, "tools"),
         ({"model": path, "prompt": prompt, "presence_penalty": 3}, 400, "presence_penalty"),
-        ({"model": path, "prompt": prompt, "logit_bias": {"5": 1}}, 400, "logit_bias"),
+        ({"model": path, "prompt": prompt, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ({"model": path, "prompt": prompt, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"model": path, "prompt": prompt, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+        ({"model": path, "prompt": prompt, "repetition_penalty": 0}, 400, "repetition_penalty"),
         ({"model": path, "prompt": []}, 400, "prompt"),
         ({"model": path, "prompt": prompt, "stop": [""]}, 400, "stop"),
         ({"model": path, "prompt": prompt, "max_tokens": 10**6}, 400, "max_tokens"),  # past the context

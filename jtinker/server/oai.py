@@ -33,13 +33,13 @@ MAX_STOP = 16
 MAX_LOGPROBS = 20
 DEFAULT_CHAT_MAX_TOKENS = 4096
 _COMMON_FIELDS = frozenset(
-    {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs"}
-    | {"presence_penalty", "frequency_penalty", "min_p"}  # min_p: vLLM's extension
+    {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "logit_bias"}
+    | {"presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"}  # the last two: vLLM's
 )
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 # Accepted only at values that change nothing; anything else is refused by name.
-_NEUTRAL = {"logit_bias": None, "stream": False}
+_NEUTRAL = {"stream": False}
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
 
 
@@ -89,6 +89,16 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}``; the sampler checks the ids' range and the biases."""
+    bias = body.get("logit_bias")
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict) or not all(isinstance(k, str) and k.isdigit() for k in bias):
+        raise _Invalid("logit_bias", f'must map token ids ("50256") to biases, got {bias!r:.80}')
+    return {int(token): value for token, value in bias.items()}
+
+
 def _check_common(body: Any, known: frozenset[str]) -> dict:
     if not isinstance(body, dict):
         raise _Invalid("body", "expected a JSON object")
@@ -113,6 +123,8 @@ class _Sampling:
     min_p: float
     presence_penalty: float
     frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: dict[int, float] | None
     stops: tuple[str, ...]
     top_logprobs: int  # 0: none
 
@@ -132,6 +144,8 @@ class _Sampling:
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 100.0),
+            logit_bias=_logit_bias(body),
             stops=_stops(body),
             top_logprobs=top_logprobs,
         )
@@ -258,6 +272,8 @@ class OpenAIRoutes:
             min_p=sampling.min_p,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logit_bias=sampling.logit_bias,
             stop_token_ids=client.model_config.eos_token_ids,
             stop_strings=sampling.stops,
             topk_sample_logprobs=sampling.top_logprobs,
