@@ -24,6 +24,10 @@
   batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
   whose text already contains a stop string are marked done between chunks (early exit); the
   sequence is then cut at (and includes) the token that completes the first stop string.
+* **Streaming**: a request's ``on_tokens(sample, tokens)`` is called between chunks of
+  ``stop_check_interval`` steps too, on the sampling thread, with each unfinished sample's tokens so
+  far; returning False (or raising) ends that sample there, e.g. when its reader has gone. The
+  result still comes whole.
 
 Sampling semantics (per row): ``logit_bias`` (OpenAI's) first adds to the logits of its token ids.
 ``repetition_penalty`` (transformers' and vLLM's) then divides the positive logits of tokens in the
@@ -53,10 +57,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -69,6 +74,8 @@ from jtinker.distributed import from_process_zero
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
 from jtinker.train import model_weights
+
+log = logging.getLogger(__name__)
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
@@ -108,6 +115,7 @@ class SampleRequest:
     target_prompt_ids: np.ndarray | None = None  # [len(prompt) - 1, K] token ids, -1 = none
     topk_sample_logprobs: int = 0  # the top-k (token, logprob) at every sampled position
     prompt_alt_tokens_k: int = 0  # tokens drawn at every prompt position (at ``temperature``)
+    on_tokens: Callable[[int, list[int]], bool | None] | None = None  # streaming: see the module doc
 
 
 @dataclasses.dataclass
@@ -985,8 +993,9 @@ class Sampler:
         )
         del pre
         stop_rows = [j for j, row in enumerate(rows) if requests[row.request].stop_strings]
+        streamed = {j: 0 for j, row in enumerate(rows) if requests[row.request].on_tokens}  # count sent
         total = int(host["max_tokens"].max())
-        chunk = self.stop_check_interval if stop_rows else total
+        chunk = self.stop_check_interval if stop_rows or streamed else total
         step = 1  # the expand program sampled token 0: one-token samples need no decode call
         while step < total:
             step = min(step + chunk, total)
@@ -994,7 +1003,7 @@ class Sampler:
                 self.config, self.params, lora, state, device_rows, jnp.int32(step)
             )
             self.last_stats["decode_calls"] += 1
-            if not stop_rows or step >= total:
+            if not (stop_rows or streamed) or step >= total:
                 break
             # Early exit for stop strings: mark rows whose text already contains one as done.
             out = jax.device_get(state.out)
@@ -1003,6 +1012,15 @@ class Sampler:
                 r = requests[rows[j].request]
                 if not done[j] and self._stop_string_cut(out.tokens[j, : out.count[j]], r.stop_strings):
                     done[j] = True
+            for j, sent in streamed.items():
+                if not done[j] and out.count[j] > sent:
+                    streamed[j] = int(out.count[j])
+                    tokens = out.tokens[j, : out.count[j]].tolist()
+                    try:
+                        done[j] = requests[rows[j].request].on_tokens(rows[j].sample, tokens) is False
+                    except Exception:  # one reader's failure ends its sample, not the batch
+                        log.warning("on_tokens raised: sample ended", exc_info=True)
+                        done[j] = True
             if done.all():
                 break
             if (done != out.done).any():

@@ -758,6 +758,33 @@ def test_logit_bias_decoding_matches_transformers_generate(llama):
     np.testing.assert_allclose(logprobs, hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 :], atol=1e-4)
 
 
+def test_on_tokens_streams_each_sample_and_can_end_it(llama):
+    """``on_tokens(sample, tokens)`` between decode chunks: each unfinished sample's tokens so far, a
+    prefix of its result. Returning False, or raising, ends that sample there; the batch goes on."""
+    n, interval = 40, llama.sampler.stop_check_interval
+    seen: dict[int, list] = {0: [], 1: []}
+    streamed = greedy(PROMPTS[0], max_tokens=n, num_samples=2, on_tokens=lambda i, t: seen[i].append(t))
+    (result,) = llama.sampler.sample([streamed])
+    for sample, calls in seen.items():
+        assert [len(c) for c in calls] == [1 + interval, 1 + 2 * interval]
+        assert all(result.sequences[sample][0][: len(c)] == c for c in calls)
+
+    def fail(sample, tokens):
+        raise RuntimeError("the reader broke")
+
+    ended, raised, plain = llama.sampler.sample(
+        [
+            greedy(PROMPTS[0], max_tokens=n, num_samples=2, on_tokens=lambda i, t: i != 0),
+            greedy(PROMPTS[0], max_tokens=n, on_tokens=fail),
+            greedy(PROMPTS[1], max_tokens=n),
+        ]
+    )
+    assert ended.sequences[0][0] == result.sequences[0][0][: 1 + interval]
+    assert ended.sequences[1][0] == result.sequences[1][0]
+    assert raised.sequences[0][0] == result.sequences[0][0][: 1 + interval]
+    assert plain.sequences[0][0] == hf_greedy(llama.hf(), PROMPTS[1], n)
+
+
 def test_token_frequencies_follow_the_distribution():
     """Draws from temperature-scaled, top-k/top-p-filtered softmax, one row per sample."""
     n, temperature, top_k, top_p = 20000, 0.8, 6, 0.9

@@ -724,7 +724,7 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     # Bad requests: OpenAI-shaped errors naming the field; the server stays up.
     bad = [
         ({"prompt": prompt}, 400, "model"),
-        ({"model": path, "prompt": prompt, "stream": True}, 400, "stream"),
+        ({"model": path, "prompt": prompt, "stream": "yes"}, 400, "stream"),
         ({"model": path, "prompt": prompt, "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
         ({"model": path, "prompt": prompt, "echo": "yes"}, 400, "echo"),
         ({"model": path, "prompt": prompt, "temperature": 9}, 400, "temperature"),
@@ -753,6 +753,58 @@ def test_openai_compatible_completions_and_chat(server, service, qwen3_dir):
     r = httpx.post(server.url + oai + "/completions", json={"model": path, "prompt": prompt}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert server.alive()
+
+
+def test_openai_streaming(server):
+    """``stream: true`` as the ``openai`` client reads it: a completion's and a chat's chunks join to the
+    text of the same request unstreamed, in pieces as decoding goes, with its finish reason; stop
+    strings, ``n`` and usage too. A reader that leaves early disturbs nothing; refusals are named."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/oai/api/v1", api_key=KEY_A, max_retries=0)
+    ask = {"model": BASE, "prompt": "a b c", "max_tokens": 48, "temperature": 0, "logit_bias": {"258": -100}}
+    whole = client.completions.create(**ask)
+    chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(pieces) == whole.choices[0].text and len(pieces) >= 3  # 48 tokens, 16 a chunk
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+    text = whole.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    chunks = list(client.completions.create(**ask, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text[: text.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    many = {**ask, "n": 2, "temperature": 1.0, "seed": 3, "max_tokens": 20}
+    want = [c.text for c in client.completions.create(**many).choices]
+    got = ["", ""]
+    for chunk in client.completions.create(**many, stream=True):
+        got[chunk.choices[0].index] += chunk.choices[0].text
+    assert got == want
+
+    messages = [{"role": "user", "content": "Color?"}]
+    chat = {"model": BASE, "messages": messages, "max_tokens": 24, "temperature": 0}
+    whole = client.chat.completions.create(**chat)
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+    with client.completions.create(**ask, stream=True) as stream:
+        next(iter(stream))  # the reader leaves after its first piece
+    assert client.completions.create(**ask).choices[0].text == text  # the server is still serving
+
+    refused = [
+        ({"stream": True, "logprobs": 1}, "logprobs"),
+        ({"stream": True, "echo": True}, "echo"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "max_tokens": 10**6}, "max_tokens"),  # the sampler's refusal, before any chunk
+    ]
+    for extra, param in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**ask, **extra})
+        assert e.value.body["param"] == param, e.value.body
 
 
 def test_a_next_turn_reuses_the_last_turn_from_the_prefix_cache(server, service):

@@ -98,8 +98,9 @@ class Api:
         self.url_key = secrets.token_bytes(32)  # signs download URLs: they die with this process
 
     # -- request plumbing -------------------------------------------------------------------------
-    def authorize(self, request: Request) -> str:
-        """The caller's owner id; 401 without a valid key, 400 for an SDK version we do not speak."""
+    def authorize(self, request: Request, *, tinker_sdk: bool = True) -> str:
+        """The caller's owner id; 401 without a valid key, 400 for a tinker SDK version we do not speak
+        (``tinker_sdk=False``: routes for other clients, e.g. OpenAI's, which send the same headers)."""
         key = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
         if not key and auth.lower().startswith("bearer "):
@@ -112,7 +113,7 @@ class Api:
         owner = self.keys.owner(key)
         if owner is None:
             raise UserError("invalid API key: this server does not accept it", 401)
-        for header in _SDK_VERSION_HEADERS:
+        for header in _SDK_VERSION_HEADERS if tinker_sdk else ():
             version = request.headers.get(header)
             if version and not _sdk_version_ok(version, self.config.sdk_versions):
                 raise UserError(

@@ -6,8 +6,11 @@
 ``model`` is a ``tinker://`` checkpoint of the caller's (its adapter is used, not the base model) or a
 base model this server serves. Sampling stops at the model's EOS tokens and at ``stop`` strings, which
 are cut from the text; chat prompts are rendered with the tokenizer's chat template. Requests run on the
-same samplers as the Tinker routes (batched with concurrent requests). Errors come back in OpenAI's
-shape, ``{"error": {"message", "type", "param", "code"}}``, naming the field.
+same samplers as the Tinker routes (batched with concurrent requests). With ``stream: true`` the text
+comes as server-sent events, one chunk per choice every ``stop_check_interval`` decode steps (text that a
+stop string or a partial character may still change is held back); a reader that goes away ends its
+samples. Errors come back in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, naming
+the field.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jtinker.sampling import SampleRequest
 from jtinker.server.wire import UserError
@@ -34,13 +39,12 @@ MAX_LOGPROBS = 20
 DEFAULT_CHAT_MAX_TOKENS = 4096
 _COMMON_FIELDS = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "logit_bias"}
+    | {"stream", "stream_options"}
     | {"presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"}  # the last two: vLLM's
 )
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "best_of", "echo"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
-# Accepted only at values that change nothing; anything else is refused by name.
-_NEUTRAL = {"stream": False}
-_IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 
 
 # The sampler's field names, as the OpenAI request calls them.
@@ -99,13 +103,24 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return {int(token): value for token, value in bias.items()}
 
 
+def _stream_usage(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise _Invalid("stream_options", "needs stream: true")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise _Invalid("stream_options", f"only include_usage is supported by jtinker, got {options!r:.80}")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise _Invalid("stream_options", f"include_usage must be a boolean, got {usage!r}")
+    return usage
+
+
 def _check_common(body: Any, known: frozenset[str]) -> dict:
     if not isinstance(body, dict):
         raise _Invalid("body", "expected a JSON object")
-    for key, neutral in _NEUTRAL.items():
-        if body.get(key) not in (None, neutral, {}):
-            raise _Invalid(key, f"{body[key]!r} is not supported by jtinker (only {neutral!r})")
-    unknown = sorted(set(body) - known - set(_NEUTRAL) - _IGNORED)
+    unknown = sorted(set(body) - known - _IGNORED)
     if unknown:
         raise _Invalid(unknown[0], "is not supported by jtinker")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -127,6 +142,8 @@ class _Sampling:
     logit_bias: dict[int, float] | None
     stops: tuple[str, ...]
     top_logprobs: int  # 0: none
+    stream: bool
+    stream_usage: bool  # stream_options.include_usage: a last chunk with the usage
 
     @classmethod
     def parse(cls, body: dict, max_tokens: int, top_logprobs: int) -> _Sampling:
@@ -135,6 +152,11 @@ class _Sampling:
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise _Invalid("seed", f"must be an integer, got {seed!r}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _Invalid("stream", f"must be a boolean, got {stream!r}")
+        if stream and body.get("logprobs") not in (None, False):
+            raise _Invalid("logprobs", "is not supported with stream by jtinker")
         return cls(
             n=_number(body, "n", 1, 1, MAX_N, integer=True),
             max_tokens=max_tokens,
@@ -148,6 +170,8 @@ class _Sampling:
             logit_bias=_logit_bias(body),
             stops=_stops(body),
             top_logprobs=top_logprobs,
+            stream=stream,
+            stream_usage=_stream_usage(body, stream),
         )
 
 
@@ -173,7 +197,7 @@ class OpenAIRoutes:
     async def models(self, request: Request) -> JSONResponse:
         """The served base models, then the caller's sampler checkpoints (newest first)."""
         try:
-            owner = self.api.authorize(request)
+            owner = self.api.authorize(request, tinker_sdk=False)
         except UserError as e:
             return _error(e)
         names = self.api.runtime.supported_models()
@@ -188,9 +212,9 @@ class OpenAIRoutes:
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    async def completions(self, request: Request) -> JSONResponse:
+    async def completions(self, request: Request) -> Response:
         try:
-            owner = self.api.authorize(request)
+            owner = self.api.authorize(request, tinker_sdk=False)
             body = _check_common(await self.api.json(request), _COMPLETION_FIELDS)
             echo = body.get("echo", False)
             if not isinstance(echo, bool):
@@ -199,9 +223,13 @@ class OpenAIRoutes:
             # max_tokens=0 with echo scores the prompt alone (what lm-eval's loglikelihood asks for).
             max_tokens = _number(body, "max_tokens", 16, 0 if echo else 1, 1 << 20, integer=True)
             sampling = _Sampling.parse(body, max_tokens, logprobs)
+            if sampling.stream and echo:
+                raise _Invalid("echo", "is not supported with stream by jtinker")
             client = await self._client(owner, body["model"])
             tokenizer = client.get_tokenizer()
             prompts = _completion_prompts(body.get("prompt"), tokenizer)
+            if sampling.stream:
+                return await self._stream(client, prompts, sampling, body["model"], chat=False)
             want_lp = body.get("logprobs") is not None
             outs = await asyncio.gather(
                 *(self._sample(client, p, sampling, echo=echo and want_lp) for p in prompts)
@@ -223,9 +251,9 @@ class OpenAIRoutes:
         every = [sequences for sequences, _ in outs]
         return JSONResponse(_envelope("text_completion", "cmpl", body["model"], choices, prompts, every))
 
-    async def chat_completions(self, request: Request) -> JSONResponse:
+    async def chat_completions(self, request: Request) -> Response:
         try:
-            owner = self.api.authorize(request)
+            owner = self.api.authorize(request, tinker_sdk=False)
             body = _check_common(await self.api.json(request), _CHAT_FIELDS)
             if body.get("response_format") not in (None, {"type": "text"}):
                 raise _Invalid("response_format", "only {'type': 'text'} is supported by jtinker")
@@ -245,6 +273,8 @@ class OpenAIRoutes:
                 room = client.model_config.max_position_embeddings - len(prompt)
                 max_tokens = max(1, min(room, DEFAULT_CHAT_MAX_TOKENS))
             sampling = _Sampling.parse(body, max_tokens, top)
+            if sampling.stream:
+                return await self._stream(client, [prompt], sampling, body["model"], chat=True)
             sequences, _ = await self._sample(client, prompt, sampling)
         except UserError as e:
             return _error(e)
@@ -259,10 +289,8 @@ class OpenAIRoutes:
         )
 
     @staticmethod
-    async def _sample(client: Any, prompt: list[int], sampling: _Sampling, *, echo: bool = False) -> tuple:
-        """One prompt's ``n`` sequences ``(tokens, logprobs, reason, top-k pairs per token or None)``
-        and, with ``echo``, the prompt's ``(logprobs, top-k pairs)`` (its first token has none)."""
-        request = SampleRequest(
+    def _request(client: Any, prompt: list[int], sampling: _Sampling, *, echo: bool = False, on_tokens=None):
+        return SampleRequest(
             prompt=prompt,
             num_samples=sampling.n,
             max_tokens=max(sampling.max_tokens, 1),  # 0: the prompt is scored, its one token dropped
@@ -279,21 +307,155 @@ class OpenAIRoutes:
             topk_sample_logprobs=sampling.top_logprobs,
             include_prompt_logprobs=echo,
             topk_prompt_logprobs=sampling.top_logprobs if echo else 0,
+            on_tokens=on_tokens,
         )
-        try:
-            result = await asyncio.wrap_future(client.submit_request(request))
-        except ValueError as e:  # the sampler names its field ("max_tokens: prompt length ... exceeds ...")
-            field, _, message = str(e).partition(": ")
-            raise _Invalid(_SAMPLER_FIELDS.get(field, field), message) from None
-        tops = result.sequence_topk or [None] * len(result.sequences)
-        sequences = [
-            (tokens, lps, reason, None if top is None else _pairs(*top))
-            if sampling.max_tokens
-            else ([], [], "length", None if top is None else [])
-            for (tokens, lps, reason), top in zip(result.sequences, tops, strict=True)
-        ]
+
+    async def _sample(
+        self, client: Any, prompt: list[int], sampling: _Sampling, *, echo: bool = False
+    ) -> tuple:
+        """One prompt's ``n`` sequences ``(tokens, logprobs, reason, top-k pairs per token or None)``
+        and, with ``echo``, the prompt's ``(logprobs, top-k pairs)`` (its first token has none)."""
+        future = client.submit_request(self._request(client, prompt, sampling, echo=echo))
+        result = await _sampled(asyncio.wrap_future(future))
         scored = (result.prompt_logprobs, result.topk_prompt_logprobs) if echo else None
-        return sequences, scored
+        return _sequences(result, sampling), scored
+
+    async def _stream(
+        self, client: Any, prompts: list[list[int]], sampling: _Sampling, model: str, *, chat: bool
+    ) -> Response:
+        """Samples ``prompts`` as server-sent events. A request the sampler refuses before its first
+        tokens is answered with the usual JSON error instead."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # the reader went away: the sampler ends the samples
+
+        def watch(p: int) -> Callable:
+            def on_tokens(sample: int, tokens: list[int]) -> bool:
+                loop.call_soon_threadsafe(updates.put_nowait, (p, sample, tokens))
+                return not gone.is_set()
+
+            return on_tokens
+
+        futures = [
+            asyncio.wrap_future(
+                client.submit_request(self._request(client, prompt, sampling, on_tokens=watch(p)))
+            )
+            for p, prompt in enumerate(prompts)
+        ]
+        update = asyncio.ensure_future(updates.get())
+        await asyncio.wait([update, *futures], return_when=asyncio.FIRST_COMPLETED)
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                gone.set()
+                update.cancel()
+                await _sampled(future)  # raises the refusal, named
+
+        tokenizer = client.get_tokenizer()
+        n = sampling.n
+        deltas = [[_Delta(tokenizer, sampling.stops) for _ in range(n)] for _ in prompts]
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def event(choices: list[dict], **extra: Any) -> str:
+            usage = {"usage": None} if sampling.stream_usage else {}
+            return f"data: {json.dumps({**head, 'choices': choices, **usage, **extra})}\n\n"
+
+        def choice(index: int, text: str, reason: str | None) -> dict:
+            if chat:
+                delta = {"content": text} if text else {}
+                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+        async def events():
+            nonlocal update
+            outs: list = [None] * len(prompts)
+            try:
+                if chat:  # the role first, as OpenAI's
+                    yield event(
+                        [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}}
+                            for i in range(len(prompts) * n)
+                        ]
+                    )
+                while None in outs:
+                    pending = [f for f, out in zip(futures, outs, strict=True) if out is None]
+                    await asyncio.wait([update, *pending], return_when=asyncio.FIRST_COMPLETED)
+                    news = []
+                    if update.done():
+                        news.append(update.result())
+                        update = asyncio.ensure_future(updates.get())
+                    while not updates.empty():
+                        news.append(updates.get_nowait())
+                    for p, j, tokens in news:
+                        text = deltas[p][j].partial(tokens) if outs[p] is None else ""
+                        if text:
+                            yield event([choice(p * n + j, text, None)])
+                    for p, future in enumerate(futures):
+                        if outs[p] is None and future.done():
+                            outs[p] = _sequences(await _sampled(future), sampling)
+                            for j, seq in enumerate(outs[p]):
+                                text, reason = _text(tokenizer, seq, sampling.stops)
+                                yield event([choice(p * n + j, deltas[p][j].final(text), reason)])
+                if sampling.stream_usage:
+                    yield event([], usage=_usage(prompts, outs))
+                yield "data: [DONE]\n\n"
+            except UserError as e:  # refused after the stream began (e.g. another prompt of the batch)
+                yield f"data: {_error(e).body.decode()}\n\n"
+            finally:
+                gone.set()
+                update.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _sampled(future: Any) -> Any:
+    """The sampler's result; its refusals (``ValueError`` naming the field) as OpenAI's parameters."""
+    try:
+        return await future
+    except ValueError as e:  # "max_tokens: prompt length ... exceeds ..."
+        field, _, message = str(e).partition(": ")
+        raise _Invalid(_SAMPLER_FIELDS.get(field, field), message) from None
+
+
+def _sequences(result: Any, sampling: _Sampling) -> list[tuple]:
+    tops = result.sequence_topk or [None] * len(result.sequences)
+    return [
+        (tokens, lps, reason, None if top is None else _pairs(*top))
+        if sampling.max_tokens
+        else ([], [], "length", None if top is None else [])
+        for (tokens, lps, reason), top in zip(result.sequences, tops, strict=True)
+    ]
+
+
+@dataclasses.dataclass
+class _Delta:
+    """One streamed choice's text: what was sent, and the next piece. Text that later tokens may still
+    change is held back: a stop string's possible start, a partial character, trailing whitespace."""
+
+    tokenizer: Any
+    stops: tuple[str, ...]
+    sent: int = 0
+
+    def partial(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = _first_stop(text, self.stops)
+        if cut is None:
+            held = max(map(len, self.stops), default=1) - 1
+            text = text[: len(text) - held].rstrip("\ufffd \t\n")
+        return self.final(text[:cut])
+
+    def final(self, text: str) -> str:
+        piece = text[self.sent :]
+        self.sent = max(self.sent, len(text))
+        return piece
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
 
 
 def _is_ids(x: Any) -> bool:
@@ -346,7 +508,7 @@ def _text(tokenizer: Any, seq: tuple, stops: Sequence[str]) -> tuple[str, str]:
     logprobs cover every sampled token, the EOS or stop string's included."""
     tokens, _, reason, _ = seq
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    cut = _first_stop(text, stops)
     if cut is not None:
         text, reason = text[:cut], "stop"
     return text, "stop" if reason == "stop" else "length"
@@ -394,18 +556,22 @@ def _chat_logprobs(tokenizer: Any, seq: tuple) -> list[dict]:
     ]
 
 
-def _envelope(kind: str, prefix: str, model: str, choices: list, prompts: list, outs: list) -> dict:
+def _usage(prompts: list, outs: list) -> dict:
     completion_tokens = sum(len(seq[0]) for sequences in outs for seq in sequences)
     prompt_tokens = sum(len(p) for p in prompts)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _envelope(kind: str, prefix: str, model: str, choices: list, prompts: list, outs: list) -> dict:
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": kind,
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": _usage(prompts, outs),
     }
