@@ -3,19 +3,20 @@
 ``Sampler.sample(requests, lora)`` runs every request of one call as one batch:
 
 * **Prefill** each *distinct* prompt once (``[P, Tp]``, prompt lengths bucketed to powers of two,
-  at least 16), then **expand** the cache rows to one row per sample (``num_samples`` share the
-  prompt's prefill), pad the cache to ``S`` slots (a power of two >= prompt + max_tokens) and
-  sample each row's first token from the prefill's logits.
+  at least 16), then **grow** the cache to one row per sample (``num_samples`` share the prompt's
+  prefill) and ``S`` slots (a power of two >= prompt + max_tokens), and sample each row's **first**
+  token from the prefill's logits.
 * **Decode** in one ``jax.jit`` program: a ``lax.while_loop`` that feeds the last token, samples
   the next one and exits as soon as every row has stopped (a stop token id, or its own
   ``max_tokens``); ``n`` tokens take ``n - 1`` forward passes (``compute_logprobs``: none). The
   cache and the output buffers are donated, so they are updated in place. Sampling parameters
   (temperature, top_k, top_p, min_p, penalties, seeds, stop ids, max_tokens) are per-row
   *arrays*, so mixing requests never recompiles; the programs are keyed only by the bucketed
-  shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (expand) and ``(B, S)`` (decode; batch sizes
-  are powers of two; expand and decode also by the stop-id list, sampled top-k and logit-bias
-  widths, powers of two too, and by whether any row has a repetition penalty), by the model config
-  and by the LoRA tree structure. The jits are module-level, so all Samplers of a process share them.
+  shapes ``(P, Tp)`` (prefill), ``(P, Tp, B, S)`` (grow, a cheap one), ``B`` (first) and ``(B, S)``
+  (decode, and the cheap start of its outputs; batch sizes are powers of two; first and decode also
+  by the stop-id list, sampled top-k and logit-bias widths, powers of two too, and by whether any
+  row has a repetition penalty), by the model config and by the LoRA tree structure. The jits are
+  module-level, so all Samplers of a process share them.
 * **Prefix cache** (:mod:`jtinker.prefix_cache`): after decoding, each row's keys and values are kept
   under its adapter; a later prompt sharing 16+ leading tokens with one prefills only the rest
   (``_prefill_after``: the suffix at its positions, attending to the cached prefix), unless the call
@@ -458,17 +459,28 @@ def _row_slots(cache: KVCache, row: jax.Array, *, slots: int) -> tuple[jax.Array
     return take(cache.k), take(cache.v)
 
 
-def _expand(
-    cache: KVCache, logits: jax.Array, src: jax.Array, rows: _Rows, *, size: int, topk: int
-) -> _State:
+def _grow(cache: KVCache, logits: jax.Array, src: jax.Array, *, size: int) -> tuple[KVCache, jax.Array]:
     """One cache row per sample (rows share their prompt's prefill), padded to ``size`` slots, and
-    each row's first token (step 0) sampled from its prompt's next-token ``logits``."""
+    each row's next-token logits."""
 
     def grow(x):
         x = jnp.take(x, src, axis=1)
         return jnp.pad(x, ((0, 0), (0, 0), (0, size - x.shape[2]), (0, 0), (0, 0)))
 
-    b = src.shape[0]
+    return KVCache(k=grow(cache.k), v=grow(cache.v)), jnp.take(logits, src, axis=0)
+
+
+def _first(logits: jax.Array, rows: _Rows, *, topk: int):
+    """Each row's first token (step 0), its logprob and top-k, from its next-token ``logits`` ``[B, V]``.
+
+    A program of its own: the token selection compiles slowly (a second on CPU), and this way it is
+    keyed by the batch size alone, not also by the prompts' count and length and the cache's size."""
+    return _select(logits, rows, _row_keys(rows), jnp.zeros((), jnp.int32), topk)
+
+
+def _start(token: jax.Array, logprob: jax.Array, top, rows: _Rows, *, size: int) -> tuple[jax.Array, _Out]:
+    """The decode outputs, ``size`` slots a row, with the first token recorded; the next step is 1."""
+    b, k = token.shape[0], 0 if top is None else top[0].shape[-1]
     out = _Out(
         last=jnp.zeros(b, jnp.int32),
         tokens=jnp.zeros((b, size), jnp.int32),
@@ -476,13 +488,11 @@ def _expand(
         done=rows.max_tokens <= 0,  # padding rows never run
         stopped=jnp.zeros(b, bool),
         count=jnp.zeros(b, jnp.int32),
-        topk_ids=jnp.zeros((b, size, topk), jnp.int32),
-        topk_logprobs=jnp.zeros((b, size, topk), jnp.float32),
+        topk_ids=jnp.zeros((b, size, k), jnp.int32),
+        topk_logprobs=jnp.zeros((b, size, k), jnp.float32),
     )
     step = jnp.zeros((), jnp.int32)
-    token, logprob, top = _select(jnp.take(logits, src, axis=0), rows, _row_keys(rows), step, topk)
-    out = _record(out, rows, step, token, logprob, top)
-    return _State(cache=KVCache(k=grow(cache.k), v=grow(cache.v)), step=step + 1, out=out)
+    return step + 1, _record(out, rows, step, token, logprob, top)
 
 
 def _decode_step(config: ModelConfig, params, lora, tokens: jax.Array, positions: jax.Array, cache: KVCache):
@@ -497,7 +507,7 @@ def _decode(config: ModelConfig, params, lora, state: _State, rows: _Rows, end_s
     """Produces tokens until every row is done or ``step == end_step``.
 
     Step ``t >= 1`` feeds token ``t - 1`` at position ``prompt_len + t - 1`` and samples token ``t``
-    (step 0's token comes from the prefill's logits, in :func:`_expand`). The last slot is scratch:
+    (step 0's token comes from the prefill's logits, in :func:`_first`). The last slot is scratch:
     since ``size >= prompt_len + max_tokens`` and the final token is never fed, no real position
     reaches it. Finished rows feed into it, so every row runs the same body.
     """
@@ -541,7 +551,7 @@ def _program(
     key = (kind, cache, replicated, want_lp, topk, targets, alt)
     if key not in _PROGRAMS:
         kv = None if cache is None else KVCache(k=cache, v=cache)
-        # Decode keeps the cache in the layout the expand program leaves it in: donated in place.
+        # Decode keeps the cache in the layout the grow program leaves it in: donated in place.
         state = None if kv is None else _State(cache=kv, step=replicated, out=replicated)
         if kind == "prefill_after":
             outs = None if kv is None else {"cache": kv, "logits": replicated}
@@ -557,8 +567,14 @@ def _program(
             fn = jax.jit(
                 _prefill, static_argnames=("config", "cache_dtype", "want_lp", "topk"), out_shardings=outs
             )
-        elif kind == "expand":
-            fn = jax.jit(_expand, static_argnames=("size", "topk"), out_shardings=state)
+        elif kind == "grow":
+            fn = jax.jit(
+                _grow, static_argnames=("size",), out_shardings=None if kv is None else (kv, replicated)
+            )
+        elif kind == "first":
+            fn = jax.jit(_first, static_argnames=("topk",), out_shardings=replicated)
+        elif kind == "start":
+            fn = jax.jit(_start, static_argnames=("size",), out_shardings=replicated)
         else:
             fn = jax.jit(
                 _decode,
@@ -594,7 +610,7 @@ def decode_compiler_options() -> dict[str, str] | None:
 # XLA compilations (or persistent-cache loads) of each stage's function, process-wide, counted as
 # JAX reports them: jits of one function with other settings (placements, compiler options) keep
 # compile caches of their own, so no one cache sees them all.
-_COMPILES = dict.fromkeys(("prefill", "prefill_after", "expand", "decode"), 0)
+_COMPILES = dict.fromkeys(("prefill", "prefill_after", "grow", "first", "start", "decode"), 0)
 
 
 def _count_compile(event: str, duration: float, **kwargs: Any) -> None:
@@ -988,15 +1004,16 @@ class Sampler:
         lora = _with_adapter_ids(lora, row_adapter, b)
 
         placement = self._placement(b, size)
-        state = _program("expand", *placement)(
-            pre["cache"], pre["logits"], jnp.asarray(src), device_rows, size=size, topk=topk_sample
-        )
+        cache, logits = _program("grow", *placement)(pre["cache"], pre["logits"], jnp.asarray(src), size=size)
         del pre
+        first = _program("first", *placement)(logits, device_rows, topk=topk_sample)
+        step, out = _program("start", *placement)(*first, device_rows, size=size)
+        state = _State(cache=cache, step=step, out=out)
         stop_rows = [j for j, row in enumerate(rows) if requests[row.request].stop_strings]
         streamed = {j: 0 for j, row in enumerate(rows) if requests[row.request].on_tokens}  # count sent
         total = int(host["max_tokens"].max())
         chunk = self.stop_check_interval if stop_rows or streamed else total
-        step = 1  # the expand program sampled token 0: one-token samples need no decode call
+        step = 1  # the first program sampled token 0: one-token samples need no decode call
         while step < total:
             step = min(step + chunk, total)
             state = _program("decode", *placement)(

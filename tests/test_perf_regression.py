@@ -37,7 +37,7 @@ import jtinker as tinker
 from jtinker import batching, losses, sampling, train
 from jtinker.models import KVCache, load_pretrained, make_tiny
 from jtinker.models import lora as lora_lib
-from jtinker.sampling import Sampler, SampleRequest, _expand, _Rows
+from jtinker.sampling import Sampler, SampleRequest, _first, _grow, _Rows, _start
 
 UNIQUE_CONFIG = {"rms_norm_eps": 1.5e-6}  # no other test's model has it: fresh jit cache entries
 ADAM = tinker.AdamParams(learning_rate=1e-3)
@@ -328,35 +328,37 @@ def test_sampling_programs_have_no_host_callbacks(model_dir, ir_dump, tmp_path):
 
     programs = ir_dump.read(ir_dump.files() - before)
     names = " ".join(programs)
-    # Prefill and decode take the (unique) config, so this call lowers them; expand depends only on
-    # shapes, which another test of this process may have compiled already: then it is lowered here.
+    # Prefill and decode take the (unique) config, so this call lowers them; grow, first and start
+    # depend only on shapes, which another test of this process may have lowered already: lowered here.
     for stage in ("jit__prefill", "jit__decode"):
         assert stage in names, f"{stage} was not lowered by this sample call: {sorted(programs)}"
-    if "jit__expand" not in names:
-        config, _ = load_pretrained(model_dir)
-        cache = KVCache.zeros(config, 1, 16)
-        ints, floats = jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.float32)
-        rows = _Rows(
-            prompt_len=ints,
-            max_tokens=ints,
-            temperature=floats,
-            top_k=ints,
-            top_p=floats,
-            min_p=floats,
-            presence=floats,
-            frequency=floats,
-            repetition=floats,
-            context=jnp.zeros((2, 0), jnp.int32),
-            bias_ids=jnp.zeros((2, 0), jnp.int32),
-            bias=jnp.zeros((2, 0), jnp.float32),
-            seed=jnp.zeros((2, 2), jnp.uint32),
-            sample_index=ints,
-            stop_ids=jnp.zeros((2, 4), jnp.int32),
-        )
-        lowered = jax.jit(_expand, static_argnames=("size", "topk")).lower(
-            cache, jnp.zeros((1, config.vocab_size)), jnp.zeros(2, jnp.int32), rows, size=32, topk=0
-        )
-        programs["expand"] = lowered.as_text()
+    config, _ = load_pretrained(model_dir)
+    ints, floats = jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.float32)
+    rows = _Rows(
+        prompt_len=ints,
+        max_tokens=ints,
+        temperature=floats,
+        top_k=ints,
+        top_p=floats,
+        min_p=floats,
+        presence=floats,
+        frequency=floats,
+        repetition=floats,
+        context=jnp.zeros((2, 0), jnp.int32),
+        bias_ids=jnp.zeros((2, 0), jnp.int32),
+        bias=jnp.zeros((2, 0), jnp.float32),
+        seed=jnp.zeros((2, 2), jnp.uint32),
+        sample_index=ints,
+        stop_ids=jnp.zeros((2, 4), jnp.int32),
+    )
+    logits = jnp.zeros((2, config.vocab_size))
+    grow = jax.jit(_grow, static_argnames="size").lower(
+        KVCache.zeros(config, 1, 16), logits[:1], ints, size=32
+    )
+    programs["grow"] = grow.as_text()
+    programs["first"] = jax.jit(_first, static_argnames="topk").lower(logits, rows, topk=0).as_text()
+    start = jax.jit(_start, static_argnames="size").lower(ints, floats, None, rows, size=32)
+    programs["start"] = start.as_text()
     assert _flagged(programs) == {}
 
 
