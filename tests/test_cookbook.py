@@ -323,7 +323,7 @@ def test_on_policy_distillation_loop(server, tmp_path):
     from tinker_cookbook.rl.types import RLDatasetBuilder
     from tinker_cookbook.supervised.data import conversation_to_datum
 
-    prompts = [f"item {i}: color?" for i in range(32)]  # 8 steps of 4 groups
+    prompts = [f"item {i}: color?" for i in range(24)]  # 6 steps of 4 groups
     tokenizer = get_tokenizer(BASE)
     renderer = renderers.get_renderer("qwen3", tokenizer)
 
@@ -373,8 +373,8 @@ def test_on_policy_distillation_loop(server, tmp_path):
 
     rows = _jsonl(tmp_path / "run" / "metrics.jsonl")
     kl = [row["teacher_kl"] for row in rows if "teacher_kl" in row]
-    assert len(kl) == 8
+    assert len(kl) == 6
     assert kl[0] > 1.0  # the fine-tuned student is far from the base teacher
     assert max(kl[-4:]) < 0.25 * kl[0]  # near the teacher by mid-run (measured: ~0.1 of it), and it stays
     sample_train_kl = [row["optim/kl_sample_train_v1"] for row in rows if "optim/kl_sample_train_v1" in row]
-    assert len(sample_train_kl) == 8 and max(map(abs, sample_train_kl)) < 1e-4  # sampler == learner
+    assert len(sample_train_kl) == 6 and max(map(abs, sample_train_kl)) < 1e-4  # sampler == learner
