@@ -25,10 +25,10 @@
   batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
   whose text already contains a stop string are marked done between chunks (early exit); the
   sequence is then cut at (and includes) the token that completes the first stop string.
-* **Streaming**: a request's ``on_tokens(sample, tokens)`` is called between chunks of
-  ``stop_check_interval`` steps too, on the sampling thread, with each unfinished sample's tokens so
-  far; returning False (or raising) ends that sample there, e.g. when its reader has gone. The
-  result still comes whole.
+* **Streaming**: a request's ``on_tokens(sample, tokens)`` is called after the first token and then
+  between chunks of ``stop_check_interval`` steps, on the sampling thread, with each unfinished
+  sample's tokens so far; returning False (or raising) ends that sample there, e.g. when its reader
+  has gone. The result still comes whole.
 
 Sampling semantics (per row): ``logit_bias`` (OpenAI's) first adds to the logits of its token ids.
 ``repetition_penalty`` (transformers' and vLLM's) then divides the positive logits of tokens in the
@@ -1014,34 +1014,21 @@ class Sampler:
         total = int(host["max_tokens"].max())
         chunk = self.stop_check_interval if stop_rows or streamed else total
         step = 1  # the first program sampled token 0: one-token samples need no decode call
+        check = bool(streamed)  # streaming readers get the first token before decoding goes on
         while step < total:
+            if check:  # between chunks: stop strings and streaming readers may end rows early
+                out = jax.device_get(state.out)
+                done = self._checked(out, [requests[row.request] for row in rows], rows, stop_rows, streamed)
+                if done.all():
+                    break
+                if (done != out.done).any():
+                    state = state._replace(out=state.out._replace(done=jnp.asarray(done)))
             step = min(step + chunk, total)
             state = _program("decode", *placement)(
                 self.config, self.params, lora, state, device_rows, jnp.int32(step)
             )
             self.last_stats["decode_calls"] += 1
-            if not (stop_rows or streamed) or step >= total:
-                break
-            # Early exit for stop strings: mark rows whose text already contains one as done.
-            out = jax.device_get(state.out)
-            done = out.done.copy()
-            for j in stop_rows:
-                r = requests[rows[j].request]
-                if not done[j] and self._stop_string_cut(out.tokens[j, : out.count[j]], r.stop_strings):
-                    done[j] = True
-            for j, sent in streamed.items():
-                if not done[j] and out.count[j] > sent:
-                    streamed[j] = int(out.count[j])
-                    tokens = out.tokens[j, : out.count[j]].tolist()
-                    try:
-                        done[j] = requests[rows[j].request].on_tokens(rows[j].sample, tokens) is False
-                    except Exception:  # one reader's failure ends its sample, not the batch
-                        log.warning("on_tokens raised: sample ended", exc_info=True)
-                        done[j] = True
-            if done.all():
-                break
-            if (done != out.done).any():
-                state = state._replace(out=state.out._replace(done=jnp.asarray(done)))
+            check = bool(stop_rows or streamed)
 
         out = jax.device_get(state.out)
         self.last_stats["decode_steps"] += int(state.step)
@@ -1206,6 +1193,24 @@ class Sampler:
                 np.asarray(pre["alt_tokens"][i, : n - 1, :a], np.int64),
                 np.asarray(pre["alt_lp"][i, : n - 1, :a], np.float32),
             )
+
+    def _checked(self, out: _Out, requests: list, rows: list, stop_rows: list, streamed: dict) -> np.ndarray:
+        """Rows done after a chunk: those whose text already holds a stop string, and streamed rows
+        whose reader ended them (each reader gets its row's tokens when it has new ones)."""
+        done = out.done.copy()
+        for j in stop_rows:
+            if not done[j] and self._stop_string_cut(out.tokens[j, : out.count[j]], requests[j].stop_strings):
+                done[j] = True
+        for j, sent in streamed.items():
+            if not done[j] and out.count[j] > sent:
+                streamed[j] = int(out.count[j])
+                tokens = out.tokens[j, : out.count[j]].tolist()
+                try:
+                    done[j] = requests[j].on_tokens(rows[j].sample, tokens) is False
+                except Exception:  # one reader's failure ends its sample, not the batch
+                    log.warning("on_tokens raised: sample ended", exc_info=True)
+                    done[j] = True
+        return done
 
     def _stop_string_cut(self, tokens: Sequence[int], stop_strings: Sequence[str]) -> int | None:
         """The smallest ``n`` such that ``decode(tokens[:n])`` contains a stop string, else None."""

@@ -760,14 +760,15 @@ def test_logit_bias_decoding_matches_transformers_generate(llama):
 
 
 def test_on_tokens_streams_each_sample_and_can_end_it(llama):
-    """``on_tokens(sample, tokens)`` between decode chunks: each unfinished sample's tokens so far, a
-    prefix of its result. Returning False, or raising, ends that sample there; the batch goes on."""
+    """``on_tokens(sample, tokens)`` after the first token and between decode chunks: each unfinished
+    sample's tokens so far, a prefix of its result. Returning False, or raising, ends that sample
+    there; the batch goes on."""
     n, interval = 40, llama.sampler.stop_check_interval
     seen: dict[int, list] = {0: [], 1: []}
     streamed = greedy(PROMPTS[0], max_tokens=n, num_samples=2, on_tokens=lambda i, t: seen[i].append(t))
     (result,) = llama.sampler.sample([streamed])
     for sample, calls in seen.items():
-        assert [len(c) for c in calls] == [1 + interval, 1 + 2 * interval]
+        assert [len(c) for c in calls] == [1, 1 + interval, 1 + 2 * interval]  # the first token at once
         assert all(result.sequences[sample][0][: len(c)] == c for c in calls)
 
     def fail(sample, tokens):
@@ -775,14 +776,14 @@ def test_on_tokens_streams_each_sample_and_can_end_it(llama):
 
     ended, raised, plain = llama.sampler.sample(
         [
-            greedy(PROMPTS[0], max_tokens=n, num_samples=2, on_tokens=lambda i, t: i != 0),
+            greedy(PROMPTS[0], max_tokens=n, num_samples=2, on_tokens=lambda i, t: i != 0 or len(t) == 1),
             greedy(PROMPTS[0], max_tokens=n, on_tokens=fail),
             greedy(PROMPTS[1], max_tokens=n),
         ]
     )
     assert ended.sequences[0][0] == result.sequences[0][0][: 1 + interval]
     assert ended.sequences[1][0] == result.sequences[1][0]
-    assert raised.sequences[0][0] == result.sequences[0][0][: 1 + interval]
+    assert raised.sequences[0][0] == result.sequences[0][0][:1]  # it raised at the first token
     assert plain.sequences[0][0] == hf_greedy(llama.hf(), PROMPTS[1], n)
 
 
