@@ -252,31 +252,57 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import jtinker as tinker
-    from jtinker import types
+    from jtinker.sampling import SampleRequest, TextStream
 
     if args.base_model is None and args.model_path is None:
         raise UsageError("sample: --base-model or --model-path is required (see 'jtinker sample --help')")
     if args.model_path is not None:
         _check_tinker_path(args.model_path)
+    if args.system is not None and not args.chat:
+        raise UsageError("sample: --system needs --chat")
     service = tinker.ServiceClient()
     client = service.create_sampling_client(model_path=args.model_path, base_model=args.base_model)
     tokenizer = client.get_tokenizer()
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    params = types.SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, stop=stop or None
-    )
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise UsageError("sample: --chat needs a model whose tokenizer has a chat template")
+    # The model's EOS tokens, and the tokenizer's (a chat model's end of turn).
+    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    stops = tuple(sorted({*client.model_config.eos_token_ids, *eos}))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
 
-    def complete(text: str) -> str:
-        prompt = types.ModelInput.from_ints(tokenizer.encode(text))
-        sequence = client.sample(prompt, 1, params).result().sequences[0]
-        return tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+    def reply(prompt: list[int]) -> str:
+        """Samples a completion of ``prompt``, printed as it decodes; returns its text."""
+        stream = TextStream(tokenizer)
+        request = SampleRequest(
+            prompt=prompt,
+            num_samples=1,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            stop_token_ids=stops,
+            on_tokens=lambda _, tokens: print(stream.piece(tokens), end="", flush=True),
+        )
+        ((tokens, _, _),) = client.submit_request(request).result().sequences
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(stream.end(text), flush=True)
+        return text
+
+    def answer(line: str) -> None:
+        if not args.chat:
+            reply(tokenizer.encode(line))
+            return
+        messages.append({"role": "user", "content": line})
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = reply(tokenizer.encode(rendered, add_special_tokens=False))
+        messages.append({"role": "assistant", "content": text})
 
     if args.prompt is not None:
-        print(complete(args.prompt))
+        answer(args.prompt)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print("enter a prompt per line; Ctrl-D to quit", file=sys.stderr)
+        what = "a message" if args.chat else "a prompt"
+        print(f"enter {what} per line; Ctrl-D to quit", file=sys.stderr)
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -285,7 +311,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             return 0
         line = line.rstrip("\n")
         if line:
-            print(complete(line), flush=True)
+            answer(line)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -482,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         name="sample",
         help="sample from a base model or a checkpoint",
-        description="One completion of --prompt, or of each line read from stdin until EOF.",
+        description="One completion of --prompt, or of each line read from stdin until EOF, printed as it "
+        "decodes. With --chat, each line is the next user message of one conversation (the tokenizer's "
+        "chat template; later turns reuse the earlier ones' keys and values).",
     )
     p.add_argument("--base-model", metavar="M", help="base model (default: the checkpoint's)")
     p.add_argument("--model-path", metavar="PATH", help="tinker:// checkpoint whose adapter to apply")
@@ -490,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=64, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="converse: each line is a user message")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: the system message")
     p.set_defaults(func=cmd_sample)
 
     import jtinker.server  # cheap: the HTTP stack is imported only when serving

@@ -134,6 +134,36 @@ class SampleResult:
     prompt_cache_hit_tokens: int = 0  # leading prompt tokens whose keys and values were reused
 
 
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of ``stops`` begins in ``text`` (None: nowhere)."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+
+
+@dataclasses.dataclass
+class TextStream:
+    """A sample's text as it streams (``SampleRequest.on_tokens``): ``piece(tokens)`` is the text new
+    since the last piece, cut at a stop string, holding back what later tokens may still change (a
+    stop string's possible start, a partial character, trailing whitespace); ``end(text)`` is the
+    rest of the final text."""
+
+    tokenizer: Any
+    stops: Sequence[str] = ()
+    sent: int = 0  # characters given out
+
+    def piece(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = first_stop(text, self.stops)
+        if cut is None:
+            held = max(map(len, self.stops), default=1) - 1
+            text = text[: len(text) - held].rstrip("\ufffd \t\n")
+        return self.end(text[:cut])
+
+    def end(self, text: str) -> str:
+        piece = text[self.sent :]
+        self.sent = max(self.sent, len(text))
+        return piece
+
+
 class _Rows(NamedTuple):
     """Per-row sampling parameters (device arrays; never donated, never static)."""
 

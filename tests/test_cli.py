@@ -251,6 +251,31 @@ def test_sample_prompt_and_stdin(home, qwen3_dir, monkeypatch, capsys):
     assert outputs[0] == outputs[1] and outputs[0]
 
 
+def test_sample_chat_is_one_conversation(home, tiny_model_factory, monkeypatch, capsys):
+    """``--chat``: each stdin line is the next user turn of one conversation, rendered with the chat
+    template after the system message and the earlier turns; each reply, printed as it decodes, is
+    the greedy sample of that prompt."""
+    model_dir = tiny_model_factory("llama")  # varied greedy text: the tied tiny qwen3 repeats newlines
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nmore please\n"))
+    args = ["sample", "--base-model", str(model_dir), "--chat", "--system", "Be brief.", "--max-tokens", "24"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+
+    client = tinker.ServiceClient().create_sampling_client(base_model=str(model_dir))
+    stop = sorted({*client.model_config.eos_token_ids, tokenizer.eos_token_id})
+    params = types.SamplingParams(max_tokens=24, temperature=0.0, stop=stop)
+    messages, want = [{"role": "system", "content": "Be brief."}], ""
+    for line in ("hi", "more please"):
+        messages.append({"role": "user", "content": line})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = types.ModelInput.from_ints(tokenizer.encode(text, add_special_tokens=False))
+        tokens = client.sample(prompt, 1, params).result().sequences[0].tokens
+        messages.append({"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=True)})
+        want += messages[-1]["content"] + "\n"
+    assert printed == want and messages[2]["content"] != messages[4]["content"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors and exit codes
 
@@ -270,6 +295,7 @@ def test_usage_errors_exit_2(home, capsys):
     assert main(["export", "not-a-path", "out", "--format", "peft"]) == 2
     assert main(["no-such-command"]) == 2
     assert main(["train"]) == 2
+    assert main(["sample", "--base-model", "jtinker/tiny-qwen3", "--system", "x"]) == 2  # without --chat
     err = capsys.readouterr().err
     assert "required: CONFIG" in err
     assert all(line.startswith("jtinker: error:") for line in err.strip().splitlines()), err

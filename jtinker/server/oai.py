@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from jtinker.sampling import SampleRequest
+from jtinker.sampling import SampleRequest, TextStream, first_stop
 from jtinker.server.wire import UserError
 
 OAI = "/oai/api/v1"
@@ -352,7 +352,7 @@ class OpenAIRoutes:
 
         tokenizer = client.get_tokenizer()
         n = sampling.n
-        deltas = [[_Delta(tokenizer, sampling.stops) for _ in range(n)] for _ in prompts]
+        deltas = [[TextStream(tokenizer, sampling.stops) for _ in range(n)] for _ in prompts]
         head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -391,7 +391,7 @@ class OpenAIRoutes:
                     while not updates.empty():
                         news.append(updates.get_nowait())
                     for p, j, tokens in news:
-                        text = deltas[p][j].partial(tokens) if outs[p] is None else ""
+                        text = deltas[p][j].piece(tokens) if outs[p] is None else ""
                         if text:
                             yield event([choice(p * n + j, text, None)])
                     for p, future in enumerate(futures):
@@ -399,7 +399,7 @@ class OpenAIRoutes:
                             outs[p] = _sequences(await _sampled(future), sampling)
                             for j, seq in enumerate(outs[p]):
                                 text, reason = _text(tokenizer, seq, sampling.stops)
-                                yield event([choice(p * n + j, deltas[p][j].final(text), reason)])
+                                yield event([choice(p * n + j, deltas[p][j].end(text), reason)])
                 if sampling.stream_usage:
                     yield event([], usage=_usage(prompts, outs))
                 yield "data: [DONE]\n\n"
@@ -429,33 +429,6 @@ def _sequences(result: Any, sampling: _Sampling) -> list[tuple]:
         else ([], [], "length", None if top is None else [])
         for (tokens, lps, reason), top in zip(result.sequences, tops, strict=True)
     ]
-
-
-@dataclasses.dataclass
-class _Delta:
-    """One streamed choice's text: what was sent, and the next piece. Text that later tokens may still
-    change is held back: a stop string's possible start, a partial character, trailing whitespace."""
-
-    tokenizer: Any
-    stops: tuple[str, ...]
-    sent: int = 0
-
-    def partial(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _first_stop(text, self.stops)
-        if cut is None:
-            held = max(map(len, self.stops), default=1) - 1
-            text = text[: len(text) - held].rstrip("\ufffd \t\n")
-        return self.final(text[:cut])
-
-    def final(self, text: str) -> str:
-        piece = text[self.sent :]
-        self.sent = max(self.sent, len(text))
-        return piece
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
 
 
 def _is_ids(x: Any) -> bool:
@@ -508,7 +481,7 @@ def _text(tokenizer: Any, seq: tuple, stops: Sequence[str]) -> tuple[str, str]:
     logprobs cover every sampled token, the EOS or stop string's included."""
     tokens, _, reason, _ = seq
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = _first_stop(text, stops)
+    cut = first_stop(text, stops)
     if cut is not None:
         text, reason = text[:cut], "stop"
     return text, "stop" if reason == "stop" else "length"
