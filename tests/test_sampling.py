@@ -19,11 +19,13 @@ from jtinker.models import lora as lora_lib
 from jtinker.sampling import (
     Sampler,
     SampleRequest,
+    TextStream,
     _filter,
     _row_keys,
     _Rows,
     _select,
     compile_counts,
+    first_stop,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -785,6 +787,22 @@ def test_on_tokens_streams_each_sample_and_can_end_it(llama):
     assert ended.sequences[1][0] == result.sequences[1][0]
     assert raised.sequences[0][0] == result.sequences[0][0][:1]  # it raised at the first token
     assert plain.sequences[0][0] == hf_greedy(llama.hf(), PROMPTS[1], n)
+
+
+def test_text_stream_pieces_join_to_the_final_text(qwen3):
+    """Token by token, the pieces never show a partial character or text past a stop string (held
+    back until the next tokens tell), and with the end they join to the final text."""
+    text = "naïve café — done. Ok"
+    ids = qwen3.tokenizer.encode(text)
+    assert len(ids) > len(text)  # byte-level pieces: characters span tokens
+    for stops, final in (((), text), (("done", "zz"), "naïve café — "), (("e c",), "naïv")):
+        assert text[: first_stop(text, stops)] == final
+        stream, joined = TextStream(qwen3.tokenizer, stops), ""
+        for n in range(1, len(ids) + 1):
+            joined += stream.piece(ids[:n])
+            assert final.startswith(joined) and "\ufffd" not in joined, (stops, joined)
+        assert joined == final and stream.end(final) == ""  # all of it came as pieces
+        assert TextStream(qwen3.tokenizer, stops).end(final) == final
 
 
 def test_token_frequencies_follow_the_distribution():
