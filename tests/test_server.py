@@ -796,7 +796,7 @@ def test_openai_streaming(server):
     assert client.completions.create(**ask).choices[0].text == text  # the server is still serving
 
     refused = [
-        ({"stream": True, "logprobs": 1}, "logprobs"),
+        ({"stream": True, "logprobs": 0}, "logprobs"),  # 0: the sampled tokens' logprobs, no top-k
         ({"stream": True, "echo": True}, "echo"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": True, "max_tokens": 10**6}, "max_tokens"),  # the sampler's refusal, before any chunk

@@ -155,7 +155,7 @@ class _Sampling:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _Invalid("stream", f"must be a boolean, got {stream!r}")
-        if stream and body.get("logprobs") not in (None, False):
+        if stream and body.get("logprobs") is not None and body["logprobs"] is not False:  # 0 asks too
             raise _Invalid("logprobs", "is not supported with stream by jtinker")
         return cls(
             n=_number(body, "n", 1, 1, MAX_N, integer=True),
