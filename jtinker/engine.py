@@ -719,6 +719,7 @@ class Worker:
         self.loss_requests = 0  # loss requests run; loss_requests / loss_steps is the mean group size
         self.sample_requests = 0  # sampling requests run, in
         self.sample_batches = 0  # Sampler.sample calls (one per batch of requests, any adapters)
+        self.sampled_tokens = 0  # tokens the samples of those requests returned
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -951,6 +952,7 @@ class Worker:
                     task.future.set_exception(e)
                 continue
             for task, result in zip(group, results, strict=True):
+                self.sampled_tokens += sum(len(tokens) for tokens, _, _ in result.sequences)
                 task.future.set_result(result)
         self._sample_rhythm.seconds = time.monotonic() - started
 

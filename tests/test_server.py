@@ -764,6 +764,7 @@ def test_openai_streaming(server):
     client = openai.OpenAI(base_url=server.url + "/oai/api/v1", api_key=KEY_A, max_retries=0)
     ask = {"model": BASE, "prompt": "a b c", "max_tokens": 48, "temperature": 0, "logit_bias": {"258": -100}}
     whole = client.completions.create(**ask)
+    ask_tokens = whole.usage.completion_tokens
     chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
     pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert "".join(pieces) == whole.choices[0].text and len(pieces) >= 3  # 48 tokens, 16 a chunk
@@ -791,9 +792,14 @@ def test_openai_streaming(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
-    with client.completions.create(**ask, stream=True) as stream:
-        next(iter(stream))  # the reader leaves after its first piece
-    assert client.completions.create(**ask).choices[0].text == text  # the server is still serving
+    def sampled_tokens() -> int:
+        return sum(base["sampled_tokens"] for base in server.get("/status").json()["base_models"])
+
+    before = sampled_tokens()
+    with client.completions.create(**{**ask, "max_tokens": 400}, stream=True) as stream:
+        next(iter(stream))  # the reader leaves after its first piece...
+    assert client.completions.create(**ask).choices[0].text == text  # ...the server is still serving,
+    assert sampled_tokens() - before - ask_tokens < 400  # and it ended that sample early
 
     refused = [
         ({"stream": True, "logprobs": 0}, "logprobs"),  # 0: the sampled tokens' logprobs, no top-k

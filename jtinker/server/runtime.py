@@ -1061,6 +1061,7 @@ class Runtime:
                     "loss_steps": base.worker.loss_steps,
                     "sample_requests": base.worker.sample_requests,  # likewise for sampling
                     "sample_batches": base.worker.sample_batches,
+                    "sampled_tokens": base.worker.sampled_tokens,
                     "prefix_cache": base.prefix_cache_stats(),
                     "training_models": sum(1 for m in self.models.values() if m.base_model == name),
                     "samplers": sum(1 for s in self.samplers.values() if s.base_model == name),
