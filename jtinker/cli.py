@@ -265,6 +265,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tokenizer = client.get_tokenizer()
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise UsageError("sample: --chat needs a model whose tokenizer has a chat template")
+    if args.chat:
+        from jtinker.data import template_tokens  # rendered as `jtinker train` renders chat data
     # The model's EOS tokens, and the tokenizer's (a chat model's end of turn).
     eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     stops = tuple(sorted({*client.model_config.eos_token_ids, *eos}))
@@ -292,8 +294,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             reply(tokenizer.encode(line))
             return
         messages.append({"role": "user", "content": line})
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        text = reply(tokenizer.encode(rendered, add_special_tokens=False))
+        text = reply(template_tokens(tokenizer, messages, gen_prompt=True))
         messages.append({"role": "assistant", "content": text})
 
     if args.prompt is not None:

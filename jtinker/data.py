@@ -162,7 +162,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _template_tokens(tokenizer: Any, messages: Sequence[Mapping[str, str]], gen_prompt: bool) -> list[int]:
+def template_tokens(tokenizer: Any, messages: Sequence[Mapping[str, str]], gen_prompt: bool) -> list[int]:
+    """``messages`` through the tokenizer's chat template (``gen_prompt``: then the assistant's turn
+    opens), as token ids; the template's own special tokens only."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen_prompt)
     return _encode(tokenizer, text)
 
@@ -195,16 +197,16 @@ def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[
     """
     if getattr(tokenizer, "chat_template", None) is None:
         return _plain_chat(tokenizer, messages)
-    full = _template_tokens(tokenizer, messages, gen_prompt=False)
+    full = template_tokens(tokenizer, messages, gen_prompt=False)
     weights = [0.0] * len(full)
     eos = tokenizer.eos_token_id
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start_toks = _template_tokens(tokenizer, messages[:i], gen_prompt=True) if i else []
+        start_toks = template_tokens(tokenizer, messages[:i], gen_prompt=True) if i else []
         if full[: len(start_toks)] != start_toks:  # template without a prefix-stable generation prompt
-            start_toks = _template_tokens(tokenizer, messages[:i], gen_prompt=False) if i else []
-        end_toks = _template_tokens(tokenizer, messages[: i + 1], gen_prompt=False)
+            start_toks = template_tokens(tokenizer, messages[:i], gen_prompt=False) if i else []
+        end_toks = template_tokens(tokenizer, messages[: i + 1], gen_prompt=False)
         if full[: len(start_toks)] != start_toks or full[: len(end_toks)] != end_toks:
             raise ValueError("chat template does not render conversation prefixes as token prefixes")
         start, end = len(start_toks), len(end_toks)

@@ -164,6 +164,10 @@ class TextStream:
         return piece
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class _Rows(NamedTuple):
     """Per-row sampling parameters (device arrays; never donated, never static)."""
 
@@ -269,35 +273,29 @@ def _choice_logits(logits: jax.Array, rows: _Rows, history: tuple[jax.Array, jax
     """Each row's logit bias, the repetition penalty over its prompt and sampled tokens, then OpenAI's
     presence and frequency penalties over its sampled tokens ``history`` (``(tokens [B, S], count [B])``;
     None: none sampled yet)."""
-    b = logits.shape[0]
-    by_row = jnp.arange(b)[:, None]
+    by_row = jnp.arange(logits.shape[0])[:, None]
     if rows.bias_ids.shape[1]:  # W = 0: no row of this batch has a logit bias
         bias = jnp.where(rows.bias_ids >= 0, rows.bias, 0.0)
         logits = logits.at[by_row, jnp.maximum(rows.bias_ids, 0)].add(bias)
-
-    def sampled_counts():
-        tokens, count = history
-        sampled = (jnp.arange(tokens.shape[1])[None, :] < count[:, None]).astype(jnp.float32)
-        return jnp.zeros_like(logits).at[by_row, tokens].add(sampled)
-
-    def repeat(logits):
-        in_prompt = (rows.context >= 0).astype(jnp.float32)
-        seen = jnp.zeros_like(logits).at[by_row, jnp.maximum(rows.context, 0)].add(in_prompt) > 0
-        if history is not None:
-            seen |= sampled_counts() > 0
-        penalty = rows.repetition[:, None]
-        return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-    if rows.context.shape[1]:  # C = 0: no row of this batch has a repetition penalty
-        logits = jax.lax.cond(jnp.any(rows.repetition != 1), repeat, lambda x: x, logits)
-    if history is None:
+    repeating = rows.context.shape[1] > 0  # C = 0: no row of this batch has a repetition penalty
+    if history is None and not repeating:
         return logits
 
-    def penalize(logits):
-        counts = sampled_counts()
+    def penalize(logits):  # a neutral row (penalty 1, presence and frequency 0) keeps its logits exactly
+        counts = jnp.zeros_like(logits)
+        if history is not None:
+            tokens, count = history
+            sampled = (jnp.arange(tokens.shape[1])[None, :] < count[:, None]).astype(jnp.float32)
+            counts = counts.at[by_row, tokens].add(sampled)
+        if repeating:
+            in_prompt = (rows.context >= 0).astype(jnp.float32)
+            seen = counts.at[by_row, jnp.maximum(rows.context, 0)].add(in_prompt) > 0
+            penalty = rows.repetition[:, None]
+            logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
         return logits - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
 
-    return jax.lax.cond(jnp.any((rows.presence != 0) | (rows.frequency != 0)), penalize, lambda x: x, logits)
+    active = (rows.presence != 0) | (rows.frequency != 0) | (rows.repetition != 1)
+    return jax.lax.cond(jnp.any(active), penalize, lambda x: x, logits)
 
 
 def _last_nonzero(mask: jax.Array) -> jax.Array:
@@ -782,7 +780,7 @@ class Sampler:
                 raise ValueError(f"logit_bias: keys must be token ids, got {token!r}")
             if not 0 <= token < self.config.vocab_size:
                 raise ValueError(f"logit_bias: {token} is not a token id in [0, {self.config.vocab_size})")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            if not _is_real(value) or not -100 <= value <= 100:
                 raise ValueError(
                     f"logit_bias: token {token}'s bias must be a number in [-100, 100], got {value!r}"
                 )
@@ -809,11 +807,11 @@ class Sampler:
             raise ValueError(f"top_p: must be in (0, 1], got {r.top_p!r}")
         for field, lo, hi in (("min_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
             value = getattr(r, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            if not _is_real(value) or not lo <= value <= hi:
                 raise ValueError(f"{field}: must be a number in [{lo}, {hi}], got {value!r}")
         self._check_logit_bias(r.logit_bias)
         penalty = r.repetition_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
+        if not _is_real(penalty) or not 0 < penalty < math.inf:
             raise ValueError(f"repetition_penalty: must be a finite number > 0 (1: off), got {penalty!r}")
         for t in r.stop_token_ids:
             if not isinstance(t, (int, np.integer)) or not 0 <= t < self.config.vocab_size:
@@ -1048,7 +1046,7 @@ class Sampler:
         while step < total:
             if check:  # between chunks: stop strings and streaming readers may end rows early
                 out = jax.device_get(state.out)
-                done = self._checked(out, [requests[row.request] for row in rows], rows, stop_rows, streamed)
+                done = self._checked(out, requests, rows, stop_rows, streamed)
                 if done.all():
                     break
                 if (done != out.done).any():
@@ -1229,14 +1227,15 @@ class Sampler:
         whose reader ended them (each reader gets its row's tokens when it has new ones)."""
         done = out.done.copy()
         for j in stop_rows:
-            if not done[j] and self._stop_string_cut(out.tokens[j, : out.count[j]], requests[j].stop_strings):
+            stops = requests[rows[j].request].stop_strings
+            if not done[j] and self._stop_string_cut(out.tokens[j, : out.count[j]], stops):
                 done[j] = True
         for j, sent in streamed.items():
             if not done[j] and out.count[j] > sent:
                 streamed[j] = int(out.count[j])
                 tokens = out.tokens[j, : out.count[j]].tolist()
                 try:
-                    done[j] = requests[j].on_tokens(rows[j].sample, tokens) is False
+                    done[j] = requests[rows[j].request].on_tokens(rows[j].sample, tokens) is False
                 except Exception:  # one reader's failure ends its sample, not the batch
                     log.warning("on_tokens raised: sample ended", exc_info=True)
                     done[j] = True
