@@ -213,6 +213,12 @@ def _rows_sample(d: dict) -> list[list[str]]:
             _n(mt["cached"]["tokens_per_s"]), f"no prefix cache {_n(mt['uncached']['tokens_per_s'])}",
             f"{mt['ratio']:.2f}x", "(none)", "info",
         ])  # fmt: skip
+    if sc := d.get("scoring"):  # results from before shared-prefix scoring have none
+        rows.append([
+            "sample", f"GRPO scoring burst ({sc['groups']} x {sc['group_size']} sequences): tokens/s",
+            _n(sc["cached"]["tokens_per_s"]), f"no prefix cache {_n(sc['uncached']['tokens_per_s'])}",
+            f"{sc['ratio']:.2f}x", "(none)", "info",
+        ])  # fmt: skip
     return rows
 
 
@@ -313,13 +319,27 @@ def _details_sample(d: dict) -> list[str]:
          f"{d['ratio'][b]:.2f}x" if b in d["ratio"] else "—", f"{d['jtinker'][b]['compile_s']:.1f}"]
         for b in d["jtinker"]
     ]  # fmt: skip
-    return [
+    lines = [
         f"- {d['model']}; greedy, prompt {d['prompt_len']}, {d['new_tokens']} new tokens; medians of "
         f"{d['repeats']} interleaved runs after a warm-up; {d['threads']} threads; transformers in its own "
         f"process (OMP_WAIT_POLICY={d.get('omp_wait_policy')}).",
         "",
         _md_table(["batch", "jtinker tok/s", "transformers tok/s", "ratio", "jtinker compile (s)"], rows),
-    ] + _details_multi_turn(d.get("multi_turn"))
+    ]
+    return lines + _details_multi_turn(d.get("multi_turn")) + _details_scoring(d.get("scoring"))
+
+
+def _details_scoring(sc: dict | None) -> list[str]:
+    if not sc:
+        return []
+    return [
+        f"- Scoring: {sc['groups']} groups of {sc['group_size']} sequences (a shared "
+        f"{sc['prompt_len']}-token prompt plus a completion of 32 to 128 tokens each) scored in one call, "
+        f"prompt logprobs as `compute_logprobs` asks for them. Median burst: {sc['cached']['seconds']:.2f} s "
+        "with the prefix "
+        f"cache (each group's prompt prefilled once), {sc['uncached']['seconds']:.2f} s without "
+        f"({sc['ratio']:.2f}x).",
+    ]
 
 
 def _details_multi_turn(mt: dict | None) -> list[str]:

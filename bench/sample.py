@@ -15,7 +15,13 @@ Multi-turn episodes (``--turns`` 4, 0: skip) measure the prefix cache: batch 8, 
 ``--turn-tokens`` (32) tokens at temperature 1 and appends them plus as many new "user" tokens to
 the prompt (128 tokens at first), so turn ``t``'s prompt extends turn ``t - 1``'s sequence. jtinker
 with its prefix cache vs without it, episodes interleaved, medians over ``--repeats`` episodes of
-fresh prompts after two warm-up episodes (which compile every bucket). Writes JSON to ``--out``.
+fresh prompts after two warm-up episodes (which compile every bucket).
+
+Scoring (``--score-groups`` 4, 0: skip) measures a GRPO-shaped ``compute_logprobs`` burst: groups
+of 8 sequences, each a shared 128-token prompt plus its own completion of 32 to 128 tokens, scored
+in one call as the client sends them (prompt logprobs, one sampled token). With the prefix cache each
+group's prompt is prefilled once; without it every sequence is prefilled whole. Fresh sequences
+each repeat. Writes JSON to ``--out``.
 
     python bench/sample.py [--batches 1 8 64] [--repeats 5] [--turns 4] [--out bench_results/sample.json]
 """
@@ -137,6 +143,54 @@ def multi_turn(config, params, args) -> dict:
     }
 
 
+def scoring(config, params, args) -> dict:
+    """A GRPO-shaped scoring burst, with the prefix cache and without it (see the module doc)."""
+    import numpy as np
+
+    from jtinker.sampling import Sampler, SampleRequest
+
+    size, prompt_len = 8, 128
+    samplers = {"cached": Sampler(config, params), "uncached": Sampler(config, params, prefix_cache_bytes=0)}
+
+    def burst(seed: int) -> list:
+        rng = np.random.default_rng(2000 + seed)
+        sequences = []
+        for _ in range(args.score_groups):
+            prompt = rng.integers(0, 256, prompt_len).tolist()
+            sequences += [prompt + rng.integers(0, 256, rng.integers(32, 129)).tolist() for _ in range(size)]
+        return [
+            SampleRequest(
+                prompt=x, num_samples=1, max_tokens=1, temperature=1.0, include_prompt_logprobs=True
+            )
+            for x in sequences
+        ]
+
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for seed in range(2 + args.repeats):
+        requests = burst(seed)
+        for name, sampler in samplers.items():
+            t0 = time.perf_counter()
+            sampler.sample(requests)
+            if seed >= 2:
+                times[name].append(time.perf_counter() - t0)
+    tokens = sum(len(r.prompt) for r in requests)
+    cached, uncached = (statistics.median(times[name]) for name in ("cached", "uncached"))
+    print(
+        f"scoring ({args.score_groups} groups of {size}): prefix cache {tokens / cached:.1f} tok/s "
+        f"({cached:.2f} s) | none {tokens / uncached:.1f} tok/s ({uncached:.2f} s)"
+        f" | ratio {uncached / cached:.2f}x",
+        flush=True,
+    )
+    return {
+        "groups": args.score_groups,
+        "group_size": size,
+        "prompt_len": prompt_len,
+        "cached": {"seconds": cached, "tokens_per_s": tokens / cached, "times": times["cached"]},
+        "uncached": {"seconds": uncached, "tokens_per_s": tokens / uncached, "times": times["uncached"]},
+        "ratio": uncached / cached,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
@@ -148,6 +202,7 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--turns", type=int, default=4, help="multi-turn episode length (0: skip)")
     ap.add_argument("--turn-tokens", type=int, default=32)
+    ap.add_argument("--score-groups", type=int, default=4, help="groups in the scoring burst (0: skip)")
     ap.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
@@ -225,6 +280,8 @@ def main() -> None:
         worker.join(timeout=10)
     if args.turns:
         results["multi_turn"] = multi_turn(config, params, args)
+    if args.score_groups:
+        results["scoring"] = scoring(config, params, args)
 
     results.update(
         model="qwen3 'small' from make_tiny (8 layers, hidden 512, vocab 8192), f32, random weights",

@@ -7,6 +7,11 @@ fed) under the adapter snapshot that computed them, and a new prompt reuses the 
 prefix it shares with any entry of its adapter. Causal attention makes that prefix's keys and values
 independent of what followed it.
 
+Scoring (prompt logprobs, ``compute_logprobs``) needs each prompt token's logprob as well. An entry
+keeps those of its first tokens when they were computed (the prompt of a request that asked for
+them, or a prefix the sampler scored once for a batch whose prompts share it), and a scoring lookup
+matches only that part: the suffix past it is scored by the prefill that attends to the cache.
+
 Entries are least-recently-used within a byte budget. An adapter is told apart by identity (a
 sampling client's snapshot is immutable; an inflight save makes a new one), held weakly so the
 cache never keeps an old adapter alive. A full fine-tune's weights are not held at all (no
@@ -33,10 +38,30 @@ class Entry:
     k: jax.Array  # [L, >= n, nKV, D] (slots past n are stale)
     v: jax.Array
     owner: Any  # weakref.ref to the adapter, or None for the base model
+    # float32 [m <= n]: logprobs[i] = lp(tokens[i] | tokens[:i]) for 0 < i < m (m = 0: none known)
+    logprobs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    # float32 [V]: the logprob of every token after all n (kept for a prefix scored for a batch)
+    next_logprobs: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def scored_length(self, prompt: np.ndarray) -> int:
+        """How many leading positions of ``prompt`` this entry serves a scoring prefill: keys and
+        values, and the logprobs of tokens ``1..n``. The token after them is fed for its logits,
+        unless the entry holds the logprobs of whatever follows all of its tokens."""
+        m = len(self.logprobs)
+        differ = np.flatnonzero(self.tokens[: min(m, len(prompt))] != prompt[:m])
+        common = int(differ[0]) if len(differ) else min(m, len(prompt))
+        boundary = self.next_logprobs is not None and common == m == len(self.tokens) < len(prompt)
+        return common if boundary else common - 1
+
+    def prompt_logprobs(self, prompt: Sequence[int], n: int) -> np.ndarray:
+        """The logprobs of ``prompt``'s tokens ``1..n`` (``n`` from :meth:`scored_length`)."""
+        if n < len(self.logprobs):
+            return self.logprobs[1 : n + 1]
+        return np.append(self.logprobs[1:], self.next_logprobs[prompt[n]]).astype(np.float32)
 
 
 def owner_key(adapter: Any) -> tuple | None:
@@ -62,7 +87,7 @@ class PrefixCache:
             raise ValueError(f"prefix_cache_bytes: must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.hit_tokens = 0  # prompt tokens served from the cache, all told
+        self.hit_tokens = 0  # prompt tokens served from the cache, all told (counted by their user)
         self._entries: collections.OrderedDict[tuple, Entry] = collections.OrderedDict()
         self._by_head: dict[tuple, set[tuple]] = {}
 
@@ -87,10 +112,14 @@ class PrefixCache:
             if entry.owner is not None and entry.owner() is None:
                 self._drop(key)
 
-    def lookup(self, adapter: Any, prompt: Sequence[int]) -> tuple[Entry, int] | None:
-        """The entry sharing the longest prefix with ``prompt`` under ``adapter`` and that prefix's
-        length, capped at ``len(prompt) - 1`` (the last prompt token is fed again for its logits);
-        None below :data:`MIN_HIT_TOKENS`."""
+    def lookup(
+        self, adapter: Any, prompt: Sequence[int], *, scored: bool = False
+    ) -> tuple[Entry, int] | None:
+        """The entry that serves the most of ``prompt`` under ``adapter``, and the number ``n`` of
+        leading positions whose keys and values it serves; None below :data:`MIN_HIT_TOKENS`.
+
+        ``n`` leaves at least the last prompt token to feed (its logits pick the next token). A
+        ``scored`` lookup needs the logprobs of tokens ``1..n`` too (:meth:`Entry.scored_length`)."""
         owner = owner_key(adapter)
         if owner is None or len(prompt) <= MIN_HIT_TOKENS:
             return None
@@ -100,40 +129,57 @@ class PrefixCache:
             entry = self._entries[key]
             if entry.owner is not None and entry.owner() is not adapter:
                 continue  # a gone adapter's entry under a reused id
-            m = min(len(entry.tokens), len(prompt) - 1)
-            differ = np.flatnonzero(entry.tokens[:m] != prompt[:m])
-            n = int(differ[0]) if len(differ) else m
+            if scored:
+                n = entry.scored_length(prompt)
+            else:
+                m = min(len(entry.tokens), len(prompt) - 1)
+                differ = np.flatnonzero(entry.tokens[:m] != prompt[:m])
+                n = int(differ[0]) if len(differ) else m
             if n > best_n:
                 best, best_n = key, n
         if best is None or best_n < MIN_HIT_TOKENS:
             return None
         self._entries.move_to_end(best)
-        self.hit_tokens += best_n
         return self._entries[best], best_n
 
-    def insert(self, adapter: Any, tokens: Sequence[int], k: jax.Array, v: jax.Array) -> None:
-        """Keeps ``tokens``' keys and values; entries of the adapter that are prefixes of ``tokens``
-        go (the new one covers them), then the least recently used until the budget holds."""
+    def insert(
+        self,
+        adapter: Any,
+        tokens: Sequence[int],
+        k: jax.Array,
+        v: jax.Array,
+        logprobs: np.ndarray | None = None,
+        next_logprobs: np.ndarray | None = None,
+    ) -> Entry | None:
+        """Keeps ``tokens``' keys and values (and what is known of its logprobs: see :class:`Entry`);
+        entries of the adapter that are prefixes of ``tokens`` go (the new one covers them, and keeps
+        their logprobs if it has fewer), then the least recently used until the budget holds.
+        Returns the entry, or None if it is not kept."""
         owner = owner_key(adapter)
         if owner is None or len(tokens) < MIN_HIT_TOKENS:
-            return
+            return None
         tokens = np.asarray(tokens, np.int32)
-        key = (owner, tokens.tobytes())
-        if key in self._entries:
-            self._drop(key)  # the same tokens again: this copy is as good, and it may be a new adapter's
-        entry = Entry(tokens, k, v, None if adapter is None else weakref.ref(adapter))
+        logprobs = np.zeros(0, np.float32) if logprobs is None else np.asarray(logprobs, np.float32)
+        entry = Entry(
+            tokens, k, v, None if adapter is None else weakref.ref(adapter), logprobs, next_logprobs
+        )
         if entry.nbytes > self.max_bytes:
-            return
+            return None
         head = self._head(owner, tokens)
         for other in list(self._by_head.get(head, ())):
-            held = self._entries[other].tokens
-            if len(held) <= len(tokens) and (held == tokens[: len(held)]).all():
-                self._drop(other)
+            held = self._entries[other]
+            if len(held.tokens) <= len(tokens) and (held.tokens == tokens[: len(held.tokens)]).all():
+                alive = held.owner is None or held.owner() is adapter  # not a gone adapter's, same id
+                if alive and len(held.logprobs) > len(entry.logprobs):
+                    entry.logprobs = held.logprobs
+                self._drop(other)  # the same tokens again, or fewer: this entry serves all they did
+        key = (owner, tokens.tobytes())
         self._entries[key] = entry
         self._by_head.setdefault(head, set()).add(key)
         self.bytes += entry.nbytes
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
+        return entry
 
     def clear(self) -> None:
         self._entries.clear()

@@ -18,9 +18,12 @@
   row has a repetition penalty), by the model config and by the LoRA tree structure. The jits are
   module-level, so all Samplers of a process share them.
 * **Prefix cache** (:mod:`jtinker.prefix_cache`): after decoding, each row's keys and values are kept
-  under its adapter; a later prompt sharing 16+ leading tokens with one prefills only the rest
-  (``_prefill_after``: the suffix at its positions, attending to the cached prefix), unless the call
-  asks for prompt logprobs, which need the whole prefill.
+  under its adapter (with its prompt's logprobs, when they were computed); a later prompt sharing 16+
+  leading tokens with one prefills only the rest (``_prefill_after``: the suffix at its positions,
+  attending to the cached prefix). Prompts of one call that share 16+ leading tokens which no entry
+  holds get them prefilled once first (a GRPO group's sequences scored together, prompts under one
+  system prompt). Prompt logprobs reuse only prefixes whose logprobs are kept; top-k prompt logprobs
+  and the other per-position queries need the whole prefill.
 * **Stop strings** are matched on the host on the decoded text (across token boundaries). When a
   batch has stop strings, the decode loop runs in chunks of ``stop_check_interval`` steps and rows
   whose text already contains a stop string are marked done between chunks (early exit); the
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -454,11 +458,23 @@ def _prefill(
 
 
 def _prefill_after(
-    config: ModelConfig, cache_dtype, params, lora, past_k, past_v, starts, tokens, lengths, *, slots: int
+    config: ModelConfig,
+    cache_dtype,
+    params,
+    lora,
+    past_k,
+    past_v,
+    starts,
+    tokens,
+    lengths,
+    *,
+    slots: int,
+    want_lp: bool = False,
 ):
     """Prefill of ``[P, Tn]`` prompt suffixes at positions ``starts + [0, Tn)``, attending to the
     cached keys and values of the first ``starts[i]`` positions (``past_k``/``past_v``: one
-    ``[L, Tc, nKV, D]`` per prompt). Returns a ``slots``-slot cache and the next-token logits."""
+    ``[L, Tc, nKV, D]`` per prompt). Returns a ``slots``-slot cache, the next-token logits and, with
+    ``want_lp``, the logprobs of suffix tokens ``1..Tn-1`` (``suffix_lp[:, i]``: token ``i + 1``)."""
     params, lora = model_weights(params, lora)
     p, t = tokens.shape
 
@@ -470,7 +486,10 @@ def _prefill_after(
     cache = KVCache(k=fit(past_k), v=fit(past_v))
     hidden, cache = hidden_states(config, params, tokens, positions=positions, cache=cache, lora=lora)
     last = hidden[jnp.arange(p), lengths - 1]
-    return {"cache": cache, "logits": unembed(params, last, lora)}
+    result = {"cache": cache, "logits": unembed(params, last, lora)}
+    if want_lp:
+        result["suffix_lp"] = token_logprobs(params, hidden, jnp.roll(tokens, -1, axis=1), lora)[:, :-1]
+    return result
 
 
 @functools.partial(jax.jit, static_argnames=("slots",))
@@ -582,9 +601,13 @@ def _program(
         # Decode keeps the cache in the layout the grow program leaves it in: donated in place.
         state = None if kv is None else _State(cache=kv, step=replicated, out=replicated)
         if kind == "prefill_after":
-            outs = None if kv is None else {"cache": kv, "logits": replicated}
+            outs = None
+            if kv is not None:
+                outs = {"cache": kv, "logits": replicated} | ({"suffix_lp": replicated} if want_lp else {})
             fn = jax.jit(
-                _prefill_after, static_argnames=("config", "cache_dtype", "slots"), out_shardings=outs
+                _prefill_after,
+                static_argnames=("config", "cache_dtype", "slots", "want_lp"),
+                out_shardings=outs,
             )
         elif kind == "prefill":
             outs = None
@@ -700,6 +723,44 @@ def _with_adapter_ids(lora, adapters: list[int] | None, rows: int):
     ids = np.full(rows, adapters[-1], np.int32)
     ids[: len(adapters)] = adapters
     return lora.replace(adapter_ids=jnp.asarray(ids))
+
+
+def _shared_prefixes(
+    prompts: list[tuple[int, ...]], owners: list, served: list[int]
+) -> list[tuple[int, tuple[int, ...]]]:
+    """The prefixes worth prefilling once for several prompts of a batch: ``(i, prefix)`` with
+    ``i`` a prompt that starts with ``prefix`` (its adapter computes it).
+
+    Each prompt is keyed by the longest prefix it shares with another prompt of its adapter (its
+    neighbours in sorted order); a key of two or more prompts not already served (``served[i]``: the
+    positions a cache entry serves) is a prefix to prefill. A key that only extends a chosen one by
+    less than that one's length joins it instead (a GRPO group's completions that start alike)."""
+    keyed = [
+        (prefix_cache.owner_key(o), np.asarray(x, np.int32)) for o, x in zip(owners, prompts, strict=True)
+    ]
+    order = sorted(
+        (i for i, (k, _) in enumerate(keyed) if k is not None), key=lambda i: (keyed[i][0], prompts[i])
+    )
+    shared = dict.fromkeys(order, 0)
+    for a, b in itertools.pairwise(order):
+        (owner_a, x), (owner_b, y) = keyed[a], keyed[b]
+        if owner_a == owner_b:
+            m = min(len(x), len(y))
+            differ = np.flatnonzero(x[:m] != y[:m])
+            n = int(differ[0]) if len(differ) else m
+            shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+    members: dict[tuple, list[int]] = {}
+    for i, n in shared.items():
+        if n >= max(prefix_cache.MIN_HIT_TOKENS, served[i] + 1):
+            members.setdefault((keyed[i][0], prompts[i][:n]), []).append(i)
+    chosen: list[tuple] = []
+    for owner, prefix in sorted(members, key=lambda key: len(key[1])):
+        if len(members[owner, prefix]) < 2:
+            continue
+        if any(o == owner and prefix[: len(p)] == p and len(prefix) < 2 * len(p) for o, p in chosen):
+            continue
+        chosen.append((owner, prefix))
+    return [(members[key][0], key[1]) for key in chosen]
 
 
 class Sampler:
@@ -955,14 +1016,20 @@ class Sampler:
         prompt_owner = {}
         for row in rows:
             prompt_owner.setdefault(prompt_index[prompt_key(row.request)], owners[row.request])
-        # Prompt logprobs need the whole prefill; otherwise cached prefixes are not recomputed.
-        hits = (
-            None
-            if lp_needed
-            else [self.prefix_cache.lookup(prompt_owner[i], x) for i, x in enumerate(prompts)]
+        # Per-position queries past the prompt's own logprobs need the whole prefill; otherwise
+        # cached prefixes are not recomputed.
+        whole = any(
+            requests[i].topk_prompt_logprobs
+            or requests[i].target_prompt_ids is not None
+            or requests[i].prompt_alt_tokens_k
+            for i in lp_needed
         )
+        hits = None
+        if not whole:
+            owner_of = [prompt_owner[i] for i in range(len(prompts))]
+            hits = self._prefix_hits(prompts, owner_of, lora, prompt_adapter, scored=want_lp)
         if hits and any(hits):
-            pre = self._run_prefill_after(prompts, lora, hits, adapters=prompt_adapter)
+            pre = self._run_prefill_after(prompts, lora, hits, adapters=prompt_adapter, want_lp=want_lp)
             for row in rows:
                 hit = hits[prompt_index[prompt_key(row.request)]]
                 results[row.request].prompt_cache_hit_tokens = hit[1] if hit else 0
@@ -973,6 +1040,9 @@ class Sampler:
             pre = self._run_prefill(
                 prompts, lora, want_lp=want_lp, topk=topk, adapters=prompt_adapter, queries=queries
             )
+        if want_lp:
+            pre["prompt_lp"] = np.asarray(pre["prompt_lp"])  # one transfer; kept with the prefixes too
+        prompt_scores = pre.get("prompt_lp")
         for i in lp_needed:
             self._fill_prompt_logprobs(results[i], requests[i], pre, prompt_index[prompt_key(i)])
 
@@ -1080,26 +1150,65 @@ class Sampler:
                     out.topk_ids[j, :count, :k].copy(),
                     out.topk_logprobs[j, :count, :k].copy(),
                 )
-        self._keep_prefixes(requests, owners, rows, out, state.cache)
+        self._keep_prefixes(requests, owners, rows, out, state.cache, src, prompt_scores)
 
-    def _keep_prefixes(self, requests, owners, rows: list[_Row], out: _Out, cache: KVCache) -> None:
+    def _keep_prefixes(
+        self, requests, owners, rows: list[_Row], out: _Out, cache: KVCache, src, prompt_scores
+    ) -> None:
         """Puts each row's keys and values in the prefix cache: its prompt and all of its tokens but
-        the last, which was never fed (rows stopped early fed their scratch slot after it)."""
+        the last, which was never fed (rows stopped early fed their scratch slot after it), with its
+        prompt's logprobs when they were computed (``prompt_scores[src[j]]``: row ``j``'s prompt's)."""
         if not self.prefix_cache.max_bytes:
             return
         self.prefix_cache.prune()
         kept = set()
         for j, row in enumerate(rows):
             owner = owners[row.request]
+            prompt = requests[row.request].prompt
             fed = max(int(out.count[j]) - 1, 0)
-            tokens = (*requests[row.request].prompt, *out.tokens[j, :fed].tolist())
+            tokens = (*prompt, *out.tokens[j, :fed].tolist())
             if len(tokens) < prefix_cache.MIN_HIT_TOKENS or (id(owner), tokens) in kept:
                 continue
             if prefix_cache.owner_key(owner) is None:  # e.g. a full fine-tune's weights
                 continue
             kept.add((id(owner), tokens))
             k, v = _row_slots(cache, jnp.int32(j), slots=bucket(len(tokens)))
-            self.prefix_cache.insert(owner, tokens, k, v)
+            scores = None
+            if prompt_scores is not None:
+                scores = np.concatenate([[0.0], prompt_scores[src[j], : len(prompt) - 1]])
+            self.prefix_cache.insert(owner, tokens, k, v, scores)
+
+    def _prefix_hits(self, prompts: list[tuple[int, ...]], owners: list, lora, adapters, *, scored: bool):
+        """Each prompt's prefix-cache hit (:meth:`PrefixCache.lookup`), once the prefixes that
+        prompts of this batch share and no entry serves are prefilled and kept: a GRPO group's
+        sequences scored together, or prompts under one long system prompt, prefill it once."""
+        lookup = lambda: [
+            self.prefix_cache.lookup(o, x, scored=scored) for o, x in zip(owners, prompts, strict=True)
+        ]
+        hits = lookup()
+        if not self.prefix_cache.max_bytes:
+            return hits
+        served = [hit[1] if hit else 0 for hit in hits]
+        shared = _shared_prefixes(prompts, owners, served)
+        if not shared:
+            return hits
+        leaders = [i for i, _ in shared]
+        pre = self._run_prefill(
+            [prefix for _, prefix in shared],
+            lora,
+            want_lp=scored,
+            topk=0,
+            adapters=None if adapters is None else [adapters[i] for i in leaders],
+        )
+        scores = nexts = None
+        if scored:  # the members' next tokens are scored from the prefix's last logits, not fed again
+            scores = np.asarray(pre["prompt_lp"])
+            nexts = np.asarray(jax.nn.log_softmax(pre["logits"].astype(jnp.float32), axis=-1))
+        for g, (i, prefix) in enumerate(shared):
+            k, v = _row_slots(pre["cache"], jnp.int32(g), slots=bucket(len(prefix)))
+            logprobs = None if scores is None else np.concatenate([[0.0], scores[g, : len(prefix) - 1]])
+            self.prefix_cache.insert(owners[i], prefix, k, v, logprobs, None if nexts is None else nexts[g])
+        return lookup()
 
     @staticmethod
     def _queries(
@@ -1166,9 +1275,13 @@ class Sampler:
             topk=topk,
         )
 
-    def _run_prefill_after(self, prompts: list[tuple[int, ...]], lora, hits: list, *, adapters=None) -> dict:
+    def _run_prefill_after(
+        self, prompts: list[tuple[int, ...]], lora, hits: list, *, adapters=None, want_lp: bool = False
+    ) -> dict:
         """:func:`_prefill_after` of ``prompts`` past their cached prefixes (``hits[i]``: the prefix
-        cache's ``(entry, length)``, or None to prefill it whole)."""
+        cache's ``(entry, length)``, or None to prefill it whole). ``want_lp``: also each prompt's
+        logprobs (``prompt_lp``, as :func:`_prefill` has them), the cached part's from the entries
+        (their hits came from scored lookups)."""
         p = bucket(len(prompts))
         starts = np.zeros(p, np.int32)
         starts[: len(hits)] = [hit[1] if hit else 0 for hit in hits]
@@ -1186,8 +1299,9 @@ class Sampler:
             lengths[i] = len(x) - starts[i]
         self.last_stats["prefill_prompts"] += len(prompts)
         self.last_stats["prefix_hit_tokens"] += int(starts.sum())
-        program = _program("prefill_after", *self._placement(p, slots))
-        return program(
+        self.prefix_cache.hit_tokens += int(starts.sum())
+        program = _program("prefill_after", *self._placement(p, slots), want_lp=want_lp)
+        pre = program(
             self.config,
             self.cache_dtype,
             self.params,
@@ -1198,7 +1312,18 @@ class Sampler:
             jnp.asarray(tokens),
             jnp.asarray(lengths),
             slots=slots,
+            want_lp=want_lp,
         )
+        if want_lp:  # prompt_lp[i, t - 1] = lp(token t): the entry's up to the start, then the suffix's
+            suffix = np.asarray(pre.pop("suffix_lp"))
+            scores = np.zeros((len(prompts), max(len(x) for x in prompts) - 1), np.float32)
+            for i, (x, hit) in enumerate(zip(prompts, hits, strict=True)):
+                start = int(starts[i])
+                if start:
+                    scores[i, :start] = hit[0].prompt_logprobs(x, start)
+                scores[i, start : len(x) - 1] = suffix[i, : len(x) - 1 - start]
+            pre["prompt_lp"] = scores
+        return pre
 
     @staticmethod
     def _fill_prompt_logprobs(result: SampleResult, request: SampleRequest, pre: dict, i: int) -> None:

@@ -13,7 +13,7 @@ import pytest
 from jtinker.models import load_pretrained
 from jtinker.models import lora as lora_lib
 from jtinker.prefix_cache import MIN_HIT_TOKENS
-from jtinker.sampling import Sampler, SampleRequest, compile_counts
+from jtinker.sampling import Sampler, SampleRequest, _shared_prefixes, compile_counts
 
 
 class Pair:
@@ -30,7 +30,7 @@ class Pair:
         for g, w in zip(got, want, strict=True):
             for (gt, gl, gr), (wt, wl, wr) in zip(g.sequences, w.sequences, strict=True):
                 assert (gt, gr) == (wt, wr)
-                np.testing.assert_allclose(gl, wl, atol=1e-5)
+                np.testing.assert_allclose(gl, wl, atol=1e-4)  # f32, other summation orders
         return got
 
 
@@ -110,14 +110,92 @@ def test_stacked_adapters_hit_their_own_prefixes(pair):
     assert [r.prompt_cache_hit_tokens for r in second] == [len(p) - 3 for p in turn]
 
 
-def test_prompt_logprobs_are_computed_whole(pair):
+def scored(prompt, seed=0, max_tokens=1, **kw) -> SampleRequest:
+    """A ``compute_logprobs`` request, as the client sends it."""
+    return request(prompt, seed, max_tokens, include_prompt_logprobs=True, **kw)
+
+
+def both_scored(pair, requests, lora=None):
+    """``pair.both``, and the same prompt logprobs with the cache as without it."""
+    got = pair.both(requests, lora)
+    for g, w in zip(got, pair.plain.sample(requests, lora), strict=True):
+        assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(w.prompt_logprobs)
+        np.testing.assert_allclose(g.prompt_logprobs[1:], w.prompt_logprobs[1:], atol=1e-4)
+    return got
+
+
+def test_prompt_logprobs_reuse_only_scored_prefixes(pair):
+    """A prefix whose logprobs were never computed (a sampled prompt) cannot serve a request for
+    prompt logprobs; one that was scored can, and the suffix past it is scored against it."""
     prompt = list(range(140, 175))
     pair.both([request(prompt)])
-    asked = request(prompt + [1, 2], include_prompt_logprobs=True)
-    (got,) = pair.cached.sample([asked])
-    (want,) = pair.plain.sample([asked])
+    (got,) = both_scored(pair, [scored(prompt + [1, 2])])
     assert got.prompt_cache_hit_tokens == 0
-    np.testing.assert_allclose(got.prompt_logprobs[1:], want.prompt_logprobs[1:], atol=1e-5)
+    # Now scored: a longer prompt reuses it up to the position whose logits score the next token.
+    (longer,) = both_scored(pair, [scored(prompt + [1, 2, 3, 4])])
+    assert longer.prompt_cache_hit_tokens == len(prompt) + 1
+    (again,) = both_scored(pair, [scored(prompt + [1, 2, 3, 4])])
+    assert again.prompt_cache_hit_tokens == len(prompt) + 3  # all but the last, fed for its logits
+    # Sampling on from a scored prompt replaces its entry with a longer one, which keeps its logprobs.
+    pair.both([request(prompt + [1, 2, 3, 4], seed=3)])
+    (extended,) = both_scored(pair, [scored(prompt + [1, 2, 3, 4, 7])])
+    assert extended.prompt_cache_hit_tokens == len(prompt) + 3
+    # Top-k prompt logprobs are answered by a whole prefill only.
+    (top,) = pair.both([request(prompt + [1, 2, 3, 4], topk_prompt_logprobs=2)])
+    assert top.prompt_cache_hit_tokens == 0
+
+
+def test_a_scored_group_prefills_its_prompt_once(pair):
+    """A GRPO group's sequences scored in one burst (``compute_logprobs`` of prompt + completion):
+    the shared prompt is prefilled once and every sequence scores only its own tokens past it."""
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, 250, 40).tolist()
+    group = [prompt + rng.integers(0, 250, 6 + i).tolist() for i in range(5)]
+    group.append(group[0][:42] + [9, 9, 9])  # a completion that starts like another's
+    results = both_scored(pair, [scored(x, seed=i) for i, x in enumerate(group)])
+    assert [r.prompt_cache_hit_tokens for r in results] == [len(prompt)] * len(group)
+    assert pair.cached.last_stats["prefill_prompts"] == 1 + len(group)  # the prompt, then each suffix
+    # Scored again, each sequence comes from its own entry.
+    again = both_scored(pair, [scored(x, seed=i) for i, x in enumerate(group)])
+    assert [r.prompt_cache_hit_tokens for r in again] == [len(x) - 1 for x in group]
+
+
+def test_prompts_sharing_a_prefix_in_one_batch_prefill_it_once(pair):
+    """Sampling prompts under one system prompt in one call, under two adapters and the base model:
+    each adapter's prompts share their own prefill of it, and nothing else changes."""
+    system = list(range(200, 236))
+    loras = [adapter(pair.config, 5), adapter(pair.config, 6), None]
+    prompts = [system + [i, i + 1, i + 2] for i in range(6)]
+    results = pair.both([request(x, seed=i) for i, x in enumerate(prompts)], [loras[i % 3] for i in range(6)])
+    assert [r.prompt_cache_hit_tokens for r in results] == [len(system)] * len(prompts)
+    assert pair.cached.last_stats["prefill_prompts"] == 3 + len(prompts)  # one prefix per adapter
+    # A prompt alone, or sharing less than MIN_HIT_TOKENS, is prefilled whole as before.
+    short = [list(range(10, 10 + MIN_HIT_TOKENS - 1)) + [i] * 4 for i in range(3)]
+    results = pair.both([request(x) for x in short])
+    assert [r.prompt_cache_hit_tokens for r in results] == [0, 0, 0]
+
+
+def test_shared_prefixes_are_each_groups_own():
+    """Two groups under one system prompt prefill their own prompts (not just the system prompt);
+    completions that start alike join their group; adapters and served prompts share nothing."""
+
+    class Adapter:  # any weakly referenceable object keys the cache
+        pass
+
+    system = list(range(16))
+    a, b = system + [1] * 20, system + [2] * 20
+    prompts = [(*a, i) for i in range(3)] + [(*b, i) for i in range(3)] + [(*a, 5, 5, 1), (*a, 5, 5, 2)]
+    owners, served = [None] * len(prompts), [0] * len(prompts)
+    assert sorted(prefix for _, prefix in _shared_prefixes(prompts, owners, served)) == [tuple(a), tuple(b)]
+    other = Adapter()
+    owners = [None] * 6 + [other] * 2  # the alike completions under another adapter: a group of their own
+    assert sorted(prefix for _, prefix in _shared_prefixes(prompts, owners, served)) == [
+        tuple(a),
+        (*a, 5, 5),
+        tuple(b),
+    ]
+    served = [len(a)] * 3 + [0] * 5  # the cache already serves group a
+    assert [prefix for _, prefix in _shared_prefixes(prompts[:6], [None] * 6, served[:6])] == [tuple(b)]
 
 
 def test_the_budget_bounds_the_cache(tiny_model_factory):
