@@ -45,7 +45,8 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        scores = self.logprobs.nbytes + (0 if self.next_logprobs is None else self.next_logprobs.nbytes)
+        return self.k.nbytes + self.v.nbytes + scores
 
     def scored_length(self, prompt: np.ndarray) -> int:
         """How many leading positions of ``prompt`` this entry serves a scoring prefill: keys and
@@ -87,7 +88,7 @@ class PrefixCache:
             raise ValueError(f"prefix_cache_bytes: must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.hit_tokens = 0  # prompt tokens served from the cache, all told (counted by their user)
+        self.hit_tokens = 0  # prompt tokens served from the cache, all told (the sampler counts them)
         self._entries: collections.OrderedDict[tuple, Entry] = collections.OrderedDict()
         self._by_head: dict[tuple, set[tuple]] = {}
 
@@ -150,21 +151,20 @@ class PrefixCache:
         v: jax.Array,
         logprobs: np.ndarray | None = None,
         next_logprobs: np.ndarray | None = None,
-    ) -> Entry | None:
+    ) -> None:
         """Keeps ``tokens``' keys and values (and what is known of its logprobs: see :class:`Entry`);
         entries of the adapter that are prefixes of ``tokens`` go (the new one covers them, and keeps
-        their logprobs if it has fewer), then the least recently used until the budget holds.
-        Returns the entry, or None if it is not kept."""
+        their logprobs if it has fewer), then the least recently used until the budget holds."""
         owner = owner_key(adapter)
         if owner is None or len(tokens) < MIN_HIT_TOKENS:
-            return None
+            return
         tokens = np.asarray(tokens, np.int32)
         logprobs = np.zeros(0, np.float32) if logprobs is None else np.asarray(logprobs, np.float32)
         entry = Entry(
             tokens, k, v, None if adapter is None else weakref.ref(adapter), logprobs, next_logprobs
         )
         if entry.nbytes > self.max_bytes:
-            return None
+            return
         head = self._head(owner, tokens)
         for other in list(self._by_head.get(head, ())):
             held = self._entries[other]
@@ -179,7 +179,6 @@ class PrefixCache:
         self.bytes += entry.nbytes
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
-        return entry
 
     def clear(self) -> None:
         self._entries.clear()
