@@ -4,6 +4,7 @@ prefill, and only under the adapter that computed them."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 import jax
@@ -240,3 +241,32 @@ def test_later_turns_compile_nothing_new(pair):
     episode(101)
     assert compile_counts() == before and _BACKEND_COMPILES[0] == compiled
     assert before["prefill_after"] >= 1
+
+
+def test_a_scoring_burst_through_the_tinker_api_shares_its_prompt(qwen3_dir, service):
+    """The cookbook's KL penalty and distillation teachers score a group with ``compute_logprobs``
+    calls gathered at once: each result equals the whole prefill's, and the responses' cache hits
+    (the usage tinker-cookbook counts) show the shared prompt was not prefilled per sequence."""
+    from jtinker import types
+
+    sampling = service.create_sampling_client(base_model=str(qwen3_dir))
+    rng = np.random.default_rng(9)
+    prompt = rng.integers(0, 250, 48).tolist()
+    group = [types.ModelInput.from_ints(prompt + rng.integers(0, 250, 5 + i).tolist()) for i in range(4)]
+    one_token = types.SamplingParams(max_tokens=1)
+
+    async def burst(score):
+        return await asyncio.gather(*[score(x) for x in group])
+
+    responses = asyncio.run(burst(lambda x: sampling.sample(x, 1, one_token, include_prompt_logprobs=True)))
+    # One batch shares the prompt's prefill; split batches reuse the first's scored entry.
+    assert sum(r.prompt_cache_hit_tokens for r in responses) >= (len(group) - 1) * (len(prompt) - 1)
+    logprobs = asyncio.run(burst(sampling.compute_logprobs))
+    for x, got, response in zip(group, logprobs, responses, strict=True):
+        # Top-k prompt logprobs are always answered by a whole prefill: the reference.
+        whole = sampling.sample(
+            x, 1, one_token, include_prompt_logprobs=True, topk_prompt_logprobs=1
+        ).result()
+        assert whole.prompt_cache_hit_tokens == 0 and got[0] is None
+        np.testing.assert_allclose(got[1:], whole.prompt_logprobs[1:], atol=1e-4)
+        np.testing.assert_allclose(response.prompt_logprobs[1:], whole.prompt_logprobs[1:], atol=1e-4)
