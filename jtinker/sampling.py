@@ -770,6 +770,10 @@ class Sampler:
     ``prefix_cache_bytes``: the budget of the :mod:`~jtinker.prefix_cache` (None: the environment's
     ``JTINKER_PREFIX_CACHE_MIB``, else 1 GiB; 0: off). It is off on multi-process runs, whose
     processes could disagree on when a dead adapter's entries go.
+    ``max_cache_bytes``: the most one batch's KV cache may take; a call whose rows need more runs
+    them in several batches, and a single sample that needs more is refused (None: the
+    environment's ``JTINKER_SAMPLE_CACHE_MIB``, else half of the accelerator memory free at each
+    call on one process, else no bound).
     """
 
     def __init__(
@@ -784,9 +788,17 @@ class Sampler:
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.ShardingRules | None = None,
         prefix_cache_bytes: int | None = None,
+        max_cache_bytes: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        if max_cache_bytes is None and "JTINKER_SAMPLE_CACHE_MIB" in os.environ:
+            max_cache_bytes = int(os.environ["JTINKER_SAMPLE_CACHE_MIB"]) << 20
+        if max_cache_bytes is not None and max_cache_bytes <= 0:
+            raise ValueError(
+                f"max_cache_bytes (JTINKER_SAMPLE_CACHE_MIB): must be > 0, got {max_cache_bytes}"
+            )
+        self.max_cache_bytes = max_cache_bytes
         if prefix_cache_bytes is None:
             prefix_cache_bytes = (
                 int(os.environ.get("JTINKER_PREFIX_CACHE_MIB", DEFAULT_PREFIX_CACHE_MIB)) << 20
@@ -859,6 +871,15 @@ class Sampler:
             raise ValueError(
                 f"max_tokens: prompt length {len(r.prompt)} + max_tokens {r.max_tokens} exceeds "
                 f"the model's max_position_embeddings {limit}"
+            )
+        if (
+            self.max_cache_bytes is not None
+            and self._cache_bytes(1, len(r.prompt) + r.max_tokens) > self.max_cache_bytes
+        ):
+            raise ValueError(
+                f"max_tokens: prompt length {len(r.prompt)} + max_tokens {r.max_tokens} needs "
+                f"{self._cache_bytes(1, len(r.prompt) + r.max_tokens) >> 20} MiB of KV cache, over the "
+                f"sampler's {self.max_cache_bytes >> 20} MiB (JTINKER_SAMPLE_CACHE_MIB)"
             )
         if not math.isfinite(r.temperature) or r.temperature < 0:
             raise ValueError(f"temperature: must be finite and >= 0, got {r.temperature!r}")
@@ -950,10 +971,39 @@ class Sampler:
         order = sorted(range(len(requests)), key=lambda i: adapters.slot[i])
         rows = [_Row(i, s) for i in order for s in range(requests[i].num_samples)]
         self.last_stats = {"prefill_prompts": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "decode_calls": 0}
-        for start in range(0, len(rows), self.max_batch):
-            chunk = rows[start : start + self.max_batch]
+        for chunk in self._batches(requests, rows):
             self._run(requests, seeds, owners, chunk, results, *adapters.for_rows([r.request for r in chunk]))
         return results
+
+    def _cache_bytes(self, rows: int, length: int) -> int:
+        """Bytes of the decode cache of ``rows`` rows up to ``length`` positions, as bucketed."""
+        c = self.config
+        slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.cache_dtype.itemsize
+        return min(bucket(rows), self.max_batch) * max(bucket(length), MIN_CACHE_BUCKET) * slot
+
+    def _cache_budget(self) -> int | None:
+        if self.max_cache_bytes is not None or jax.process_count() > 1:  # processes must batch alike
+            return self.max_cache_bytes
+        stats = jax.devices()[0].memory_stats()  # None on CPU
+        if not stats or "bytes_limit" not in stats:
+            return None
+        return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
+
+    def _batches(self, requests: Sequence[SampleRequest], rows: list[_Row]) -> list[list[_Row]]:
+        """``rows`` in order, in batches of at most ``max_batch`` whose cache fits the budget."""
+        budget = self._cache_budget()
+        batches: list[list[_Row]] = [[]]
+        longest = 0
+        for row in rows:
+            n = len(requests[row.request].prompt) + requests[row.request].max_tokens
+            batch = batches[-1]
+            fits = budget is None or self._cache_bytes(len(batch) + 1, max(longest, n)) <= budget
+            if batch and (len(batch) == self.max_batch or not fits):
+                batches.append([])
+                longest = 0
+            batches[-1].append(row)
+            longest = max(longest, n)
+        return batches
 
     @staticmethod
     def _adapter_slots(requests: Sequence[SampleRequest], lora: Any) -> _Adapters:

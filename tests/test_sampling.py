@@ -429,6 +429,34 @@ def test_seed_determinism_independent_of_batch(llama):
     assert unseeded[0] != unseeded[1]
 
 
+def test_a_cache_budget_splits_the_batch_and_refuses_what_cannot_fit(llama, monkeypatch):
+    """``max_cache_bytes`` bounds one batch's KV cache (on a GPU: what would otherwise run out of
+    memory): rows run in as many batches as it takes, with the same results, and one sample that
+    needs more than the budget is refused by name before anything runs."""
+    c = llama.config
+    slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # f32
+    budget = 2 * 64 * slot  # two rows of 64 slots
+    bounded = Sampler(llama.config, llama.params, max_cache_bytes=budget, prefix_cache_bytes=0)
+    requests = [
+        SampleRequest(
+            prompt=PROMPTS[i % 2], num_samples=1 + i % 2, max_tokens=20 + 5 * i, temperature=1.0, seed=i
+        )
+        for i in range(4)
+    ]
+    got = bounded.sample(requests)
+    assert bounded.last_stats["decode_calls"] == 3  # rows 1 + 2 + 1 + 2 in batches of at most two
+    for g, w in zip(got, llama.sampler.sample(requests), strict=True):
+        for (gt, gl, gr), (wt, wl, wr) in zip(g.sequences, w.sequences, strict=True):
+            assert (gt, gr) == (wt, wr)
+            np.testing.assert_allclose(gl, wl, atol=1e-5)
+    too_long = SampleRequest(prompt=PROMPTS[0], num_samples=1, max_tokens=130)  # 140 positions: 256 slots
+    with pytest.raises(ValueError, match=r"requests\[1\]\.max_tokens: .* KV cache, over the sampler's"):
+        bounded.sample([requests[0], too_long])
+    monkeypatch.setenv("JTINKER_SAMPLE_CACHE_MIB", "0")
+    with pytest.raises(ValueError, match="JTINKER_SAMPLE_CACHE_MIB"):
+        Sampler(llama.config, llama.params)
+
+
 def test_requests_with_different_adapters_share_one_batch(qwen3):
     """One call, four adapters (one of them the base model): one prefill and one decode, and each
     request gets what it gets alone, token for token."""
