@@ -45,6 +45,7 @@ ACTIVE_SECONDS = 60.0  # forget the rhythm of a client idle this long
 # A client's rhythm predicts its next request only while its last two gaps agree to this fraction: a
 # client whose loop alternates between other work and this model has no rhythm to wait for.
 STEADY_TOLERANCE = 0.25
+DEFAULT_MICRO_BATCH_TOKENS = 16384  # padded tokens per training program call; JTINKER_MICRO_BATCH_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +86,17 @@ class BaseModel:
         *,
         mesh: Mesh | None = None,
         rules: sharding.ShardingRules | None = None,
-        max_tokens_per_batch: int = 16384,
+        max_tokens_per_batch: int | None = None,
         remat: bool = os.environ.get("JTINKER_REMAT", "0") == "1",
     ):
+        if max_tokens_per_batch is None:  # micro-batches: fewer tokens hold fewer activations
+            max_tokens_per_batch = int(
+                os.environ.get("JTINKER_MICRO_BATCH_TOKENS", DEFAULT_MICRO_BATCH_TOKENS)
+            )
+        if max_tokens_per_batch < 1:
+            raise ValueError(
+                f"max_tokens_per_batch (JTINKER_MICRO_BATCH_TOKENS): must be >= 1, got {max_tokens_per_batch}"
+            )
         self.name = name
         self.remat = remat  # recompute layer activations in backward: less memory, more FLOPs
         self.model_dir = Path(model_dir)

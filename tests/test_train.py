@@ -239,6 +239,32 @@ def test_two_halves_accumulate_to_the_full_batch(service, qwen3_dir):
     assert_grads_zero(halves)  # optim_step resets the accumulator
 
 
+def test_micro_batches_add_up_to_the_whole_batch(service, qwen3_dir, tmp_path, monkeypatch):
+    """``JTINKER_MICRO_BATCH_TOKENS`` caps the padded tokens of one program call (less activation
+    memory): a batch split into several micro-batches gives the whole batch's logprobs and gradient."""
+    import shutil
+
+    data = make_data(lengths=(12, 9, 14, 7, 13, 10), seed=4)
+    copies = [tmp_path / "same-model", tmp_path / "same-model-again"]  # base models of their own,
+    for copy in copies:  # which read the setting when they load
+        shutil.copytree(qwen3_dir, copy)
+    monkeypatch.setenv("JTINKER_MICRO_BATCH_TOKENS", "16")
+    split = new_client(service, copies[0], seed=4)
+    assert split._base.max_tokens_per_batch == 16
+    assert (
+        len(build_batches(data, "cross_entropy", split._base.config, max_tokens_per_batch=16)) == 5
+    )  # 9 + 7 pack
+    whole = new_client(service, qwen3_dir, seed=4)
+    outputs = [tc.forward_backward(data, "cross_entropy").result() for tc in (split, whole)]
+    for got, want in zip(*(logprobs_of(o) for o in outputs), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert outputs[0].metrics["loss:sum"] == pytest.approx(outputs[1].metrics["loss:sum"], rel=1e-5)
+    assert_trees_close(grads_np(split), grads_np(whole), rtol=1e-4, atol_scale=1e-6)
+    monkeypatch.setenv("JTINKER_MICRO_BATCH_TOKENS", "0")
+    with pytest.raises(ValueError, match="JTINKER_MICRO_BATCH_TOKENS"):
+        service.create_lora_training_client(str(copies[1]), rank=RANK)
+
+
 def dpo_like(data, logprobs):
     """A nonlinear, cross-datum loss: -logsigmoid(beta * margin) over (chosen, rejected) pairs."""
     sums = [jnp.sum(lp * jnp.asarray(inputs_of(d, "weights"))) for d, lp in zip(data, logprobs, strict=True)]
