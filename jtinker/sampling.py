@@ -872,14 +872,12 @@ class Sampler:
                 f"max_tokens: prompt length {len(r.prompt)} + max_tokens {r.max_tokens} exceeds "
                 f"the model's max_position_embeddings {limit}"
             )
-        if (
-            self.max_cache_bytes is not None
-            and self._cache_bytes(1, len(r.prompt) + r.max_tokens) > self.max_cache_bytes
-        ):
+        need = self._cache_bytes(1, len(r.prompt) + r.max_tokens)
+        if self.max_cache_bytes is not None and need > self.max_cache_bytes:
             raise ValueError(
                 f"max_tokens: prompt length {len(r.prompt)} + max_tokens {r.max_tokens} needs "
-                f"{self._cache_bytes(1, len(r.prompt) + r.max_tokens) >> 20} MiB of KV cache, over the "
-                f"sampler's {self.max_cache_bytes >> 20} MiB (JTINKER_SAMPLE_CACHE_MIB)"
+                f"{need >> 20} MiB of KV cache, over the sampler's {self.max_cache_bytes >> 20} MiB "
+                "(JTINKER_SAMPLE_CACHE_MIB)"
             )
         if not math.isfinite(r.temperature) or r.temperature < 0:
             raise ValueError(f"temperature: must be finite and >= 0, got {r.temperature!r}")
