@@ -34,6 +34,7 @@ from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
 from jtinker.distributed import from_process_zero
 from jtinker.models import ModelConfig, load_pretrained, param_shapes
 from jtinker.models import lora as lora_lib
+from jtinker.registry import env_int
 
 log = logging.getLogger("jtinker")
 # Requests sent at once (client threads, HTTP handlers) land a few ms apart: a burst of sampling
@@ -90,9 +91,7 @@ class BaseModel:
         remat: bool = os.environ.get("JTINKER_REMAT", "0") == "1",
     ):
         if max_tokens_per_batch is None:  # micro-batches: fewer tokens hold fewer activations
-            max_tokens_per_batch = int(
-                os.environ.get("JTINKER_MICRO_BATCH_TOKENS", DEFAULT_MICRO_BATCH_TOKENS)
-            )
+            max_tokens_per_batch = env_int("JTINKER_MICRO_BATCH_TOKENS", DEFAULT_MICRO_BATCH_TOKENS)
         if max_tokens_per_batch < 1:
             raise ValueError(
                 f"max_tokens_per_batch (JTINKER_MICRO_BATCH_TOKENS): must be >= 1, got {max_tokens_per_batch}"

@@ -27,6 +27,18 @@ def home() -> Path:
     return Path(os.environ.get("JTINKER_HOME", Path.home() / ".jtinker")).expanduser()
 
 
+def env_int(name: str, default: int | None = None) -> int | None:
+    """The integer environment variable ``name`` (``default`` when unset); any other text is an
+    error that names the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}: must be an integer, got {text!r}") from None
+
+
 def builtin_names() -> list[str]:
     sized = [f"{BUILTIN_PREFIX}{size}-{family}" for size in BUILTIN_SIZES for family in BUILTIN_FAMILIES]
     return [*sized, QUICKSTART_NAME]

@@ -64,7 +64,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -78,6 +77,7 @@ from jtinker import prefix_cache, sharding
 from jtinker.distributed import from_process_zero
 from jtinker.models import KVCache, ModelConfig, hidden_states, token_logprobs, unembed
 from jtinker.models import lora as lora_lib
+from jtinker.registry import env_int
 from jtinker.train import model_weights
 
 log = logging.getLogger(__name__)
@@ -792,17 +792,15 @@ class Sampler:
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
-        if max_cache_bytes is None and "JTINKER_SAMPLE_CACHE_MIB" in os.environ:
-            max_cache_bytes = int(os.environ["JTINKER_SAMPLE_CACHE_MIB"]) << 20
+        if max_cache_bytes is None and (mib := env_int("JTINKER_SAMPLE_CACHE_MIB")) is not None:
+            max_cache_bytes = mib << 20
         if max_cache_bytes is not None and max_cache_bytes <= 0:
             raise ValueError(
                 f"max_cache_bytes (JTINKER_SAMPLE_CACHE_MIB): must be > 0, got {max_cache_bytes}"
             )
         self.max_cache_bytes = max_cache_bytes
         if prefix_cache_bytes is None:
-            prefix_cache_bytes = (
-                int(os.environ.get("JTINKER_PREFIX_CACHE_MIB", DEFAULT_PREFIX_CACHE_MIB)) << 20
-            )
+            prefix_cache_bytes = env_int("JTINKER_PREFIX_CACHE_MIB", DEFAULT_PREFIX_CACHE_MIB) << 20
         if jax.process_count() > 1:
             prefix_cache_bytes = 0
         self.prefix_cache = prefix_cache.PrefixCache(prefix_cache_bytes)

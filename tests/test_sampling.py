@@ -452,9 +452,10 @@ def test_a_cache_budget_splits_the_batch_and_refuses_what_cannot_fit(llama, monk
     too_long = SampleRequest(prompt=PROMPTS[0], num_samples=1, max_tokens=130)  # 140 positions: 256 slots
     with pytest.raises(ValueError, match=r"requests\[1\]\.max_tokens: .* KV cache, over the sampler's"):
         bounded.sample([requests[0], too_long])
-    monkeypatch.setenv("JTINKER_SAMPLE_CACHE_MIB", "0")
-    with pytest.raises(ValueError, match="JTINKER_SAMPLE_CACHE_MIB"):
-        Sampler(llama.config, llama.params)
+    for value, error in (("0", "must be > 0"), ("lots", "must be an integer")):
+        monkeypatch.setenv("JTINKER_SAMPLE_CACHE_MIB", value)
+        with pytest.raises(ValueError, match=f"JTINKER_SAMPLE_CACHE_MIB.*{error}"):
+            Sampler(llama.config, llama.params)
 
 
 def test_requests_with_different_adapters_share_one_batch(qwen3):
