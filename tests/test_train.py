@@ -259,7 +259,8 @@ def test_micro_batches_add_up_to_the_whole_batch(service, qwen3_dir, tmp_path, m
     for got, want in zip(*(logprobs_of(o) for o in outputs), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert outputs[0].metrics["loss:sum"] == pytest.approx(outputs[1].metrics["loss:sum"], rel=1e-5)
-    assert_trees_close(grads_np(split), grads_np(whole), rtol=1e-4, atol_scale=1e-6)
+    # Five programs sum the tokens in another order than one: f32 round-off (up to 2e-6 of the largest).
+    assert_trees_close(grads_np(split), grads_np(whole), rtol=1e-4, atol_scale=1e-5)
     monkeypatch.setenv("JTINKER_MICRO_BATCH_TOKENS", "0")
     with pytest.raises(ValueError, match="JTINKER_MICRO_BATCH_TOKENS"):
         service.create_lora_training_client(str(copies[1]), rank=RANK)
