@@ -53,8 +53,7 @@ class Entry:
         values, and the logprobs of tokens ``1..n``. The token after them is fed for its logits,
         unless the entry holds the logprobs of whatever follows all of its tokens."""
         m = len(self.logprobs)
-        differ = np.flatnonzero(self.tokens[: min(m, len(prompt))] != prompt[:m])
-        common = int(differ[0]) if len(differ) else min(m, len(prompt))
+        common = common_prefix(self.tokens[:m], prompt)
         boundary = self.next_logprobs is not None and common == m == len(self.tokens) < len(prompt)
         return common if boundary else common - 1
 
@@ -63,6 +62,13 @@ class Entry:
         if n < len(self.logprobs):
             return self.logprobs[1 : n + 1]
         return np.append(self.logprobs[1:], self.next_logprobs[prompt[n]]).astype(np.float32)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """The number of leading tokens two int arrays share."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if len(differ) else m
 
 
 def owner_key(adapter: Any) -> tuple | None:
@@ -130,12 +136,8 @@ class PrefixCache:
             entry = self._entries[key]
             if entry.owner is not None and entry.owner() is not adapter:
                 continue  # a gone adapter's entry under a reused id
-            if scored:
-                n = entry.scored_length(prompt)
-            else:
-                m = min(len(entry.tokens), len(prompt) - 1)
-                differ = np.flatnonzero(entry.tokens[:m] != prompt[:m])
-                n = int(differ[0]) if len(differ) else m
+            # An unscored hit feeds the last prompt token again, for the logits of the next.
+            n = entry.scored_length(prompt) if scored else common_prefix(entry.tokens, prompt[:-1])
             if n > best_n:
                 best, best_n = key, n
         if best is None or best_n < MIN_HIT_TOKENS:
@@ -149,17 +151,20 @@ class PrefixCache:
         tokens: Sequence[int],
         k: jax.Array,
         v: jax.Array,
-        logprobs: np.ndarray | None = None,
+        prompt_logprobs: np.ndarray | None = None,
         next_logprobs: np.ndarray | None = None,
     ) -> None:
-        """Keeps ``tokens``' keys and values (and what is known of its logprobs: see :class:`Entry`);
+        """Keeps ``tokens``' keys and values and what is known of its logprobs (see :class:`Entry`:
+        ``prompt_logprobs[i]`` is token ``i + 1``'s, as a prefill's prompt logprobs have them);
         entries of the adapter that are prefixes of ``tokens`` go (the new one covers them, and keeps
         their logprobs if it has fewer), then the least recently used until the budget holds."""
         owner = owner_key(adapter)
         if owner is None or len(tokens) < MIN_HIT_TOKENS:
             return
         tokens = np.asarray(tokens, np.int32)
-        logprobs = np.zeros(0, np.float32) if logprobs is None else np.asarray(logprobs, np.float32)
+        logprobs = np.zeros(0, np.float32)
+        if prompt_logprobs is not None:  # slot 0 (the first token has none) keeps indices = positions
+            logprobs = np.concatenate([[0.0], prompt_logprobs]).astype(np.float32)
         entry = Entry(
             tokens, k, v, None if adapter is None else weakref.ref(adapter), logprobs, next_logprobs
         )

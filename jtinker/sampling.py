@@ -745,9 +745,7 @@ def _shared_prefixes(
     for a, b in itertools.pairwise(order):
         (owner_a, x), (owner_b, y) = keyed[a], keyed[b]
         if owner_a == owner_b:
-            m = min(len(x), len(y))
-            differ = np.flatnonzero(x[:m] != y[:m])
-            n = int(differ[0]) if len(differ) else m
+            n = prefix_cache.common_prefix(x, y)
             shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
     members: dict[tuple, list[int]] = {}
     for i, n in shared.items():
@@ -1219,9 +1217,7 @@ class Sampler:
                 continue
             kept.add((id(owner), tokens))
             k, v = _row_slots(cache, jnp.int32(j), slots=bucket(len(tokens)))
-            scores = None
-            if prompt_scores is not None:
-                scores = np.concatenate([[0.0], prompt_scores[src[j], : len(prompt) - 1]])
+            scores = None if prompt_scores is None else prompt_scores[src[j], : len(prompt) - 1]
             self.prefix_cache.insert(owner, tokens, k, v, scores)
 
     def _prefix_hits(self, prompts: list[tuple[int, ...]], owners: list, lora, adapters, *, scored: bool):
@@ -1252,7 +1248,7 @@ class Sampler:
             nexts = np.asarray(jax.nn.log_softmax(pre["logits"].astype(jnp.float32), axis=-1))
         for g, (i, prefix) in enumerate(shared):
             k, v = _row_slots(pre["cache"], jnp.int32(g), slots=bucket(len(prefix)))
-            logprobs = None if scores is None else np.concatenate([[0.0], scores[g, : len(prefix) - 1]])
+            logprobs = None if scores is None else scores[g, : len(prefix) - 1]
             self.prefix_cache.insert(owners[i], prefix, k, v, logprobs, None if nexts is None else nexts[g])
         return lookup()
 
