@@ -9,15 +9,18 @@ differently sized requests compiles a handful of programs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 
 from jtinker import losses as losses_lib
 from jtinker.models import ModelConfig
-from jtinker.train import TrainBatch
+from jtinker.prefix_cache import common_prefix
+from jtinker.train import SharedRows, TrainBatch
 
 MIN_LENGTH_BUCKET = 16
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a layout of their own
 _UNSET = object()
 
 
@@ -158,6 +161,106 @@ def pack(lengths: Sequence[int], row_length: int) -> list[Placement]:
     return placements  # type: ignore[return-value]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """What the model runs as one piece: a datum alone (``prefix == 0``), or the first ``prefix``
+    tokens that ``members`` share once, followed by each member's rest."""
+
+    prefix: int
+    members: tuple[int, ...]
+
+    def length(self, lengths: Sequence[int]) -> int:
+        return self.prefix + sum(lengths[i] - self.prefix for i in self.members)
+
+
+def shared_prefixes(tokens: Sequence[np.ndarray], min_length: int = MIN_SHARED_PREFIX) -> list[_Item]:
+    """Groups of two or more datums and the prefix each group shares, chosen to save the most tokens.
+
+    Sorted datums share prefixes with their neighbours; a run of neighbours sharing ``m >= min_length``
+    tokens is one group unless splitting it where it shares least saves more (a GRPO group's prompt,
+    or two groups whose prompts start alike). Datums in no group are left out."""
+    order = sorted(range(len(tokens)), key=lambda i: tokens[i].tolist())
+    lcp = [common_prefix(tokens[a], tokens[b]) for a, b in itertools.pairwise(order)]
+    best: dict[tuple[int, int], tuple[int, list[_Item]]] = {}
+    # Post-order over [lo, hi] ranges of ``order``, split at their least shared neighbours.
+    stack = [(0, len(order) - 1, False)]
+    while stack:
+        lo, hi, expanded = stack.pop()
+        if hi <= lo:
+            best[lo, hi] = (0, [])
+            continue
+        cut = min(range(lo, hi), key=lambda j: lcp[j])
+        if not expanded:
+            stack += [(lo, hi, True), (lo, cut, False), (cut + 1, hi, False)]
+            continue
+        (left, left_items), (right, right_items) = best.pop((lo, cut)), best.pop((cut + 1, hi))
+        whole = (hi - lo) * lcp[cut] if lcp[cut] >= min_length else -1
+        if whole >= left + right:
+            best[lo, hi] = (whole, [_Item(lcp[cut], tuple(sorted(order[lo : hi + 1])))])
+        else:
+            best[lo, hi] = (left + right, left_items + right_items)
+    return best[0, len(order) - 1][1] if order else []
+
+
+def token_cost(config: ModelConfig, row_length: int) -> int:
+    """Forward FLOPs of one token per layer in rows of ``row_length``: projections plus attention
+    over the whole row (a packed row's masked scores are computed too)."""
+    heads = config.num_heads * config.head_dim
+    mlp = config.intermediate_size
+    if config.num_experts:
+        mlp = config.num_experts_per_tok * config.moe_intermediate_size
+    projections = config.hidden_size * (2 * heads + 2 * config.num_kv_heads * config.head_dim + 3 * mlp)
+    return 2 * projections + 4 * row_length * heads
+
+
+def _micro_batches(items: list[_Item], lengths: Sequence[int], row_length: int, max_tokens: int):
+    """Items packed into rows of ``row_length`` and split into micro-batches of whole rows:
+    ``[(rows, [(item, Placement)])]``."""
+    placements = pack([item.length(lengths) for item in items], row_length)
+    num_rows = max(p.row for p in placements) + 1
+    rows_per_batch = max(1, max_tokens // row_length)
+    rows_per_batch = 1 << (rows_per_batch.bit_length() - 1)  # a power of two, to reuse buckets
+    out = []
+    for first in range(0, num_rows, rows_per_batch):
+        placed = [
+            (item, dataclasses.replace(p, row=p.row - first))
+            for item, p in zip(items, placements, strict=True)
+            if first <= p.row < first + rows_per_batch
+        ]
+        out.append((min(rows_per_batch, num_rows - first), placed))
+    return out
+
+
+def _plan(tokens, lengths, row_length, config, max_tokens, share_prefixes):
+    """The cheapest layout by :func:`token_cost`: each datum alone, or shared prefixes once in rows
+    of 1, 2 or 4 times the datums' row length (a group too long for a row is split, its prefix
+    repeated). Returns ``(row_length, micro-batches, shares)``."""
+    alone = [_Item(0, (i,)) for i in range(len(lengths))]
+    groups = shared_prefixes(tokens) if share_prefixes else []
+    plans = [(row_length, alone)]
+    grouped = {i for group in groups for i in group.members}
+    for cap in (row_length, 2 * row_length, 4 * row_length) if groups else ():
+        items = [item for item in alone if item.members[0] not in grouped]
+        for group in groups:
+            chunks: list[list[int]] = []  # first fit, longest rests first
+            for i in sorted(group.members, key=lambda i: -lengths[i]):
+                fits = [c for c in chunks if _Item(group.prefix, (*c, i)).length(lengths) <= cap]
+                if fits:
+                    fits[0].append(i)
+                else:
+                    chunks.append([i])
+            items += [_Item(group.prefix if len(c) > 1 else 0, tuple(sorted(c))) for c in chunks]
+        plans.append((length_bucket(max(item.length(lengths) for item in items)), items))
+
+    def cost(plan):
+        rows, items = plan
+        padded = sum(batch_bucket(n) for n, _ in _micro_batches(items, lengths, rows, max_tokens))
+        return padded * rows * token_cost(config, rows)
+
+    rows, items = min(plans, key=cost)  # ties keep the earlier plan: no sharing first
+    return rows, _micro_batches(items, lengths, rows, max_tokens), any(item.prefix for item in items)
+
+
 def build_batches(
     data: Sequence,
     loss_name: str | None,
@@ -165,37 +268,42 @@ def build_batches(
     *,
     max_tokens_per_batch: int = 16384,
     row_multiple: int = 1,
+    share_prefixes: bool = True,
 ) -> list[tuple[list[int], HostBatch]]:
     """Validates ``data`` and returns micro-batches as ``(datum indices, HostBatch)``.
 
     Each micro-batch holds at most ``max_tokens_per_batch`` padded tokens (but at least one row);
     its row count is a multiple of ``row_multiple`` (the devices the batch is split over).
     Gradients of the micro-batches add up to the gradient of the whole batch.
+    With ``share_prefixes``, datums that start alike (a GRPO group's prompt, a DPO pair's) have
+    their common prefix computed once when :func:`token_cost` says it pays (``TrainBatch.shared``).
     """
     tokens, targets, inputs, multi_k = validate_and_extract(data, loss_name, config)
     lengths = [t.shape[0] for t in tokens]
     row_length = length_bucket(max(lengths), config.max_position_embeddings)
-    placements = pack(lengths, row_length)
-    num_rows = max(p.row for p in placements) + 1
-    rows_per_batch = max(1, max_tokens_per_batch // row_length)
-    rows_per_batch = 1 << (rows_per_batch.bit_length() - 1)  # a power of two, to reuse buckets
+    model_length, plan, shares = _plan(
+        tokens, lengths, row_length, config, max_tokens_per_batch, share_prefixes
+    )
     keys = sorted(inputs[0])
+    tail = () if multi_k is None else (multi_k,)
+    padded_rows = lambda n: -(-batch_bucket(n) // row_multiple) * row_multiple  # split evenly over the mesh
     micro_batches = []
-    for first_row in range(0, num_rows, rows_per_batch):
-        members = [i for i, p in enumerate(placements) if first_row <= p.row < first_row + rows_per_batch]
-        rows = min(rows_per_batch, num_rows - first_row)
-        b = -(-batch_bucket(rows) // row_multiple) * row_multiple  # rows split evenly over the mesh
-        tail = () if multi_k is None else (multi_k,)
+    for num_rows, placed in plan:
+        members = sorted(i for item, _ in placed for i in item.members)
+        if shares:  # the loss sees each datum whole, packed as if nothing were shared
+            local = dict(zip(members, pack([lengths[i] for i in members], row_length), strict=True))
+        else:
+            local = {item.members[0]: p for item, p in placed}
+        b = padded_rows(max(p.row for p in local.values()) + 1)
         tok = np.zeros((b, row_length), np.int32)
         tgt = np.zeros((b, row_length, *tail), np.int32)
         mask = np.zeros((b, row_length), np.float32)
         positions = np.zeros((b, row_length), np.int32)
         segments = np.zeros((b, row_length), np.int32)
         loss_inputs = {k: np.zeros((b, row_length, *tail), np.float32) for k in keys}
-        local = []
         for i in members:
-            p = placements[i]
-            row, sl = p.row - first_row, slice(p.start, p.start + p.length)
+            p = local[i]
+            row, sl = p.row, slice(p.start, p.start + p.length)
             tok[row, sl] = tokens[i]
             tgt[row, sl] = targets[i]
             mask[row, sl] = 1.0
@@ -203,7 +311,6 @@ def build_batches(
             segments[row, sl] = p.start + 1  # unique per row, never 0 (padding)
             for k in keys:
                 loss_inputs[k][row, sl] = inputs[i][k]
-            local.append(Placement(row, p.start, p.length))
         batch = TrainBatch(
             tokens=tok,
             targets=tgt,
@@ -211,6 +318,43 @@ def build_batches(
             positions=positions,
             segment_ids=segments,
             loss_inputs=loss_inputs,
+            shared=_shared_rows(placed, local, tokens, padded_rows(num_rows), model_length, b, row_length)
+            if shares
+            else None,
         )
-        micro_batches.append((members, HostBatch(batch, local, int(sum(lengths[i] for i in members)))))
+        placements = [local[i] for i in members]
+        micro_batches.append((members, HostBatch(batch, placements, int(sum(lengths[i] for i in members)))))
     return micro_batches
+
+
+def _shared_rows(
+    placed, local, tokens, rows: int, length: int, loss_rows: int, loss_length: int
+) -> SharedRows:
+    """The model's rows for ``placed`` items, and where each datum position (``local``) reads them."""
+    tok = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    prefix_ids = np.full((rows, length), -1, np.int32)
+    source = np.zeros((loss_rows, loss_length), np.int32)
+    for item, p in placed:
+        at, prefix = p.start, item.prefix
+        first = tokens[item.members[0]][:prefix]
+        tok[p.row, at : at + prefix] = first
+        positions[p.row, at : at + prefix] = np.arange(prefix)
+        segments[p.row, at : at + prefix] = at + 1
+        prefix_at, at = at, at + prefix
+        for i in item.members:
+            rest = tokens[i][prefix:]
+            sl = slice(at, at + len(rest))
+            tok[p.row, sl] = rest
+            positions[p.row, sl] = np.arange(prefix, len(tokens[i]))
+            segments[p.row, sl] = at + 1
+            if prefix:
+                prefix_ids[p.row, sl] = prefix_at + 1
+            q = local[i]
+            flat = p.row * length + np.concatenate([prefix_at + np.arange(prefix), at + np.arange(len(rest))])
+            source[q.row, q.start : q.start + q.length] = flat
+            at += len(rest)
+    return SharedRows(
+        tokens=tok, positions=positions, segment_ids=segments, prefix_ids=prefix_ids, source=source
+    )

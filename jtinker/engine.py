@@ -89,6 +89,7 @@ class BaseModel:
         rules: sharding.ShardingRules | None = None,
         max_tokens_per_batch: int | None = None,
         remat: bool = os.environ.get("JTINKER_REMAT", "0") == "1",
+        share_prefixes: bool = os.environ.get("JTINKER_SHARE_PREFIXES", "1") != "0",
     ):
         if max_tokens_per_batch is None:  # micro-batches: fewer tokens hold fewer activations
             max_tokens_per_batch = env_int("JTINKER_MICRO_BATCH_TOKENS", DEFAULT_MICRO_BATCH_TOKENS)
@@ -105,6 +106,7 @@ class BaseModel:
         self.config: ModelConfig = ModelConfig.from_pretrained(model_dir)
         _, self.params = load_pretrained(model_dir, dtype, mesh=self.mesh, rules=self.rules)
         self.max_tokens_per_batch = max_tokens_per_batch
+        self.share_prefixes = share_prefixes  # compute prefixes that datums share once (build_batches)
         self._steps: dict[Any, train.CompiledSteps] = {}
         self._zero_pool: dict[tuple, list] = {}  # layout -> zero grad trees for dummy adapter slots
         self._tokenizer = None
@@ -237,6 +239,7 @@ class Adapter:
             self.base.config,
             max_tokens_per_batch=self.base.max_tokens_per_batch,
             row_multiple=self.base.row_multiple,
+            share_prefixes=self.base.share_prefixes,
         )
 
     def _placed(self, host: HostBatch) -> HostBatch:
@@ -467,11 +470,25 @@ class PreparedLoss:
             backward,
             batch.targets.shape[2:],  # Tinker's (N, K) multi-target form, or ()
             tuple(sorted(batch.loss_inputs)),
+            batch.shared is None,
         )
 
 
 def _pad_to(x: np.ndarray, rows: int, length: int) -> np.ndarray:
     return np.pad(x, [(0, rows - x.shape[0]), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _padded(batch: train.TrainBatch, shape: tuple[int, int], shared_shape: tuple[int, int] | None):
+    """``batch`` padded to ``shape`` rows and columns (its shared rows to ``shared_shape``)."""
+    shared = batch.shared
+    if shared is not None:
+        columns = shared.tokens.shape[1]  # the flat indices move to the wider rows
+        source = shared.source // columns * shared_shape[1] + shared.source % columns
+        names = ("tokens", "positions", "segment_ids", "prefix_ids")
+        model = {name: _pad_to(getattr(shared, name), *shared_shape) for name in names}
+        shared = shared.replace(**model, source=_pad_to(source, *shape))
+    padded = jax.tree.map(lambda x: _pad_to(x, *shape), batch.replace(shared=None))
+    return padded.replace(shared=shared)
 
 
 def run_loss_group(
@@ -486,13 +503,15 @@ def run_loss_group(
     k = len(items)
     slots = adapter_bucket(k)
     hosts = [prepared.batches[0][1] for _, prepared in items]
-    rows = max(h.batch.tokens.shape[0] for h in hosts)
-    length = max(h.batch.tokens.shape[1] for h in hosts)
+    shape = tuple(max(h.batch.tokens.shape[i] for h in hosts) for i in (0, 1))
+    shared_shape = None
+    if hosts[0].batch.shared is not None:  # all or none of them (group_key)
+        shared_shape = tuple(max(h.batch.shared.tokens.shape[i] for h in hosts) for i in (0, 1))
     dummy = jax.tree.map(np.zeros_like, hosts[0].batch)
     stacked = jax.tree.map(
-        lambda *xs: np.stack([_pad_to(x, rows, length) for x in xs]),
-        *[h.batch for h in hosts],
-        *[dummy] * (slots - k),
+        lambda *xs: np.stack(xs),
+        *[_padded(h.batch, shape, shared_shape) for h in hosts],
+        *[_padded(dummy, shape, shared_shape)] * (slots - k),
     )
     configs = [prepared.loss_config for _, prepared in items]
     configs += [configs[0]] * (slots - k)

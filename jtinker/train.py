@@ -25,11 +25,28 @@ from jtinker.models.lora import Lora
 
 
 @struct.dataclass
+class SharedRows:
+    """The rows a model runs when datums share prefixes: each shared prefix once, followed by the
+    rest of each datum that starts with it (``prefix_ids`` names the prefix's segment, ``-1``: none).
+
+    ``source[b, t]`` is the flat index (``row * T' + column``) of the position whose hidden state
+    stands for the batch's position ``(b, t)``; the loss sees the usual per-datum layout.
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    prefix_ids: jax.Array
+    source: jax.Array
+
+
+@struct.dataclass
 class TrainBatch:
     """A padded (and possibly packed) batch. Padding has ``mask == 0`` and ``segment_ids == 0``.
 
     ``targets`` is ``[B, T]`` or ``[B, T, K]`` (Tinker's multi-target form); every entry of
-    ``loss_inputs`` has the shape of ``targets``.
+    ``loss_inputs`` has the shape of ``targets``. With ``shared``, the model runs those rows instead
+    of ``tokens``, and their hidden states are gathered into this layout.
     """
 
     tokens: jax.Array
@@ -38,6 +55,7 @@ class TrainBatch:
     positions: jax.Array
     segment_ids: jax.Array
     loss_inputs: dict
+    shared: SharedRows | None = None
 
 
 @struct.dataclass
@@ -101,6 +119,27 @@ def model_weights(params: dict, trainable: Lora | FullWeights | None) -> tuple[d
     return params, trainable
 
 
+def batch_hidden_states(
+    config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool
+):
+    """Final hidden states ``[B, T, H]`` of ``batch``'s positions (from its shared rows, if any)."""
+    rows = batch.shared or batch
+    hidden, _ = hidden_states(
+        config,
+        params,
+        rows.tokens,
+        positions=rows.positions,
+        segment_ids=rows.segment_ids,
+        prefix_ids=None if batch.shared is None else rows.prefix_ids,
+        lora=lora,
+        remat=remat,
+    )
+    if batch.shared is None:
+        return hidden
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return jnp.take(flat, batch.shared.source, axis=0)  # its gradient sums a prefix's positions
+
+
 def target_logprobs(
     config: ModelConfig,
     params: dict,
@@ -111,15 +150,7 @@ def target_logprobs(
 ) -> jax.Array:
     """Learner logprobs of ``batch.targets`` (f32), never materialising all ``[B, T, V]`` logits."""
     params, lora = model_weights(params, lora)
-    hidden, _ = hidden_states(
-        config,
-        params,
-        batch.tokens,
-        positions=batch.positions,
-        segment_ids=batch.segment_ids,
-        lora=lora,
-        remat=remat,
-    )
+    hidden = batch_hidden_states(config, params, lora, batch, remat=remat)
     return token_logprobs(params, hidden, batch.targets, lora)
 
 
@@ -221,11 +252,7 @@ def full_logits(
 ):
     """All logits ``[B, T, V]`` in f32, for custom losses that need the whole distribution."""
     params, lora = model_weights(params, lora)
-    hidden, _ = hidden_states(
-        config, params, batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
-        lora=lora, remat=remat,
-    )  # fmt: skip
-    return unembed(params, hidden, lora)
+    return unembed(params, batch_hidden_states(config, params, lora, batch, remat=remat), lora)
 
 
 def logits_with_pullback(lora, params, batch, *, config, remat=True):

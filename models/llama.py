@@ -307,15 +307,18 @@ def _segment(config: ModelConfig, stacks: dict | None, start: int, end: int) -> 
     return out
 
 
-def _attention_mask(positions, segment_ids, cache: KVCache | None) -> jax.Array | None:
+def _attention_mask(positions, segment_ids, prefix_ids, cache: KVCache | None) -> jax.Array | None:
     """``[B, T, T]`` for packed sequences; None when causal alone (or with a cache, whose
-    attention derives its own mask from the positions)."""
+    attention derives its own mask from the positions). A token attends to earlier tokens of its
+    segment and, with ``prefix_ids``, to the segment it names (a prefix placed before it)."""
     if cache is not None or segment_ids is None:
         return None
     t = positions.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal & same_segment
+    visible = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_ids is not None:
+        visible |= prefix_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & visible
 
 
 def _check_ids(name: str, ids, vocab_size: int) -> None:
@@ -331,7 +334,7 @@ def _check_ids(name: str, ids, vocab_size: int) -> None:
         raise ValueError(f"{name}: id {value} at {list(where)} is outside the vocabulary [0, {vocab_size})")
 
 
-def _check_inputs(config: ModelConfig, tokens, positions, segment_ids, cache, lora) -> None:
+def _check_inputs(config: ModelConfig, tokens, positions, segment_ids, prefix_ids, cache, lora) -> None:
     """Shapes and types are checked when traced; token ids too when they are concrete (not under jit)."""
 
     def int_array(name: str, x, like: tuple | None = None) -> None:
@@ -341,9 +344,11 @@ def _check_inputs(config: ModelConfig, tokens, positions, segment_ids, cache, lo
             raise ValueError(f"{name}: expected an int array {want}, got {dtype}{list(shape)}")
 
     int_array("tokens", tokens)
-    for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+    for name, x in (("positions", positions), ("segment_ids", segment_ids), ("prefix_ids", prefix_ids)):
         if x is not None:
             int_array(name, x, tuple(jnp.shape(tokens)))
+    if prefix_ids is not None and segment_ids is None:
+        raise ValueError("prefix_ids: name segments, so segment_ids are needed too")
     _check_ids("tokens", tokens, config.vocab_size)
     if lora is not None and not isinstance(lora, lora_lib.Lora):
         raise TypeError(f"lora: expected a jtinker.models.lora.Lora (lora.init), got {type(lora).__name__}")
@@ -359,18 +364,22 @@ def hidden_states(
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    prefix_ids: jax.Array | None = None,
     cache: KVCache | None = None,
     lora: lora_lib.Lora | None = None,
     remat: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Final-norm hidden states ``[B, T, H]`` and the updated cache (None without a cache)."""
-    _check_inputs(config, tokens, positions, segment_ids, cache, lora)
+    """Final-norm hidden states ``[B, T, H]`` and the updated cache (None without a cache).
+
+    ``segment_ids`` keep packed sequences apart; ``prefix_ids`` (``-1``: none) let a token also
+    attend to the segment it names, so one copy of a shared prefix serves every sequence after it."""
+    _check_inputs(config, tokens, positions, segment_ids, prefix_ids, cache, lora)
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = params["embed"][tokens]
     cos, sin = rope(config, positions, x.dtype)
-    mask = _attention_mask(positions, segment_ids, cache)
+    mask = _attention_mask(positions, segment_ids, prefix_ids, cache)
 
     scale = lora.scale if lora is not None else 1.0
     lora_layers = lora.weights.get("layers") if lora is not None else None
@@ -417,6 +426,7 @@ def forward(
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    prefix_ids: jax.Array | None = None,
     cache: KVCache | None = None,
     lora: lora_lib.Lora | None = None,
     remat: bool = False,
@@ -426,7 +436,8 @@ def forward(
     With ``cache``, the tokens of each row sit at contiguous ``positions`` starting after what the
     cache already holds (slot == position); their keys and values are written at those slots and
     ``(logits, new_cache)`` is returned. A cache of exactly ``T`` slots is thus a prefill from
-    position 0 (plain causal attention). ``segment_ids`` keep packed sequences from attending to each other.
+    position 0 (plain causal attention). ``segment_ids`` keep packed sequences from attending to each
+    other; ``prefix_ids`` share a prefix segment (see :func:`hidden_states`).
     """
     hidden, new_cache = hidden_states(
         config,
@@ -434,6 +445,7 @@ def forward(
         tokens,
         positions=positions,
         segment_ids=segment_ids,
+        prefix_ids=prefix_ids,
         cache=cache,
         lora=lora,
         remat=remat,

@@ -1,0 +1,273 @@
+"""Shared-prefix training: datums that start alike (a GRPO group's prompt, a DPO pair's) have that
+prefix computed once, in rows where the rest of each datum attends to it; the loss still sees every
+datum whole, and every logprob, loss and gradient equals the unshared run's."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from test_multi_adapter import Paused, assert_trees_close
+
+import jtinker as tinker
+from jtinker import batching, engine, sharding, train
+from jtinker.engine import LoraSpec
+from jtinker.models import ModelConfig
+
+VOCAB = 320
+
+
+def group_data(seed: int, groups: int = 3, size: int = 4, prompt: int = 40, loner: bool = True):
+    """RL datums: ``groups`` prompts with ``size`` completions each (first tokens all different, so
+    exactly the prompt is shared), plus one datum sharing nothing."""
+    rng, lengths = np.random.default_rng(seed), np.random.default_rng(0)  # every seed: the same shapes
+    seqs = []
+    for _ in range(groups):
+        head = rng.integers(0, VOCAB, prompt)
+        firsts = rng.choice(VOCAB, size, replace=False)
+        seqs += [np.concatenate([head, [f], rng.integers(0, VOCAB, lengths.integers(4, 30))]) for f in firsts]
+    if loner:
+        seqs.append(rng.integers(0, VOCAB, 25))
+    out = []
+    for seq in seqs:
+        n = len(seq) - 1
+        out.append(
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()),
+                loss_fn_inputs={
+                    "target_tokens": seq[1:],
+                    "logprobs": rng.normal(-3.0, 0.5, n).astype(np.float32),
+                    "advantages": np.where(np.arange(n) < prompt - 1, 0.0, rng.normal(0.0, 1.0)).astype(
+                        np.float32
+                    ),
+                },
+            )
+        )
+    return out
+
+
+def tokens_of(data) -> list[np.ndarray]:
+    return [np.asarray(d.model_input.to_ints()) for d in data]
+
+
+@pytest.fixture(scope="module")
+def config(qwen3_dir) -> ModelConfig:
+    return ModelConfig.from_pretrained(qwen3_dir)
+
+
+@pytest.fixture(scope="module")
+def bases(qwen3_dir):
+    """The same model with prefix sharing on and off."""
+    return {share: engine.BaseModel("tiny", qwen3_dir, share_prefixes=share) for share in (True, False)}
+
+
+def adapters(bases, seed: int = 0, n: int = 1) -> dict[bool, list[engine.Adapter]]:
+    """``n`` adapters per base, equal across bases, with a nonzero B (LoRA changes the output)."""
+    out = {}
+    for share, base in bases.items():
+        made = []
+        for s in range(seed, seed + n):
+            adapter = base.worker.submit(lambda b=base, s=s: b.new_adapter(LoraSpec(rank=4, seed=s))).result()
+            lora = adapter.lora.replace(
+                weights=jax.tree.map(
+                    lambda w, s=s: w + 0.02 * jax.random.normal(jax.random.key(s), w.shape, w.dtype),
+                    adapter.lora.weights,
+                )
+            )
+            adapter.lora = base.place_lora_tree(lora)
+            made.append(adapter)
+        out[share] = made
+    return out
+
+
+def run(base, adapter, fn):
+    return base.worker.submit(lambda: fn(adapter), adapter=adapter).result()
+
+
+def assert_outputs_equal(got, want):
+    (got_out, got_metrics), (want_out, want_metrics) = got, want
+    assert got_metrics.keys() == want_metrics.keys()
+    for key in want_metrics:
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-4)
+    for g, w in zip(got_out, want_out, strict=True):
+        np.testing.assert_allclose(g["logprobs"], w["logprobs"], rtol=0, atol=1e-5)
+
+
+def test_groups_are_found_by_their_shared_prefix():
+    rng = np.random.default_rng(0)
+    prompt_a, prompt_b = rng.integers(0, VOCAB, 40), rng.integers(0, VOCAB, 60)
+    seqs = [np.concatenate([prompt_a, [i], rng.integers(0, VOCAB, 9)]) for i in range(3)]
+    seqs += [np.concatenate([prompt_b, [i], rng.integers(0, VOCAB, 5)]) for i in range(2)]
+    seqs.append(rng.integers(0, VOCAB, 50))  # alone
+    seqs.append(np.concatenate([prompt_b[:20], [7, 7, 7]]))  # shares 20 tokens with group b only
+    items = sorted(batching.shared_prefixes(seqs), key=lambda item: item.members)
+    # Group b with the last datum would share 20 tokens between 3 (saves 40); apart, 60 between 2.
+    assert [(item.prefix, item.members) for item in items] == [(40, (0, 1, 2)), (60, (3, 4))]
+    # A datum equal to another's prefix joins it whole; identical datums share everything.
+    assert [(i.prefix, i.members) for i in batching.shared_prefixes([seqs[0], seqs[0][:45]])] == [
+        (45, (0, 1))
+    ]
+    assert [(i.prefix, i.members) for i in batching.shared_prefixes([seqs[3], seqs[3]])] == [(66, (0, 1))]
+    assert batching.shared_prefixes([seqs[0][:20], np.concatenate([seqs[0][:15], [1] * 9])]) == []  # < 16
+
+
+def test_layout_reads_every_datum_from_the_shared_rows(config):
+    data = group_data(1)
+    ((members, host),) = batching.build_batches(data, "importance_sampling", config)
+    batch, shared = host.batch, host.batch.shared
+    assert shared is not None and members == list(range(len(data)))
+    real = batch.mask > 0
+    for name in ("tokens", "positions"):  # what the model sees at each datum position
+        np.testing.assert_array_equal(
+            getattr(shared, name).reshape(-1)[shared.source][real], getattr(batch, name)[real]
+        )
+    # Each prompt once: 3 * 40 fewer tokens than the datums hold.
+    assert (shared.segment_ids > 0).sum() == sum(len(t) for t in tokens_of(data)) - 3 * (4 - 1) * 40
+    # The rest of a datum sees its prompt's segment; prompts and the loner see nothing else.
+    assert set(np.unique(shared.prefix_ids)) - {-1} <= set(
+        np.unique(shared.segment_ids[shared.segment_ids > 0])
+    )
+    assert (shared.prefix_ids > 0).sum() == sum(len(t) for t in tokens_of(data)) - 3 * 4 * 40 - 24
+    # The loss sees each datum whole, as without sharing.
+    ((_, unshared),) = batching.build_batches(data, "importance_sampling", config, share_prefixes=False)
+    for p, q in zip(host.placements, unshared.placements, strict=True):
+        assert p.length == q.length
+
+
+def test_sharing_only_where_it_pays(config):
+    rng = np.random.default_rng(2)
+
+    def datum(seq):
+        inputs = {"target_tokens": seq, "weights": np.ones(len(seq), np.float32)}
+        return tinker.Datum(
+            model_input=tinker.ModelInput.from_ints(list(map(int, seq))), loss_fn_inputs=inputs
+        )
+
+    head = rng.integers(0, VOCAB, 16)
+    # Two 256-token datums sharing 16 tokens: one row of 512 holds no fewer tokens than two of 256,
+    # and its attention spans twice as far.
+    pair = [datum(np.concatenate([head, rng.integers(0, VOCAB, 240)])) for _ in range(2)]
+    ((_, host),) = batching.build_batches(pair, "cross_entropy", config)
+    assert host.batch.shared is None and host.batch.tokens.shape == (2, 256)
+    # Sharing 200 of their 256 tokens, they fit one 384-token row.
+    head = rng.integers(0, VOCAB, 200)
+    pair = [datum(np.concatenate([head, rng.integers(0, VOCAB, 56)])) for _ in range(2)]
+    ((_, host),) = batching.build_batches(pair, "cross_entropy", config)
+    assert host.batch.shared.tokens.shape == (1, 384)
+    ((_, host),) = batching.build_batches(pair, "cross_entropy", config, share_prefixes=False)
+    assert host.batch.shared is None
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_losses_logprobs_and_gradients_equal_unshared(bases, backward):
+    data = group_data(3)
+    made = adapters(bases, seed=3)
+    results = {
+        share: run(
+            base,
+            made[share][0],
+            lambda a: a.forward_backward(data, "importance_sampling", None, backward=backward),
+        )
+        for share, base in bases.items()
+    }
+    assert_outputs_equal(results[True], results[False])
+    grads = {share: made[share][0].grad_acc for share in bases}
+    assert_trees_close(grads[True], grads[False], tol=2e-6)
+    if backward:
+        assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[True])) > 1e-3
+
+
+def test_custom_loss_and_micro_batches(bases, monkeypatch):
+    """A custom loss over per-datum logprobs, in micro-batches of one group each."""
+    data = group_data(4)
+    made = adapters(bases, seed=4)
+
+    def loss_fn(data, logprobs):  # nonlinear and across datums
+        sums = [lp.sum() for lp in logprobs]
+        return sum(jax.nn.softplus(a - b) for a, b in zip(sums[::2], sums[1::2], strict=False)), {}
+
+    for base in bases.values():
+        base.max_tokens_per_batch = 128
+    try:
+        results = {
+            share: run(
+                base, made[share][0], lambda a: a.forward_backward_custom(data, engine.differentiate(loss_fn))
+            )
+            for share, base in bases.items()
+        }
+        assert len(made[True][0]._host_batches(data, None)) > 1
+    finally:
+        for base in bases.values():
+            base.max_tokens_per_batch = engine.DEFAULT_MICRO_BATCH_TOKENS
+    for got, want in zip(results[True][0], results[False][0], strict=True):
+        np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=0, atol=1e-5)
+    assert results[True][1]["loss:sum"] == pytest.approx(results[False][1]["loss:sum"], rel=1e-5)
+    assert_trees_close(made[True][0].grad_acc, made[False][0].grad_acc, tol=2e-6)
+
+
+def test_adapters_in_one_step(bases):
+    """Several clients' shared batches of different shapes run as one multi-adapter step."""
+    datas = [group_data(5, groups=2, size=3), group_data(6, groups=1, size=5, prompt=70, loner=False)]
+    base = bases[True]
+    made = adapters(bases, seed=5, n=2)
+    before = base.worker.loss_steps
+    with Paused(base.worker):
+        futures = [
+            base.worker.submit_loss(a, d, "importance_sampling", None, backward=True)
+            for a, d in zip(made[True], datas, strict=True)
+        ]
+    results = [f.result(120) for f in futures]
+    assert base.worker.loss_steps - before == 1
+    for adapter, data, result in zip(made[False], datas, results, strict=True):
+        want = run(
+            bases[False],
+            adapter,
+            lambda a, d=data: a.forward_backward(d, "importance_sampling", None, backward=True),
+        )
+        assert_outputs_equal(result, want)
+    for got, want in zip(made[True], made[False], strict=True):
+        assert_trees_close(got.grad_acc, want.grad_acc, tol=2e-6)
+
+
+def test_rows_split_over_devices(qwen3_dir, bases):
+    """On a data-parallel mesh the shared rows split over the devices; a datum's rows may sit on
+    another device than its prompt's."""
+    base = engine.BaseModel("tiny", qwen3_dir, mesh=sharding.make_mesh("dp=2,fsdp=2"))
+    data = group_data(7)
+    reference = adapters(bases, seed=7)[False][0]
+    adapter = base.worker.submit(lambda: base.new_adapter(LoraSpec(rank=4, seed=7))).result()
+    adapter.lora = base.place_lora_tree(jax.tree.map(np.asarray, reference.lora))
+    ((_, host),) = adapter._host_batches(data, "importance_sampling")
+    assert host.batch.shared is not None and host.batch.shared.tokens.shape[0] % 4 == 0
+    step = lambda a: a.forward_backward(data, "importance_sampling", None, backward=True)
+    got, want = run(base, adapter, step), run(bases[False], reference, step)
+    assert_outputs_equal(got, want)
+    assert_trees_close(jax.tree.map(np.asarray, adapter.grad_acc), reference.grad_acc, tol=2e-6)
+
+
+def test_no_recompile_for_new_groups_of_a_bucket(bases):
+    adapter = adapters(bases, seed=8)[True][0]
+    step = lambda a, s: a.forward_backward(group_data(s), "importance_sampling", None, backward=True)
+    run(bases[True], adapter, lambda a: step(a, 9))
+    compiled = adapter.steps.compile_count("accumulate")
+    for seed in (10, 11):  # other prompts and completions, the same lengths
+        run(bases[True], adapter, lambda a, s=seed: step(a, s))
+    assert adapter.steps.compile_count("accumulate") == compiled
+
+
+def test_train_batch_functional_api(config, qwen3_dir):
+    """``train.target_logprobs`` on a shared batch equals the model's forward on each datum alone."""
+    from jtinker.models import forward, load_pretrained
+
+    _, params = load_pretrained(qwen3_dir)
+    data = group_data(12, groups=1, size=3, loner=False)
+    ((members, host),) = batching.build_batches(data, "importance_sampling", config)
+    assert host.batch.shared is not None
+    lp = np.asarray(train.target_logprobs(config, params, None, jax.tree.map(np.asarray, host.batch)))
+    for i, p in zip(members, host.placements, strict=True):
+        tokens = tokens_of(data)[i]
+        logits = forward(config, params, tokens[None])[0]
+        want = jax.nn.log_softmax(logits)[
+            np.arange(len(tokens)), data[i].loss_fn_inputs["target_tokens"].to_numpy()
+        ]
+        np.testing.assert_allclose(lp[p.row, p.start : p.start + p.length], want, rtol=0, atol=1e-5)
