@@ -202,15 +202,16 @@ def shared_prefixes(tokens: Sequence[np.ndarray], min_length: int = MIN_SHARED_P
     return best[0, len(order) - 1][1] if order else []
 
 
-def token_cost(config: ModelConfig, row_length: int) -> int:
-    """Forward FLOPs of one token per layer in rows of ``row_length``: projections plus attention
-    over the whole row (a packed row's masked scores are computed too)."""
+def token_cost(config: ModelConfig, row_length: int) -> float:
+    """Training FLOPs of one token per layer in rows of ``row_length``: the projections forward and
+    their input gradients, attention over the whole row (a packed row's masked scores are computed
+    too) forward and backward (which recomputes the scores: about 2.5 forwards)."""
     heads = config.num_heads * config.head_dim
     mlp = config.intermediate_size
     if config.num_experts:
         mlp = config.num_experts_per_tok * config.moe_intermediate_size
     projections = config.hidden_size * (2 * heads + 2 * config.num_kv_heads * config.head_dim + 3 * mlp)
-    return 2 * projections + 4 * row_length * heads
+    return 2 * (2 * projections) + 3.5 * (4 * row_length * heads)
 
 
 def _micro_batches(items: list[_Item], lengths: Sequence[int], row_length: int, max_tokens: int):
@@ -233,13 +234,16 @@ def _micro_batches(items: list[_Item], lengths: Sequence[int], row_length: int, 
 
 def _plan(tokens, lengths, row_length, config, max_tokens, share_prefixes):
     """The cheapest layout by :func:`token_cost`: each datum alone, or shared prefixes once in rows
-    of 1, 2 or 4 times the datums' row length (a group too long for a row is split, its prefix
-    repeated). Returns ``(row_length, micro-batches, shares)``."""
+    of one of the length buckets up to 8 times the datums' row length (a group too long for a row
+    is split, its prefix repeated). Returns ``(row_length, micro-batches, shares)``."""
     alone = [_Item(0, (i,)) for i in range(len(lengths))]
     groups = shared_prefixes(tokens) if share_prefixes else []
     plans = [(row_length, alone)]
     grouped = {i for group in groups for i in group.members}
-    for cap in (row_length, 2 * row_length, 4 * row_length) if groups else ():
+    caps = [row_length]
+    while groups and caps[-1] < 8 * row_length:
+        caps.append(length_bucket(caps[-1] + 1))
+    for cap in caps if groups else ():
         items = [item for item in alone if item.members[0] not in grouped]
         for group in groups:
             chunks: list[list[int]] = []  # first fit, longest rests first
@@ -250,7 +254,7 @@ def _plan(tokens, lengths, row_length, config, max_tokens, share_prefixes):
                 else:
                     chunks.append([i])
             items += [_Item(group.prefix if len(c) > 1 else 0, tuple(sorted(c))) for c in chunks]
-        plans.append((length_bucket(max(item.length(lengths) for item in items)), items))
+        plans.append((cap, items))
 
     def cost(plan):
         rows, items = plan
@@ -318,7 +322,9 @@ def build_batches(
             positions=positions,
             segment_ids=segments,
             loss_inputs=loss_inputs,
-            shared=_shared_rows(placed, local, tokens, padded_rows(num_rows), model_length, b, row_length)
+            shared=_shared_rows(
+                placed, local, tokens, targets, padded_rows(num_rows), model_length, b, row_length
+            )
             if shares
             else None,
         )
@@ -328,33 +334,59 @@ def build_batches(
 
 
 def _shared_rows(
-    placed, local, tokens, rows: int, length: int, loss_rows: int, loss_length: int
+    placed, local, tokens, targets, rows: int, length: int, loss_rows: int, loss_length: int
 ) -> SharedRows:
-    """The model's rows for ``placed`` items, and where each datum position (``local``) reads them."""
+    """The model's rows for ``placed`` items, and where each datum position (``local``) reads them.
+
+    A shared position is scored for its first reader's target; a reader whose target differs (a
+    GRPO group's completions at the prompt's last token) gets an extra score there."""
     tok = np.zeros((rows, length), np.int32)
+    tgt = np.zeros((rows, length, *targets[0].shape[1:]), np.int32)
     positions = np.zeros((rows, length), np.int32)
     segments = np.zeros((rows, length), np.int32)
     prefix_ids = np.full((rows, length), -1, np.int32)
     source = np.zeros((loss_rows, loss_length), np.int32)
+    extras: dict[tuple, int] = {}  # (flat position, target bytes) -> index
+    extra_source, extra_targets = [], []
     for item, p in placed:
-        at, prefix = p.start, item.prefix
-        first = tokens[item.members[0]][:prefix]
-        tok[p.row, at : at + prefix] = first
-        positions[p.row, at : at + prefix] = np.arange(prefix)
-        segments[p.row, at : at + prefix] = at + 1
+        at, prefix, first = p.start, item.prefix, item.members[0]
+        shared = slice(at, at + prefix)
+        tok[p.row, shared], tgt[p.row, shared] = tokens[first][:prefix], targets[first][:prefix]
+        positions[p.row, shared] = np.arange(prefix)
+        segments[p.row, shared] = at + 1
         prefix_at, at = at, at + prefix
         for i in item.members:
-            rest = tokens[i][prefix:]
-            sl = slice(at, at + len(rest))
-            tok[p.row, sl] = rest
-            positions[p.row, sl] = np.arange(prefix, len(tokens[i]))
-            segments[p.row, sl] = at + 1
+            rest = slice(at, at + len(tokens[i]) - prefix)
+            tok[p.row, rest], tgt[p.row, rest] = tokens[i][prefix:], targets[i][prefix:]
+            positions[p.row, rest] = np.arange(prefix, len(tokens[i]))
+            segments[p.row, rest] = at + 1
             if prefix:
-                prefix_ids[p.row, sl] = prefix_at + 1
+                prefix_ids[p.row, rest] = prefix_at + 1
+            flat = p.row * length + np.concatenate(
+                [np.arange(prefix_at, prefix_at + prefix), np.arange(at, rest.stop)]
+            )
+            differ = targets[i][:prefix] != targets[first][:prefix]
+            differ = differ.any(axis=tuple(range(1, differ.ndim)))  # any of a position's K targets
+            for j in np.flatnonzero(differ):
+                key = (int(flat[j]), targets[i][j].tobytes())
+                if key not in extras:
+                    extras[key] = len(extra_source)
+                    extra_source.append(flat[j])
+                    extra_targets.append(targets[i][j])
+                flat[j] = rows * length + extras[key]
             q = local[i]
-            flat = p.row * length + np.concatenate([prefix_at + np.arange(prefix), at + np.arange(len(rest))])
             source[q.row, q.start : q.start + q.length] = flat
-            at += len(rest)
+            at = rest.stop
+    e = batch_bucket(max(1, len(extra_source)))
+    extra = np.zeros((e, *targets[0].shape[1:]), np.int32)
+    extra[: len(extra_targets)] = extra_targets
     return SharedRows(
-        tokens=tok, positions=positions, segment_ids=segments, prefix_ids=prefix_ids, source=source
+        tokens=tok,
+        targets=tgt,
+        positions=positions,
+        segment_ids=segments,
+        prefix_ids=prefix_ids,
+        source=source,
+        extra_source=np.pad(np.asarray(extra_source, np.int32), (0, e - len(extra_source))),
+        extra_targets=extra,
     )

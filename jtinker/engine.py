@@ -478,15 +478,28 @@ def _pad_to(x: np.ndarray, rows: int, length: int) -> np.ndarray:
     return np.pad(x, [(0, rows - x.shape[0]), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _padded(batch: train.TrainBatch, shape: tuple[int, int], shared_shape: tuple[int, int] | None):
-    """``batch`` padded to ``shape`` rows and columns (its shared rows to ``shared_shape``)."""
+def _padded(batch: train.TrainBatch, shape: tuple[int, int], shared_shape: tuple[int, int, int] | None):
+    """``batch`` padded to ``shape`` rows and columns (its shared rows to ``shared_shape``: rows,
+    columns and extra scores)."""
     shared = batch.shared
     if shared is not None:
-        columns = shared.tokens.shape[1]  # the flat indices move to the wider rows
-        source = shared.source // columns * shared_shape[1] + shared.source % columns
-        names = ("tokens", "positions", "segment_ids", "prefix_ids")
-        model = {name: _pad_to(getattr(shared, name), *shared_shape) for name in names}
-        shared = shared.replace(**model, source=_pad_to(source, *shape))
+        (rows, columns), extras = shared.tokens.shape, shared.extra_source.shape[0]
+        new_rows, new_columns, new_extras = shared_shape
+        widened = lambda flat: flat // columns * new_columns + flat % columns  # positions in wider rows
+        # The batch reads flat scores at their new positions, extra scores after the new flat ones.
+        in_rows = shared.source < rows * columns
+        source = np.where(
+            in_rows, widened(shared.source), shared.source - rows * columns + new_rows * new_columns
+        )
+        names = ("tokens", "targets", "positions", "segment_ids", "prefix_ids")
+        model = {name: _pad_to(getattr(shared, name), new_rows, new_columns) for name in names}
+        more = lambda x: np.pad(x, [(0, new_extras - extras)] + [(0, 0)] * (x.ndim - 1))
+        shared = shared.replace(
+            **model,
+            source=_pad_to(source, *shape),
+            extra_source=more(widened(shared.extra_source)),
+            extra_targets=more(shared.extra_targets),
+        )
     padded = jax.tree.map(lambda x: _pad_to(x, *shape), batch.replace(shared=None))
     return padded.replace(shared=shared)
 
@@ -506,7 +519,8 @@ def run_loss_group(
     shape = tuple(max(h.batch.tokens.shape[i] for h in hosts) for i in (0, 1))
     shared_shape = None
     if hosts[0].batch.shared is not None:  # all or none of them (group_key)
-        shared_shape = tuple(max(h.batch.shared.tokens.shape[i] for h in hosts) for i in (0, 1))
+        sizes = [(*h.batch.shared.tokens.shape, h.batch.shared.extra_source.shape[0]) for h in hosts]
+        shared_shape = tuple(max(size[i] for size in sizes) for i in range(3))
     dummy = jax.tree.map(np.zeros_like, hosts[0].batch)
     stacked = jax.tree.map(
         lambda *xs: np.stack(xs),

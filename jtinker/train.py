@@ -29,15 +29,21 @@ class SharedRows:
     """The rows a model runs when datums share prefixes: each shared prefix once, followed by the
     rest of each datum that starts with it (``prefix_ids`` names the prefix's segment, ``-1``: none).
 
-    ``source[b, t]`` is the flat index (``row * T' + column``) of the position whose hidden state
-    stands for the batch's position ``(b, t)``; the loss sees the usual per-datum layout.
+    Each position is scored for ``targets``; ``extra_targets`` ``[E]`` are further targets scored at
+    flat positions (``row * T' + column``) ``extra_source`` (a GRPO group's completions each score
+    their first token at the prompt's last). ``source[b, t]`` indexes the flat scores followed by
+    the extra ones: the batch's position ``(b, t)`` reads its score there, so the loss sees the
+    usual per-datum layout.
     """
 
     tokens: jax.Array
+    targets: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
     prefix_ids: jax.Array
     source: jax.Array
+    extra_source: jax.Array
+    extra_targets: jax.Array
 
 
 @struct.dataclass
@@ -119,10 +125,8 @@ def model_weights(params: dict, trainable: Lora | FullWeights | None) -> tuple[d
     return params, trainable
 
 
-def batch_hidden_states(
-    config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool
-):
-    """Final hidden states ``[B, T, H]`` of ``batch``'s positions (from its shared rows, if any)."""
+def _run_rows(config: ModelConfig, params: dict, lora: Lora | None, batch: TrainBatch, *, remat: bool):
+    """Final hidden states of the rows the model runs: ``batch.shared`` if any, else the batch's."""
     rows = batch.shared or batch
     hidden, _ = hidden_states(
         config,
@@ -134,10 +138,7 @@ def batch_hidden_states(
         lora=lora,
         remat=remat,
     )
-    if batch.shared is None:
-        return hidden
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return jnp.take(flat, batch.shared.source, axis=0)  # its gradient sums a prefix's positions
+    return hidden
 
 
 def target_logprobs(
@@ -150,8 +151,18 @@ def target_logprobs(
 ) -> jax.Array:
     """Learner logprobs of ``batch.targets`` (f32), never materialising all ``[B, T, V]`` logits."""
     params, lora = model_weights(params, lora)
-    hidden = batch_hidden_states(config, params, lora, batch, remat=remat)
-    return token_logprobs(params, hidden, batch.targets, lora)
+    hidden = _run_rows(config, params, lora, batch, remat=remat)
+    if batch.shared is None:
+        return token_logprobs(params, hidden, batch.targets, lora)
+    rows = batch.shared
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    extra_hidden = jnp.take(flat, rows.extra_source, axis=0)[None]
+    scores = [
+        token_logprobs(params, hidden, rows.targets, lora),
+        token_logprobs(params, extra_hidden, rows.extra_targets[None], lora),
+    ]
+    scores = jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in scores])
+    return jnp.take(scores, rows.source, axis=0)  # its gradient sums a shared position's readers
 
 
 def loss_and_logprobs(
@@ -252,7 +263,15 @@ def full_logits(
 ):
     """All logits ``[B, T, V]`` in f32, for custom losses that need the whole distribution."""
     params, lora = model_weights(params, lora)
-    return unembed(params, batch_hidden_states(config, params, lora, batch, remat=remat), lora)
+    hidden = _run_rows(config, params, lora, batch, remat=remat)
+    if batch.shared is not None:  # read into the batch's layout (extra scores read their position)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        hidden = jnp.take(
+            jnp.concatenate([flat, jnp.take(flat, batch.shared.extra_source, axis=0)]),
+            batch.shared.source,
+            axis=0,
+        )
+    return unembed(params, hidden, lora)
 
 
 def logits_with_pullback(lora, params, batch, *, config, remat=True):

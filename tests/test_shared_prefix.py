@@ -11,6 +11,7 @@ from test_multi_adapter import Paused, assert_trees_close
 
 import jtinker as tinker
 from jtinker import batching, engine, sharding, train
+from jtinker.batching import HostBatch
 from jtinker.engine import LoraSpec
 from jtinker.models import ModelConfig
 
@@ -111,23 +112,59 @@ def test_groups_are_found_by_their_shared_prefix():
     assert batching.shared_prefixes([seqs[0][:20], np.concatenate([seqs[0][:15], [1] * 9])]) == []  # < 16
 
 
+def seen_by_datums(host) -> dict[str, np.ndarray]:
+    """What the model sees and scores at each of the batch's positions, read through ``source``."""
+    shared = host.batch.shared
+    flat = {
+        name: getattr(shared, name).reshape(-1, *getattr(shared, name).shape[2:])
+        for name in ("tokens", "targets", "positions")
+    }
+    extra = {
+        "tokens": flat["tokens"][shared.extra_source],
+        "targets": shared.extra_targets,
+        "positions": flat["positions"][shared.extra_source],
+    }
+    return {name: np.concatenate([flat[name], extra[name]])[shared.source] for name in flat}
+
+
 def test_layout_reads_every_datum_from_the_shared_rows(config):
     data = group_data(1)
     ((members, host),) = batching.build_batches(data, "importance_sampling", config)
     batch, shared = host.batch, host.batch.shared
     assert shared is not None and members == list(range(len(data)))
     real = batch.mask > 0
-    for name in ("tokens", "positions"):  # what the model sees at each datum position
-        np.testing.assert_array_equal(
-            getattr(shared, name).reshape(-1)[shared.source][real], getattr(batch, name)[real]
-        )
-    # Each prompt once: 3 * 40 fewer tokens than the datums hold.
-    assert (shared.segment_ids > 0).sum() == sum(len(t) for t in tokens_of(data)) - 3 * (4 - 1) * 40
+    for name, seen in seen_by_datums(host).items():
+        np.testing.assert_array_equal(seen[real], getattr(batch, name)[real])
+    # Each prompt once; its last token scores each completion's own first token (3 extras a group).
+    total = sum(len(t) for t in tokens_of(data))
+    assert (shared.segment_ids > 0).sum() == total - 3 * (4 - 1) * 40
+    assert (
+        shared.extra_source.shape == (16,)
+        and len(set((shared.source[real] >= shared.tokens.size).nonzero()[0])) > 0
+    )
+    assert (shared.source[real] >= shared.tokens.size).sum() == 3 * 3
     # The rest of a datum sees its prompt's segment; prompts and the loner see nothing else.
     assert set(np.unique(shared.prefix_ids)) - {-1} <= set(
         np.unique(shared.segment_ids[shared.segment_ids > 0])
     )
-    assert (shared.prefix_ids > 0).sum() == sum(len(t) for t in tokens_of(data)) - 3 * 4 * 40 - 24
+    assert (shared.prefix_ids > 0).sum() == total - 3 * 4 * 40 - 24
+    # Targets that differ inside a prompt (not next tokens) are scored there as extras.
+    inputs = {key: value.to_numpy().copy() for key, value in data[1].loss_fn_inputs.items()}
+    inputs["target_tokens"][30] += 1
+    data[1] = tinker.Datum(model_input=data[1].model_input, loss_fn_inputs=inputs)
+    ((_, host),) = batching.build_batches(data, "importance_sampling", config)
+    assert (host.batch.shared.source[real] >= host.batch.shared.tokens.size).sum() == 3 * 3 + 1
+    for name, seen in seen_by_datums(host).items():
+        np.testing.assert_array_equal(seen[real], getattr(host.batch, name)[real])
+    # Padded to a multi-adapter step's larger shapes, every position still reads what it did.
+    b = host.batch
+    padded = engine._padded(
+        b,
+        (b.tokens.shape[0] + 2, b.tokens.shape[1] + 5),
+        (b.shared.tokens.shape[0] + 1, b.shared.tokens.shape[1] + 7, 32),
+    )
+    for name, seen in seen_by_datums(HostBatch(padded, host.placements, host.num_tokens)).items():
+        np.testing.assert_array_equal(seen[padded.mask > 0], getattr(b, name)[real])
     # The loss sees each datum whole, as without sharing.
     ((_, unshared),) = batching.build_batches(data, "importance_sampling", config, share_prefixes=False)
     for p, q in zip(host.placements, unshared.placements, strict=True):
@@ -149,12 +186,13 @@ def test_sharing_only_where_it_pays(config):
     pair = [datum(np.concatenate([head, rng.integers(0, VOCAB, 240)])) for _ in range(2)]
     ((_, host),) = batching.build_batches(pair, "cross_entropy", config)
     assert host.batch.shared is None and host.batch.tokens.shape == (2, 256)
-    # Sharing 200 of their 256 tokens, they fit one 384-token row.
+    # Four sharing 200 of their 256 tokens fit one 512-token row: half the tokens, attention twice as long.
     head = rng.integers(0, VOCAB, 200)
-    pair = [datum(np.concatenate([head, rng.integers(0, VOCAB, 56)])) for _ in range(2)]
-    ((_, host),) = batching.build_batches(pair, "cross_entropy", config)
-    assert host.batch.shared.tokens.shape == (1, 384)
-    ((_, host),) = batching.build_batches(pair, "cross_entropy", config, share_prefixes=False)
+    four = [datum(np.concatenate([head, rng.integers(0, VOCAB, 56)])) for _ in range(4)]
+    ((_, host),) = batching.build_batches(four, "cross_entropy", config)
+    assert host.batch.shared.tokens.shape == (1, 512)
+    assert batching.token_cost(config, 512) < 2 * batching.token_cost(config, 256)
+    ((_, host),) = batching.build_batches(four, "cross_entropy", config, share_prefixes=False)
     assert host.batch.shared is None
 
 
@@ -177,32 +215,33 @@ def test_losses_logprobs_and_gradients_equal_unshared(bases, backward):
         assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[True])) > 1e-3
 
 
-def test_custom_loss_and_micro_batches(bases, monkeypatch):
-    """A custom loss over per-datum logprobs, in micro-batches of one group each."""
+@pytest.mark.parametrize("kind", ["logprobs", "logits"])
+def test_custom_loss_and_micro_batches(bases, kind):
+    """A custom loss over per-datum logprobs (or full logits), in micro-batches of one group each."""
     data = group_data(4)
     made = adapters(bases, seed=4)
 
-    def loss_fn(data, logprobs):  # nonlinear and across datums
-        sums = [lp.sum() for lp in logprobs]
+    def loss_fn(data, values):  # nonlinear and across datums
+        if kind == "logits":
+            values = [jax.nn.log_softmax(v, axis=-1)[:, :8] for v in values]
+        sums = [v.sum() for v in values]
         return sum(jax.nn.softplus(a - b) for a, b in zip(sums[::2], sums[1::2], strict=False)), {}
 
+    step = lambda a: a.forward_backward_custom(data, engine.differentiate(loss_fn), kind)
     for base in bases.values():
         base.max_tokens_per_batch = 128
     try:
-        results = {
-            share: run(
-                base, made[share][0], lambda a: a.forward_backward_custom(data, engine.differentiate(loss_fn))
-            )
-            for share, base in bases.items()
-        }
-        assert len(made[True][0]._host_batches(data, None)) > 1
+        results = {share: run(base, made[share][0], step) for share, base in bases.items()}
+        batches = made[True][0]._host_batches(data, None)
+        assert len(batches) > 1 and all(host.batch.shared is not None for _, host in batches)
     finally:
         for base in bases.values():
             base.max_tokens_per_batch = engine.DEFAULT_MICRO_BATCH_TOKENS
     for got, want in zip(results[True][0], results[False][0], strict=True):
         np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=0, atol=1e-5)
     assert results[True][1]["loss:sum"] == pytest.approx(results[False][1]["loss:sum"], rel=1e-5)
-    assert_trees_close(made[True][0].grad_acc, made[False][0].grad_acc, tol=2e-6)
+    # Other micro-batches sum in another order: f32 round-off (4e-5 of 17 measured with logits).
+    assert_trees_close(made[True][0].grad_acc, made[False][0].grad_acc, tol=1e-5)
 
 
 def test_adapters_in_one_step(bases):
@@ -271,3 +310,28 @@ def test_train_batch_functional_api(config, qwen3_dir):
             np.arange(len(tokens)), data[i].loss_fn_inputs["target_tokens"].to_numpy()
         ]
         np.testing.assert_allclose(lp[p.row, p.start : p.start + p.length], want, rtol=0, atol=1e-5)
+
+
+def test_multi_target_losses(bases):
+    """Tinker's ``(N, K)`` targets (distillation's top-k): shared positions score all K at once."""
+    data = []
+    for d in group_data(13):
+        tokens = np.asarray(d.model_input.to_ints())
+        targets = d.loss_fn_inputs["target_tokens"].to_numpy()
+        # K = 3: the next token and two that depend only on the position's own token and place.
+        multi = np.stack(
+            [targets, (tokens * 7 + np.arange(len(tokens))) % VOCAB, (tokens + 1) % VOCAB], axis=1
+        )
+        weights = np.tile(np.asarray([0.5, 0.3, 0.2], np.float32), (len(tokens), 1))
+        data.append(
+            tinker.Datum(
+                model_input=d.model_input, loss_fn_inputs={"target_tokens": multi, "weights": weights}
+            )
+        )
+    made = adapters(bases, seed=13)
+    ((_, host),) = made[True][0]._host_batches(data, "cross_entropy")
+    assert host.batch.shared is not None and host.batch.shared.targets.shape[-1] == 3
+    step = lambda a: a.forward_backward(data, "cross_entropy", None, backward=True)
+    results = {share: run(base, made[share][0], step) for share, base in bases.items()}
+    assert_outputs_equal(results[True], results[False])
+    assert_trees_close(made[True][0].grad_acc, made[False][0].grad_acc, tol=2e-6)
