@@ -30,6 +30,7 @@ BENCH = ROOT / "bench"
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "train": ("train.py", ["--steps", "8"]),
     "train_bf16": ("train.py", ["--steps", "8", "--dtype", "bfloat16"]),  # bf16 on both sides
+    "grpo": ("grpo.py", ["--steps", "3"]),
     "sample": ("sample.py", ["--repeats", "5"]),
     "server": ("server.py", ["--steps", "12"]),  # paired rounds: enough for quartiles
     "memory": ("memory.py", ["--steps", "3"]),
@@ -196,6 +197,42 @@ def _rows_train(d: dict) -> list[list[str]]:
         [name, "MFU vs measured matmul peak", f"{mfu:.1%}", f"{torch_name} {d['torch_mfu']:.1%}",
          f"{mfu / d['torch_mfu']:.2f}x", *target(">= 60%", mfu >= 0.6)],
     ]  # fmt: skip
+
+
+def _rows_grpo(d: dict) -> list[list[str]]:
+    shape = f"{d['groups']} x {d['group_size']}, {d['prompt']}-token prompts"
+    ours, unshared = d["jtinker_shared"]["tokens_per_s"], d["jtinker_unshared"]["tokens_per_s"]
+    rows = [
+        ["train", f"GRPO step tokens/s with shared prefixes ({shape})", _n(ours),
+         f"no sharing {_n(unshared)}", f"{d['sharing_speedup']:.2f}x", "(none)", "info"],
+    ]  # fmt: skip
+    if "torch" in d:
+        rows.append(
+            ["train", f"GRPO step tokens/s ({shape})", _n(ours),
+             f"torch+PEFT {_n(d['torch']['tokens_per_s'])}", f"{d['speedup_vs_torch']:.2f}x", "(none)",
+             "info"]
+        )  # fmt: skip
+    return rows
+
+
+def _details_grpo(d: dict) -> list[str]:
+    shared, unshared = d["jtinker_shared"], d["jtinker_unshared"]
+    lines = [
+        f"- `{Path(d['model']).name}`, f32, rank-{d['rank']} LoRA on all linear layers, "
+        f"`importance_sampling` + AdamW; {d['groups']} prompts of {d['prompt']} tokens with "
+        f"{d['group_size']} completions of "
+        f"{d['completion_tokens'][0]}-{d['completion_tokens'][1]} tokens each ({_n(d['tokens'])} tokens).",
+        f"- Shared prefixes: the model runs {shared['model_rows'][0]} x {shared['model_rows'][1]} rows, "
+        f"{shared['step_s']:.2f} s a step (first {shared['first_step_s']:.1f} s); without sharing "
+        f"{unshared['model_rows'][0]} x {unshared['model_rows'][1]}, {unshared['step_s']:.2f} s "
+        f"(first {unshared['first_step_s']:.1f} s). Steps alternate between the two; medians.",
+    ]
+    if "torch" in d:
+        lines.append(
+            f"- torch+PEFT: every datum padded to the longest, {d['torch']['step_s']:.2f} s a step, run "
+            "after jtinker in the same process."
+        )
+    return lines
 
 
 def _rows_sample(d: dict) -> list[list[str]]:
@@ -494,6 +531,7 @@ def _details_compile(d: dict) -> list[str]:
 SECTIONS = [  # name, title, summary rows, details
     ("train", "train: LoRA training throughput vs torch + PEFT", _rows_train, _details_train),
     ("train_bf16", "train_bf16: the same in bf16, both sides", _rows_train, _details_train),
+    ("grpo", "grpo: a GRPO step with shared prefixes", _rows_grpo, _details_grpo),
     ("sample", "sample: generation throughput vs transformers generate", _rows_sample, _details_sample),
     ("server", "server: the Tinker SDK over HTTP vs the in-process API", _rows_server, _details_server),
     ("memory", "memory: peak RSS vs the analytic size and torch + PEFT", _rows_memory, _details_memory),

@@ -323,7 +323,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.all and args.name is not None:
         raise UsageError(f"bench: give a benchmark name or --all, not both (got {args.name!r})")
     if not args.all and args.name is None:
-        raise UsageError("bench: name a benchmark (train, sample, server, memory, compile) or pass --all")
+        raise UsageError(
+            "bench: name a benchmark (train, grpo, sample, server, memory, compile) or pass --all"
+        )
     name = "report" if args.all else args.name
     script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
     if not script.is_file():

@@ -88,8 +88,8 @@ class BaseModel:
         mesh: Mesh | None = None,
         rules: sharding.ShardingRules | None = None,
         max_tokens_per_batch: int | None = None,
-        remat: bool = os.environ.get("JTINKER_REMAT", "0") == "1",
-        share_prefixes: bool = os.environ.get("JTINKER_SHARE_PREFIXES", "1") != "0",
+        remat: bool | None = None,
+        share_prefixes: bool | None = None,
     ):
         if max_tokens_per_batch is None:  # micro-batches: fewer tokens hold fewer activations
             max_tokens_per_batch = env_int("JTINKER_MICRO_BATCH_TOKENS", DEFAULT_MICRO_BATCH_TOKENS)
@@ -98,6 +98,11 @@ class BaseModel:
                 f"max_tokens_per_batch (JTINKER_MICRO_BATCH_TOKENS): must be >= 1, got {max_tokens_per_batch}"
             )
         self.name = name
+        # Read when a model loads, not at import: a script may set them after `import jtinker`.
+        if remat is None:
+            remat = os.environ.get("JTINKER_REMAT", "0") == "1"
+        if share_prefixes is None:
+            share_prefixes = os.environ.get("JTINKER_SHARE_PREFIXES", "1") != "0"
         self.remat = remat  # recompute layer activations in backward: less memory, more FLOPs
         self.model_dir = Path(model_dir)
         self.dtype = dtype

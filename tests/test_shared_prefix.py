@@ -4,6 +4,8 @@ datum whole, and every logprob, loss and gradient equals the unshared run's."""
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -335,3 +337,15 @@ def test_multi_target_losses(bases):
     results = {share: run(base, made[share][0], step) for share, base in bases.items()}
     assert_outputs_equal(results[True], results[False])
     assert_trees_close(made[True][0].grad_acc, made[False][0].grad_acc, tol=2e-6)
+
+
+def test_environment_turns_it_off(qwen3_dir, tmp_path, monkeypatch):
+    """``JTINKER_SHARE_PREFIXES=0`` is read when a base model loads (after ``import jtinker`` too)."""
+    monkeypatch.setenv("JTINKER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("JTINKER_SHARE_PREFIXES", "0")
+    model = shutil.copytree(qwen3_dir, tmp_path / "model")  # a base model of its own (loaded now)
+    service = tinker.ServiceClient(store_dir=str(tmp_path / "store"))
+    tc = service.create_lora_training_client(str(model), rank=4)
+    assert not tc._base.share_prefixes
+    ((_, host),) = tc._adapter._host_batches(group_data(14), "importance_sampling")
+    assert host.batch.shared is None
