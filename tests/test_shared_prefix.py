@@ -349,3 +349,13 @@ def test_environment_turns_it_off(qwen3_dir, tmp_path, monkeypatch):
     assert not tc._base.share_prefixes
     ((_, host),) = tc._adapter._host_batches(group_data(14), "importance_sampling")
     assert host.batch.shared is None
+
+
+def test_full_fine_tuning(bases):
+    """Every weight trains (the tied embedding and head too): the gradients equal the unshared run's."""
+    data = group_data(15, groups=2)
+    made = {share: base.worker.submit(base.new_full_adapter).result() for share, base in bases.items()}
+    step = lambda a: a.forward_backward(data, "importance_sampling", None, backward=True)
+    results = {share: run(base, made[share], step) for share, base in bases.items()}
+    assert_outputs_equal(results[True], results[False])
+    assert_trees_close(made[True].grad_acc, made[False].grad_acc, tol=2e-6)
