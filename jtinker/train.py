@@ -52,7 +52,7 @@ class TrainBatch:
 
     ``targets`` is ``[B, T]`` or ``[B, T, K]`` (Tinker's multi-target form); every entry of
     ``loss_inputs`` has the shape of ``targets``. With ``shared``, the model runs those rows instead
-    of ``tokens``, and their hidden states are gathered into this layout.
+    of ``tokens``, and their scores are read into this layout.
     """
 
     tokens: jax.Array
@@ -141,6 +141,18 @@ def _run_rows(config: ModelConfig, params: dict, lora: Lora | None, batch: Train
     return hidden
 
 
+def _extra_hidden(hidden: jax.Array, shared: SharedRows) -> jax.Array:
+    """``[E, H]``: the hidden states at the positions of the extra scores."""
+    return jnp.take(hidden.reshape(-1, hidden.shape[-1]), shared.extra_source, axis=0)
+
+
+def _per_datum(values: jax.Array, extra_values: jax.Array, shared: SharedRows) -> jax.Array:
+    """The batch's ``[B, T, ...]`` from the shared rows' ``[B', T', ...]`` and the extra ``[E, ...]``
+    values (the read's gradient sums each shared position's readers)."""
+    flat = values.reshape(-1, *values.shape[2:])
+    return jnp.take(jnp.concatenate([flat, extra_values]), shared.source, axis=0)
+
+
 def target_logprobs(
     config: ModelConfig,
     params: dict,
@@ -154,15 +166,10 @@ def target_logprobs(
     hidden = _run_rows(config, params, lora, batch, remat=remat)
     if batch.shared is None:
         return token_logprobs(params, hidden, batch.targets, lora)
-    rows = batch.shared
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    extra_hidden = jnp.take(flat, rows.extra_source, axis=0)[None]
-    scores = [
-        token_logprobs(params, hidden, rows.targets, lora),
-        token_logprobs(params, extra_hidden, rows.extra_targets[None], lora),
-    ]
-    scores = jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in scores])
-    return jnp.take(scores, rows.source, axis=0)  # its gradient sums a shared position's readers
+    shared = batch.shared  # each shared position is scored once
+    scores = token_logprobs(params, hidden, shared.targets, lora)
+    extra = token_logprobs(params, _extra_hidden(hidden, shared)[None], shared.extra_targets[None], lora)
+    return _per_datum(scores, extra[0], shared)
 
 
 def loss_and_logprobs(
@@ -264,13 +271,8 @@ def full_logits(
     """All logits ``[B, T, V]`` in f32, for custom losses that need the whole distribution."""
     params, lora = model_weights(params, lora)
     hidden = _run_rows(config, params, lora, batch, remat=remat)
-    if batch.shared is not None:  # read into the batch's layout (extra scores read their position)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        hidden = jnp.take(
-            jnp.concatenate([flat, jnp.take(flat, batch.shared.extra_source, axis=0)]),
-            batch.shared.source,
-            axis=0,
-        )
+    if batch.shared is not None:
+        hidden = _per_datum(hidden, _extra_hidden(hidden, batch.shared), batch.shared)
     return unembed(params, hidden, lora)
 
 
