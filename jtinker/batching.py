@@ -21,6 +21,9 @@ from jtinker.train import SharedRows, TrainBatch
 
 MIN_LENGTH_BUCKET = 16
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a layout of their own
+# Rows of shared prefixes grow to at most this many tokens (or the datums' own length bucket, if
+# longer): attention's masks and scores grow with the square of the row.
+MAX_SHARED_ROW = 4096
 _UNSET = object()
 
 
@@ -234,14 +237,15 @@ def _micro_batches(items: list[_Item], lengths: Sequence[int], row_length: int, 
 
 def _plan(tokens, lengths, row_length, config, max_tokens, share_prefixes):
     """The cheapest layout by :func:`token_cost`: each datum alone, or shared prefixes once in rows
-    of one of the length buckets up to 8 times the datums' row length (a group too long for a row
-    is split, its prefix repeated). Returns ``(row_length, micro-batches, shares)``."""
+    of one of the length buckets up to 8 times the datums' row length and ``MAX_SHARED_ROW`` (a
+    group too long for a row is split, its prefix repeated). Returns ``(row_length, micro-batches,
+    shares)``."""
     alone = [_Item(0, (i,)) for i in range(len(lengths))]
     groups = shared_prefixes(tokens) if share_prefixes else []
     plans = [(row_length, alone)]
     grouped = {i for group in groups for i in group.members}
     caps = [row_length]
-    while groups and caps[-1] < 8 * row_length:
+    while groups and length_bucket(caps[-1] + 1) <= min(8 * row_length, max(row_length, MAX_SHARED_ROW)):
         caps.append(length_bucket(caps[-1] + 1))
     for cap in caps if groups else ():
         items = [item for item in alone if item.members[0] not in grouped]

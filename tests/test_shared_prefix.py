@@ -4,6 +4,7 @@ datum whole, and every logprob, loss and gradient equals the unshared run's."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import jax
@@ -196,6 +197,33 @@ def test_sharing_only_where_it_pays(config):
     assert batching.token_cost(config, 512) < 2 * batching.token_cost(config, 256)
     ((_, host),) = batching.build_batches(four, "cross_entropy", config, share_prefixes=False)
     assert host.batch.shared is None
+
+
+def test_rows_stay_within_the_limit(config, monkeypatch):
+    """40 datums of 1,300 tokens sharing 1,200, on an 8B-shaped config (attention is cheap next to
+    its projections): one 6,144-token row would be cheapest, but rows stop at ``MAX_SHARED_ROW``
+    (the prefix is repeated in each) since attention's masks and scores grow with their square."""
+    big = dataclasses.replace(
+        config, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+        max_position_embeddings=8192,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    head = rng.integers(0, VOCAB, 1200)
+    data = []
+    for _ in range(40):
+        seq = np.concatenate([head, rng.integers(0, VOCAB, 100)])
+        inputs = {"target_tokens": seq, "weights": np.ones(len(seq), np.float32)}
+        data.append(
+            tinker.Datum(model_input=tinker.ModelInput.from_ints(seq.tolist()), loss_fn_inputs=inputs)
+        )
+
+    def rows():
+        ((_, host),) = batching.build_batches(data, "cross_entropy", big, max_tokens_per_batch=1 << 20)
+        return host.batch.shared.tokens.shape
+
+    assert rows() == (2, batching.MAX_SHARED_ROW)
+    monkeypatch.setattr(batching, "MAX_SHARED_ROW", 1 << 20)
+    assert rows() == (1, 6144)
 
 
 @pytest.mark.parametrize("backward", [True, False])
