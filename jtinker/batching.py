@@ -3,7 +3,9 @@
 All validation happens here, before any device work, so a rejected request changes no state.
 Short datums are packed into shared rows (segment ids keep attention inside each datum, positions
 restart), and rows and lengths are rounded up to a small set of buckets so a stream of
-differently sized requests compiles a handful of programs.
+differently sized requests compiles a handful of programs. Datums that start alike (a GRPO group's
+prompt) can have that prefix computed once (:class:`~jtinker.train.SharedRows`), when the cost
+model says it pays.
 """
 
 from __future__ import annotations
