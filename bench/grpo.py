@@ -88,9 +88,8 @@ def bench_jtinker(model_dir: Path, seqs: list, prompt: int, rank: int, steps: in
             losses[share].append(loss)
     shapes = {}
     for share, (_, adapter) in runs.items():
-        ((_, host),) = adapter._host_batches(data, "importance_sampling")
-        rows = host.batch.shared or host.batch
-        shapes[share] = list(rows.tokens.shape)
+        batches = adapter._host_batches(data, "importance_sampling")  # micro-batches
+        shapes[share] = [list((host.batch.shared or host.batch).tokens.shape) for _, host in batches]
     for base, _ in runs.values():
         base.worker.close()
     return {

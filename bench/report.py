@@ -215,6 +215,12 @@ def _rows_grpo(d: dict) -> list[list[str]]:
     return rows
 
 
+def _shapes(rows: list) -> str:
+    """``[B, T]`` of each micro-batch (one ``[B, T]`` in results from before micro-batches were listed)."""
+    rows = rows if isinstance(rows[0], list) else [rows]
+    return " + ".join(f"{b} x {t}" for b, t in rows)
+
+
 def _details_grpo(d: dict) -> list[str]:
     shared, unshared = d["jtinker_shared"], d["jtinker_unshared"]
     lines = [
@@ -222,9 +228,9 @@ def _details_grpo(d: dict) -> list[str]:
         f"`importance_sampling` + AdamW; {d['groups']} prompts of {d['prompt']} tokens with "
         f"{d['group_size']} completions of "
         f"{d['completion_tokens'][0]}-{d['completion_tokens'][1]} tokens each ({_n(d['tokens'])} tokens).",
-        f"- Shared prefixes: the model runs {shared['model_rows'][0]} x {shared['model_rows'][1]} rows, "
+        f"- Shared prefixes: the model runs {_shapes(shared['model_rows'])} rows, "
         f"{shared['step_s']:.2f} s a step (first {shared['first_step_s']:.1f} s); without sharing "
-        f"{unshared['model_rows'][0]} x {unshared['model_rows'][1]}, {unshared['step_s']:.2f} s "
+        f"{_shapes(unshared['model_rows'])}, {unshared['step_s']:.2f} s "
         f"(first {unshared['first_step_s']:.1f} s). Steps alternate between the two; medians.",
     ]
     if "torch" in d:
