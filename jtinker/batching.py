@@ -188,15 +188,15 @@ def shared_prefixes(tokens: Sequence[np.ndarray], min_length: int = MIN_SHARED_P
     lcp = [common_prefix(tokens[a], tokens[b]) for a, b in itertools.pairwise(order)]
     best: dict[tuple[int, int], tuple[int, list[_Item]]] = {}
     # Post-order over [lo, hi] ranges of ``order``, split at their least shared neighbours.
-    stack = [(0, len(order) - 1, False)]
+    stack: list[tuple[int, int, int | None]] = [(0, len(order) - 1, None)]  # (lo, hi, cut once split)
     while stack:
-        lo, hi, expanded = stack.pop()
+        lo, hi, cut = stack.pop()
         if hi <= lo:
             best[lo, hi] = (0, [])
             continue
-        cut = min(range(lo, hi), key=lambda j: lcp[j])
-        if not expanded:
-            stack += [(lo, hi, True), (lo, cut, False), (cut + 1, hi, False)]
+        if cut is None:
+            cut = min(range(lo, hi), key=lambda j: lcp[j])
+            stack += [(lo, hi, cut), (lo, cut, None), (cut + 1, hi, None)]
             continue
         (left, left_items), (right, right_items) = best.pop((lo, cut)), best.pop((cut + 1, hi))
         whole = (hi - lo) * lcp[cut] if lcp[cut] >= min_length else -1
@@ -261,14 +261,14 @@ def _plan(tokens, lengths, row_length, config, max_tokens, share_prefixes):
                     chunks.append([i])
             items += [_Item(group.prefix if len(c) > 1 else 0, tuple(sorted(c))) for c in chunks]
         plans.append((cap, items))
+    laid_out = [(rows, _micro_batches(items, lengths, rows, max_tokens), items) for rows, items in plans]
 
     def cost(plan):
-        rows, items = plan
-        padded = sum(batch_bucket(n) for n, _ in _micro_batches(items, lengths, rows, max_tokens))
-        return padded * rows * token_cost(config, rows)
+        rows, micro_batches, _ = plan
+        return sum(batch_bucket(n) for n, _ in micro_batches) * rows * token_cost(config, rows)
 
-    rows, items = min(plans, key=cost)  # ties keep the earlier plan: no sharing first
-    return rows, _micro_batches(items, lengths, rows, max_tokens), any(item.prefix for item in items)
+    rows, micro_batches, items = min(laid_out, key=cost)  # ties keep the earlier plan: no sharing first
+    return rows, micro_batches, any(item.prefix for item in items)
 
 
 def build_batches(

@@ -41,22 +41,28 @@ def make_data(seed: int, lengths) -> list[tinker.Datum]:
     return out
 
 
+def rl_datum(seq: np.ndarray, rng: np.random.Generator, prompt: int | None = None) -> tinker.Datum:
+    """An RL datum on ``seq``: sampler logprobs, and per-token advantages (or, with ``prompt``, one
+    group-relative advantage on the completion after the first ``prompt`` tokens)."""
+    n = len(seq) - 1
+    logprobs = rng.normal(-3.0, 0.5, n).astype(np.float32)
+    if prompt is None:
+        advantages = rng.normal(0.0, 1.0, n)
+    else:
+        advantages = np.where(np.arange(n) < prompt - 1, 0.0, rng.normal(0.0, 1.0))
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()),
+        loss_fn_inputs={
+            "target_tokens": seq[1:],
+            "logprobs": logprobs,
+            "advantages": advantages.astype(np.float32),
+        },
+    )
+
+
 def rl_data(seed: int, lengths) -> list[tinker.Datum]:
     rng = np.random.default_rng(seed)
-    out = []
-    for n in lengths:
-        seq = rng.integers(0, VOCAB, n + 1)
-        out.append(
-            tinker.Datum(
-                model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()),
-                loss_fn_inputs={
-                    "target_tokens": seq[1:],
-                    "logprobs": rng.normal(-3.0, 0.5, n).astype(np.float32),
-                    "advantages": rng.normal(0.0, 1.0, n).astype(np.float32),
-                },
-            )
-        )
-    return out
+    return [rl_datum(rng.integers(0, VOCAB, n + 1), rng) for n in lengths]
 
 
 # Different lengths and counts per adapter: the group pads each to a common [B, T] bucket.

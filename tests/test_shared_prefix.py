@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_multi_adapter import Paused, assert_trees_close
+from test_multi_adapter import Paused, assert_trees_close, rl_datum
 
 import jtinker as tinker
 from jtinker import batching, engine, sharding, train
@@ -32,22 +32,7 @@ def group_data(seed: int, groups: int = 3, size: int = 4, prompt: int = 40, lone
         seqs += [np.concatenate([head, [f], rng.integers(0, VOCAB, lengths.integers(4, 30))]) for f in firsts]
     if loner:
         seqs.append(rng.integers(0, VOCAB, 25))
-    out = []
-    for seq in seqs:
-        n = len(seq) - 1
-        out.append(
-            tinker.Datum(
-                model_input=tinker.ModelInput.from_ints(seq[:-1].tolist()),
-                loss_fn_inputs={
-                    "target_tokens": seq[1:],
-                    "logprobs": rng.normal(-3.0, 0.5, n).astype(np.float32),
-                    "advantages": np.where(np.arange(n) < prompt - 1, 0.0, rng.normal(0.0, 1.0)).astype(
-                        np.float32
-                    ),
-                },
-            )
-        )
-    return out
+    return [rl_datum(seq, rng, prompt) for seq in seqs]
 
 
 def tokens_of(data) -> list[np.ndarray]:
