@@ -1331,8 +1331,19 @@ class Sampler:
         slots = bucket(int(starts.max()) + tn)
         tc = min(slots, max(hit[0].k.shape[1] for hit in hits if hit))
         c = self.config
-        none = jnp.zeros((c.num_layers, tc, c.num_kv_heads, c.head_dim), self.cache_dtype)
-        past = [_fit_slots(hit[0].k, hit[0].v, slots=tc) if hit else (none, none) for hit in hits]
+        shape = (c.num_layers, tc, c.num_kv_heads, c.head_dim)
+        # Hits and misses alike in one placement: else each pattern of which prompts hit would be
+        # a program of its own (jit keys on every argument's placement).
+        place = jax.devices()[0]
+        if self.mesh is not None:
+            place = sharding.fitted_sharding(
+                self.mesh, self.rules, ("layers", "seq", "kv_heads", "head_dim"), shape
+            )
+        none = jax.device_put(jnp.zeros(shape, self.cache_dtype), place)
+        past = [
+            jax.device_put(_fit_slots(hit[0].k, hit[0].v, slots=tc), place) if hit else (none, none)
+            for hit in hits
+        ]
         past += [(none, none)] * (p - len(hits))
         tokens = np.zeros((p, tn), np.int32)
         lengths = np.ones(p, np.int32)

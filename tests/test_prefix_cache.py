@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from jtinker import sharding
 from jtinker.models import load_pretrained
 from jtinker.models import lora as lora_lib
 from jtinker.prefix_cache import MIN_HIT_TOKENS
@@ -239,6 +240,27 @@ def test_later_turns_compile_nothing_new(pair):
     episode(100)  # seeds no other test draws prompts with: no hits from their entries
     before, compiled = compile_counts(), _BACKEND_COMPILES[0]
     episode(101)
+    assert compile_counts() == before and _BACKEND_COMPILES[0] == compiled
+    assert before["prefill_after"] >= 1
+
+
+def test_hits_and_misses_in_any_order_on_a_mesh_compile_nothing_new(pair):
+    """On a mesh (as the Tinker API samples) the prompts that miss the cache get zeros placed like
+    the entries of those that hit: which prompts hit cannot change the programs' input placements."""
+    sampler = Sampler(pair.config, pair.params, mesh=sharding.make_mesh())
+    rng = np.random.default_rng(200)
+    fresh = lambda: rng.integers(0, 250, 30).tolist()
+
+    def turn(prompts, extend):
+        """Samples ``prompts``; returns the next turn's prompt for each one in ``extend``."""
+        results = sampler.sample([request(p, max_tokens=10) for p in prompts])
+        return [prompts[i] + results[i].sequences[0][0] + [4, 4, 4] for i in extend]
+
+    first = turn([fresh() for _ in range(4)], extend=[0, 2])
+    second = turn([first[0], fresh(), first[1], fresh()], extend=[1, 3])  # hit, miss, hit, miss
+    before, compiled = compile_counts(), _BACKEND_COMPILES[0]
+    turn([fresh(), second[0], fresh(), second[1]], extend=[])  # miss, hit, miss, hit: the same shapes
+    assert sampler.last_stats["prefix_hit_tokens"] == 2 * 39  # prompt + the 9 fed tokens, twice
     assert compile_counts() == before and _BACKEND_COMPILES[0] == compiled
     assert before["prefill_after"] >= 1
 
