@@ -383,7 +383,9 @@ def _shared_rows(
             q = local[i]
             source[q.row, q.start : q.start + q.length] = flat
             at = rest.stop
-    e = batch_bucket(max(1, len(extra_source)))
+    # Sized by the datum count (an RL loop's is fixed) rather than by the extras (how many of a
+    # group's completions start alike varies step to step): next-token datums need at most one each.
+    e = batch_bucket(max(len(local), len(extra_source)))
     extra = np.zeros((e, *targets[0].shape[1:]), np.int32)
     extra[: len(extra_targets)] = extra_targets
     return SharedRows(

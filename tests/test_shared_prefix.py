@@ -21,15 +21,19 @@ from jtinker.models import ModelConfig
 VOCAB = 320
 
 
-def group_data(seed: int, groups: int = 3, size: int = 4, prompt: int = 40, loner: bool = True):
-    """RL datums: ``groups`` prompts with ``size`` completions each (first tokens all different, so
-    exactly the prompt is shared), plus one datum sharing nothing."""
+def group_data(
+    seed: int, groups: int = 3, size: int = 4, prompt: int = 40, loner: bool = True, firsts: int | None = None
+):
+    """RL datums: ``groups`` prompts with ``size`` completions each (``firsts`` different first tokens,
+    by default all different; exactly the prompt is shared), plus one datum sharing nothing."""
     rng, lengths = np.random.default_rng(seed), np.random.default_rng(0)  # every seed: the same shapes
     seqs = []
     for _ in range(groups):
         head = rng.integers(0, VOCAB, prompt)
-        firsts = rng.choice(VOCAB, size, replace=False)
-        seqs += [np.concatenate([head, [f], rng.integers(0, VOCAB, lengths.integers(4, 30))]) for f in firsts]
+        starts = rng.choice(VOCAB, firsts or size, replace=False)
+        for i in range(size):
+            rest = rng.integers(0, VOCAB, lengths.integers(4, 30))
+            seqs.append(np.concatenate([head, [starts[i % len(starts)]], rest]))
     if loner:
         seqs.append(rng.integers(0, VOCAB, 25))
     return [rl_datum(seq, rng, prompt) for seq in seqs]
@@ -300,12 +304,19 @@ def test_rows_split_over_devices(qwen3_dir, bases):
 
 
 def test_no_recompile_for_new_groups_of_a_bucket(bases):
+    """Other prompts and completions of the same lengths, and groups whose completions start alike
+    or not (the extra scores at the prompts' last tokens: 9, 3 or 6), reuse the first step's program."""
     adapter = adapters(bases, seed=8)[True][0]
-    step = lambda a, s: a.forward_backward(group_data(s), "importance_sampling", None, backward=True)
-    run(bases[True], adapter, lambda a: step(a, 9))
+    step = lambda a, s, f: a.forward_backward(
+        group_data(s, firsts=f), "importance_sampling", None, backward=True
+    )
+    run(bases[True], adapter, lambda a: step(a, 9, 4))
     compiled = adapter.steps.compile_count("accumulate")
-    for seed in (10, 11):  # other prompts and completions, the same lengths
-        run(bases[True], adapter, lambda a, s=seed: step(a, s))
+    for seed, firsts in ((10, 2), (11, 3)):
+        data = group_data(seed, firsts=firsts)
+        ((_, host),) = batching.build_batches(data, "importance_sampling", bases[True].config)
+        assert np.count_nonzero(host.batch.shared.extra_source) == 3 * (firsts - 1)
+        run(bases[True], adapter, lambda a, s=seed, f=firsts: step(a, s, f))
     assert adapter.steps.compile_count("accumulate") == compiled
 
 
