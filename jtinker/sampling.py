@@ -951,6 +951,7 @@ class Sampler:
             except ValueError as e:
                 raise ValueError(f"requests[{i}].{e}") from None
         adapters = self._adapter_slots(requests, lora)
+        adapters.distinct = [self._placed(x) for x in adapters.distinct]
         owners = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(requests)
         seeds = [r.seed % (1 << 64) if r.seed is not None else secrets.randbits(64) for r in requests]
         if any(r.seed is None for r in requests) and jax.process_count() > 1:
@@ -968,6 +969,13 @@ class Sampler:
         for chunk in self._batches(requests, rows):
             self._run(requests, seeds, owners, chunk, results, *adapters.for_rows([r.request for r in chunk]))
         return results
+
+    def _placed(self, lora: Any) -> Any:
+        """``lora`` on the mesh by the sharding rules: an adapter restored from a checkpoint and one
+        fresh from training then run the same programs (jit keys on its arguments' placements)."""
+        if self.mesh is None or lora is None:
+            return lora
+        return jax.device_put(lora, sharding.lora_shardings(self.mesh, self.rules, lora))
 
     def _cache_bytes(self, rows: int, length: int) -> int:
         """Bytes of the decode cache of ``rows`` rows up to ``length`` positions, as bucketed."""

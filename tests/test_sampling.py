@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from jtinker import sharding
 from jtinker.models import load_pretrained
 from jtinker.models import lora as lora_lib
 from jtinker.sampling import (
@@ -566,6 +567,24 @@ def test_bad_requests_name_the_field(qwen3):
     # The batch that was refused leaves the sampler usable.
     (result,) = qwen3.sampler.sample([greedy([1, 2, 3], max_tokens=4)])
     assert len(result.sequences[0][0]) == 4
+
+
+def test_an_unplaced_adapter_runs_the_placed_ones_programs(tiny_model_factory):
+    """On a mesh, an adapter restored unplaced (as from a checkpoint) and the same adapter placed by
+    the sharding rules (as training leaves it) sample alike with the same compiled programs."""
+    config, params = load_pretrained(tiny_model_factory("qwen3", max_position_embeddings=384))
+    mesh = sharding.make_mesh()
+    sampler = Sampler(config, params, mesh=mesh)
+    lora = jax.tree.map(lambda x: x + 0.05, lora_lib.init(config, 4, jax.random.key(3)))
+    placed = jax.device_put(lora, sharding.lora_shardings(mesh, sharding.ShardingRules(), lora))
+    request = SampleRequest(prompt=list(range(5, 25)), num_samples=2, max_tokens=6, temperature=0.0)
+    (want,) = sampler.sample([request], placed)
+    before = compile_counts()
+    unplaced = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), lora)
+    assert jax.tree.leaves(unplaced)[0].sharding != jax.tree.leaves(placed)[0].sharding
+    (got,) = sampler.sample([request], unplaced)
+    assert compile_counts() == before
+    assert [s[0] for s in got.sequences] == [s[0] for s in want.sequences]
 
 
 def test_compile_count_is_bounded(tiny_model_factory):
