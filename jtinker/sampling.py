@@ -1451,6 +1451,7 @@ class Sampler:
         for i, p in enumerate(prompts):
             self._check_prompt(p, f"prompts[{i}]")
         out: list[list[float | None]] = []
+        lora = self._placed(lora)
         for start in range(0, len(prompts), self.max_batch):
             group = [tuple(int(t) for t in p) for p in prompts[start : start + self.max_batch]]
             distinct = list(dict.fromkeys(group))
