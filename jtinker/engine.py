@@ -27,8 +27,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jtinker import hostmem, sharding, train
 from jtinker import losses as losses_lib
-from jtinker import sharding, train
 from jtinker.batching import HostBatch, adapter_bucket, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
 from jtinker.distributed import from_process_zero
@@ -831,6 +831,10 @@ class Worker:
                 except BaseException as e:  # the worker must survive any request
                     log.debug("request failed", exc_info=True)
                     task.future.set_exception(e)
+            if hostmem.release_programs_near_map_limit():
+                log.warning(
+                    "dropped all compiled programs: near the limit of %d memory maps", hostmem.map_limit()
+                )
 
     # -- forward / forward_backward across adapters ----------------------------------------------
     def _take_losses(self, first: _Task) -> list[_Task]:

@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from jtinker import hostmem  # noqa: E402
 from jtinker.models import make_tiny  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -23,6 +24,14 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 # The SDK's session heartbeats warn for every client whose server a test killed on purpose (restart
 # tests), from background threads that outlive pytest's captured streams: errors still show.
 logging.getLogger("tinker.lib.internal_client_holder").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _within_the_map_limit():
+    """A worker runs hundreds of tests, each compiling programs of its own: dropped between tests at
+    half the memory-map limit, they never reach the engine's own (3/4), which fires mid-test."""
+    yield
+    hostmem.release_programs_near_map_limit(fraction=0.5, interval=0)
 
 
 @pytest.fixture(scope="session")

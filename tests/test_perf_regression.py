@@ -432,6 +432,23 @@ def test_import_sets_up_the_allocator_unless_opted_out(opt_out):
     assert out.stdout.strip() == str(not opt_out)
 
 
+def test_compiled_programs_are_dropped_near_the_memory_map_limit():
+    """Past the given share of the kernel's memory-map limit every compiled program is dropped, and
+    its kernels unmapped; below it nothing happens. The maps are listed at most once per interval."""
+    from jtinker import hostmem
+
+    program = jax.jit(lambda x: jnp.tanh(x) * 3 + 1)
+    program(jnp.ones(3))
+    maps = hostmem.memory_maps()
+    assert hostmem.map_limit() > 0 and maps > 0
+    assert not hostmem.release_programs_near_map_limit(fraction=1.0, interval=0)
+    assert program._cache_size() == 1
+    assert hostmem.release_programs_near_map_limit(fraction=0.0, interval=0)
+    assert program._cache_size() == 0 and hostmem.memory_maps() < maps
+    assert not hostmem.release_programs_near_map_limit(fraction=0.0, interval=3600)  # listed just now
+    np.testing.assert_allclose(program(jnp.ones(3)), np.tanh(1.0) * 3 + 1, rtol=1e-6)  # compiles again
+
+
 _SCHEDULED = """
 import hashlib, os, sys
 {before}
