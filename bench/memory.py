@@ -17,7 +17,7 @@ with the analytic size is ``peak - baseline``. Both are reported. The peak is al
 high-water mark between phases (``/proc/self/clear_refs``), so compiler memory can be told apart.
 
 Analytic size (4 bytes per f32 element). ``N = B * T`` tokens as jtinker pads them (``B``: batch
-rounded up to a power of two, ``T``: seq rounded up to its length bucket; 8 x 128 needs no padding),
+rounded up to its bucket, ``T``: seq rounded up to its length bucket; 8 x 128 needs no padding),
 ``L`` layers, ``H`` hidden size, ``I`` MLP size, ``q = heads * head_dim``, ``kv = kv_heads * head_dim``,
 ``nH`` heads, ``r`` rank:
 

@@ -38,17 +38,11 @@ def length_bucket(n: int, limit: int | None = None) -> int:
 
 
 def batch_bucket(n: int) -> int:
-    """Rows are padded to a power of two."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def adapter_bucket(k: int) -> int:
-    """Adapter slots of a multi-adapter step: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5×).
-
-    A dummy slot costs a whole sub-batch of compute, so the buckets are finer than powers of two.
-    """
-    power = 1 << max(0, (k - 1).bit_length())  # smallest power of two >= k
-    return power * 3 // 4 if power >= 4 and k <= power * 3 // 4 else power
+    """Rows of a batch, adapter slots of a multi-adapter step: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers
+    of two and 1.5×). A padded row or slot costs a whole one of compute, so the buckets are finer than
+    powers of two: at most a third is padding, for twice the programs."""
+    power = 1 << max(0, (n - 1).bit_length())  # smallest power of two >= n
+    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +219,8 @@ def _micro_batches(items: list[_Item], lengths: Sequence[int], row_length: int, 
     placements = pack([item.length(lengths) for item in items], row_length)
     num_rows = max(p.row for p in placements) + 1
     rows_per_batch = max(1, max_tokens // row_length)
-    rows_per_batch = 1 << (rows_per_batch.bit_length() - 1)  # a power of two, to reuse buckets
+    while batch_bucket(rows_per_batch) > rows_per_batch:  # a bucket itself, to reuse its programs
+        rows_per_batch -= 1
     out = []
     for first in range(0, num_rows, rows_per_batch):
         placed = [

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtinker import hostmem, sharding, train
 from jtinker import losses as losses_lib
-from jtinker.batching import HostBatch, adapter_bucket, build_batches
+from jtinker.batching import HostBatch, batch_bucket, build_batches
 from jtinker.checkpoints import CheckpointPath, CheckpointStore, abstract
 from jtinker.distributed import from_process_zero
 from jtinker.models import ModelConfig, load_pretrained, param_shapes
@@ -515,11 +515,11 @@ def run_loss_group(
     """One jitted step for several adapters' single-micro-batch requests (equal ``group_key``).
 
     Each adapter's batch is padded to the group's ``[B, T]`` (rows and lengths are already
-    bucketed) and the adapter count to its :func:`adapter_bucket` with fully masked dummy slots, so a
+    bucketed) and the adapter count to its :func:`batch_bucket` with fully masked dummy slots, so a
     varying number of clients reuses one program per bucket. Returns ``(outputs, metrics)`` per item.
     """
     k = len(items)
-    slots = adapter_bucket(k)
+    slots = batch_bucket(k)
     hosts = [prepared.batches[0][1] for _, prepared in items]
     shape = tuple(max(h.batch.tokens.shape[i] for h in hosts) for i in (0, 1))
     shared_shape = None
@@ -936,7 +936,7 @@ class Worker:
                 group = runs[-1] + [item]
                 rows = max(i[1].batches[0][1].batch.tokens.shape[0] for i in group)
                 length = max(i[1].batches[0][1].batch.tokens.shape[1] for i in group)
-                slots = adapter_bucket(len(group))
+                slots = batch_bucket(len(group))
                 if slots * rows * length <= max(self.base.max_tokens_per_batch, batch.tokens.size):
                     runs[-1] = group
                     continue

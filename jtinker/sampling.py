@@ -702,7 +702,7 @@ class _Adapters:
         """The adapter for a chunk of rows, stacked when they use several, and each row's index in it.
 
         Stacks are padded to a power of two, so varying mixes of clients reuse few programs. Unlike a
-        training step's dummy slot (a whole sub-batch of compute: ``batching.adapter_bucket``), a dummy
+        training step's dummy slot (a whole sub-batch of compute: ``batching.batch_bucket``), a dummy
         adapter here has no rows: it costs one adapter's weight reads per decode step."""
         used = sorted({self.slot[i] for i in requests})
         if len(used) == 1:

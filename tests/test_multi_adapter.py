@@ -215,8 +215,8 @@ def test_only_a_steady_rhythm_is_waited_for():
     assert rhythm.due("me", now=4.15, deadline=4.25) == {"steady"}
 
 
-def test_adapter_buckets():
-    assert [batching.adapter_bucket(k) for k in range(1, 18)] == [
+def test_batch_buckets():
+    assert [batching.batch_bucket(k) for k in range(1, 18)] == [
         1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24,
     ]  # fmt: skip
 

@@ -165,19 +165,19 @@ def test_train_step_compiles_once_per_bucket_and_has_no_host_callbacks(model_dir
         training.optim_step(ADAM).result()
         assert np.isfinite(fb.result().metrics["loss:sum"])
 
-    # Bucket A: 3-4 datums of 17-24 tokens; none fit two to a row, so always [4 rows, 24 tokens].
-    step([24, 17, 20, 19])
+    # Bucket A: 7-8 datums of 17-24 tokens; none fit two to a row, so always [8 rows, 24 tokens].
+    step([24, 17, 20, 19, 18, 22, 21, 23])
     warm = ir_dump.files()
-    for lengths in ([17, 18, 19, 20], [21, 22, 23]):
+    for lengths in ([17, 18, 19, 20, 21, 22, 23, 24], [21, 22, 23, 17, 19, 24, 20]):
         step(lengths)
     assert steps.compile_count("accumulate") == 1
     assert steps.compile_count("optim_update") == 1
     assert ir_dump.files() == warm, "steady-state steps in one bucket lowered new programs"
 
     # Bucket B: 25-32 tokens -> rows of 32. One more forward_backward program; optim_step is shape-free.
-    step([30, 25, 32, 27])
+    step([30, 25, 32, 27, 28, 26, 31, 29])
     warm = ir_dump.files()
-    step([26, 31, 29])
+    step([26, 31, 29, 25, 32, 30, 27])
     assert steps.compile_count("accumulate") == 2
     assert steps.compile_count("optim_update") == 1
     assert ir_dump.files() == warm

@@ -900,6 +900,19 @@ def test_multi_target_cross_entropy(service, qwen3_dir):
     assert max(float(np.abs(g).max()) for g in leaves(grads_np(tc))) > 0
 
 
+def test_rows_pad_to_the_next_row_bucket(qwen3_dir):
+    """Datums too long to share a row take one each, and the rows pad to 1.5x steps, not powers of
+    two: 5 rows run as 6 (not 8), 9 as 12 (not 16)."""
+    from jtinker.models import ModelConfig
+
+    config = ModelConfig.from_pretrained(qwen3_dir)
+    rng = np.random.default_rng(5)
+    for n, rows in ((5, 6), (7, 8), (9, 12), (13, 16)):
+        data = [make_datum(rng.integers(0, VOCAB, 61)) for _ in range(n)]  # 60 tokens: rows of 64
+        ((_, host),) = build_batches(data, "cross_entropy", config, share_prefixes=False)
+        assert host.batch.tokens.shape == (rows, 64) and host.batch.mask.sum() == 60 * n
+
+
 def test_packed_batch_equals_each_datum_alone(service, qwen3_dir):
     tc = new_client(service, qwen3_dir, seed=15)
     rng = np.random.default_rng(15)
