@@ -1342,8 +1342,9 @@ class Sampler:
         shape = (c.num_layers, tc, c.num_kv_heads, c.head_dim)
         # Hits and misses alike in one placement: else each pattern of which prompts hit would be
         # a program of its own (jit keys on every argument's placement).
-        place = jax.devices()[0]
-        if self.mesh is not None:
+        if self.mesh is None:
+            place = next(hit[0].k.sharding for hit in hits if hit)
+        else:
             place = sharding.fitted_sharding(
                 self.mesh, self.rules, ("layers", "seq", "kv_heads", "head_dim"), shape
             )

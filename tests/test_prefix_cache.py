@@ -244,11 +244,12 @@ def test_later_turns_compile_nothing_new(pair):
     assert before["prefill_after"] >= 1
 
 
-def test_hits_and_misses_in_any_order_on_a_mesh_compile_nothing_new(pair):
-    """On a mesh (as the Tinker API samples) the prompts that miss the cache get zeros placed like
-    the entries of those that hit: which prompts hit cannot change the programs' input placements."""
-    sampler = Sampler(pair.config, pair.params, mesh=sharding.make_mesh())
-    rng = np.random.default_rng(200)
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_hits_and_misses_in_any_order_compile_nothing_new(pair, on_mesh):
+    """The prompts that miss the cache get zeros placed like the entries of those that hit, on a
+    mesh (as the Tinker API samples) or not: which prompts hit cannot change the programs' inputs."""
+    sampler = Sampler(pair.config, pair.params, mesh=sharding.make_mesh() if on_mesh else None)
+    rng = np.random.default_rng(200 + on_mesh)
     fresh = lambda: rng.integers(0, 250, 30).tolist()
 
     def turn(prompts, extend):
