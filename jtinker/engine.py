@@ -147,7 +147,7 @@ class BaseModel:
     # -- placement ----------------------------------------------------------------------------
     def place_lora_tree(self, tree):
         """Puts a LoRA-shaped tree (weights, grads, Adam state) on the mesh by the rules."""
-        return jax.device_put(tree, sharding.lora_shardings(self.mesh, self.rules, tree))
+        return sharding.place_lora(self.mesh, self.rules, tree)
 
     def place_batch(self, batch, *, stacked_adapters: bool = False):
         """Every process holds the whole host batch; each reads only the rows its devices own.

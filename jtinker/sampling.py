@@ -975,7 +975,7 @@ class Sampler:
         fresh from training then run the same programs (jit keys on its arguments' placements)."""
         if self.mesh is None or lora is None:
             return lora
-        return jax.device_put(lora, sharding.lora_shardings(self.mesh, self.rules, lora))
+        return sharding.place_lora(self.mesh, self.rules, lora)
 
     def _cache_bytes(self, rows: int, length: int) -> int:
         """Bytes of the decode cache of ``rows`` rows up to ``length`` positions, as bucketed."""

@@ -237,6 +237,11 @@ def lora_shardings(mesh: Mesh, rules: ShardingRules, tree: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def place_lora(mesh: Mesh, rules: ShardingRules, tree: Any) -> Any:
+    """Puts a LoRA-shaped tree (weights, grads, Adam state) on ``mesh`` by :func:`lora_shardings`."""
+    return jax.device_put(tree, lora_shardings(mesh, rules, tree))
+
+
 def batch_sharding(mesh: Mesh, rules: ShardingRules, ndim: int, *, stacked: bool = False) -> NamedSharding:
     """Batch-major arrays ``[B, T, ...]``: rows split over the batch axes. ``stacked``: ``[K, B, T, ...]``,
     one sub-batch per adapter of a multi-adapter step; the adapter axis stays whole."""

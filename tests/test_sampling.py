@@ -576,7 +576,7 @@ def test_an_unplaced_adapter_runs_the_placed_ones_programs(tiny_model_factory):
     mesh = sharding.make_mesh()
     sampler = Sampler(config, params, mesh=mesh)
     lora = jax.tree.map(lambda x: x + 0.05, lora_lib.init(config, 4, jax.random.key(3)))
-    placed = jax.device_put(lora, sharding.lora_shardings(mesh, sharding.ShardingRules(), lora))
+    placed = sharding.place_lora(mesh, sharding.ShardingRules(), lora)
     request = SampleRequest(prompt=list(range(5, 25)), num_samples=2, max_tokens=6, temperature=0.0)
     (want,) = sampler.sample([request], placed)
     before = compile_counts()
